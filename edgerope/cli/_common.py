@@ -1,0 +1,45 @@
+"""Shared plumbing for CLI commands: error mapping, JSON output, progress bars."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from edgerope.errors import EdgeropeError
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_BAD_INPUT = 2
+
+
+def handle_errors(func: F) -> F:
+    """Turn ``EdgeropeError`` (and Ctrl-C) into a clean message and exit code 2, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except EdgeropeError as exc:
+            if kwargs.get("as_json"):
+                click.echo(json.dumps(exc.to_dict(), indent=2))
+            else:
+                click.secho(f"error: {exc.message}", fg="red", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            click.secho("interrupted; no output was written", fg="yellow", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def progress_enabled() -> bool:
+    """Progress bars only on an interactive terminal."""
+    return sys.stderr.isatty()
