@@ -1,0 +1,275 @@
+"""The project's own tiny models, made offline and deterministically (numpy + safetensors + sentencepiece).
+
+What it does:
+
+* ``train_tokenizer`` trains a small SentencePiece BPE vocab (byte fallback,
+  identity normalization, so llama.cpp tokenizes exactly like sentencepiece;
+  ROPE_GGUF.md section 8.4) on CPython's own documentation strings
+  (``pydoc_data.topics``), which every Python installation ships;
+* ``make_tiny_checkpoint`` writes a Hugging Face model folder (``config.json``,
+  ``model.safetensors`` in float32, tokenizer files, generation config) with
+  random weights from a seeded generator, for Llama, Mistral or Qwen2, with
+  any rope scaling ``edgerope.rope`` parses.
+
+What it does not do: train the weights (they are random, wide enough that a
+rope bug visibly moves the logits), import torch, or download anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgerope import rope as R
+from edgerope.config import MODEL_TYPES, ModelConfig
+from edgerope.errors import ConfigError
+
+TOKENIZER_FILE = "tokenizer.model"
+BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    + EOS
+    + "\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _corpus_lines() -> list[str]:
+    """CPython's documentation topics, one non-blank line per sentence, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return [line for name in sorted(topics) for line in topics[name].splitlines() if line.strip()]
+
+
+@functools.lru_cache(maxsize=8)
+def _trained_model_bytes(vocab_size: int, seed: int) -> bytes:
+    """The serialized SentencePiece model (cached per process: tests ask for it many times)."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(seed)
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus_lines()),
+        model_writer=out,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        character_coverage=1.0,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        num_threads=1,
+        max_sentence_length=100_000,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    return out.getvalue()
+
+
+def train_tokenizer(out_dir: str | Path, *, vocab_size: int = 1000, seed: int = 0) -> Path:
+    """Write ``tokenizer.model`` (SentencePiece BPE, byte fallback) into ``out_dir``; returns its path.
+
+    Deterministic: the same ``vocab_size`` and ``seed`` give byte-identical files.
+    """
+    if vocab_size < 300:
+        raise ConfigError(
+            f"vocab_size {vocab_size} is too small",
+            fix="use at least 300 (256 byte pieces + specials + some merges)",
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / TOKENIZER_FILE
+    path.write_bytes(_trained_model_bytes(vocab_size, seed))
+    return path
+
+
+def _spm_vocab_size(model_path: Path) -> int:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(model_path)).get_piece_size()
+
+
+def tiny_config(
+    *,
+    model_type: str = "llama",
+    vocab_size: int,
+    rope_parameters: dict[str, Any] | None = None,
+    max_position_embeddings: int = 256,
+    hidden_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    num_key_value_heads: int = 1,
+    intermediate_size: int = 256,
+    tie_word_embeddings: bool = False,
+    head_dim: int | None = None,
+    sliding_window: int | None = None,
+    name: str | None = None,
+) -> ModelConfig:
+    """A validated ``ModelConfig`` for a tiny model (rope parsed by ``edgerope.rope``)."""
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"unknown model_type {model_type!r}", fix=f"use one of {', '.join(MODEL_TYPES)}")
+    head_dim = head_dim or hidden_size // num_attention_heads
+    rope = R.parse_hf_rope(
+        {
+            "rope_parameters": rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
+            "max_position_embeddings": max_position_embeddings,
+        },
+        where="make_tiny_checkpoint(rope_parameters=...)",
+    )
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=max_position_embeddings,
+        head_dim=head_dim,
+        rope=rope,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie_word_embeddings,
+        sliding_window=sliding_window,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        torch_dtype="float32",
+        name=name or f"edgerope-tiny-{model_type}",
+    )
+
+
+def tiny_weights(cfg: ModelConfig, *, weight_std: float = 0.15, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights named as the Hugging Face state dict, in a fixed order."""
+    rng = np.random.default_rng(seed)
+    d, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q_rows, kv_rows = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+
+    def mat(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) * weight_std).astype(np.float32)
+
+    def norm(n: int) -> np.ndarray:  # around 1, not exactly 1, so a mixed-up norm shows
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    def vec(n: int) -> np.ndarray:
+        return (rng.standard_normal(n) * weight_std).astype(np.float32)
+
+    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": mat(cfg.vocab_size, d)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = norm(d)
+        w[p + "self_attn.q_proj.weight"] = mat(q_rows, d)
+        w[p + "self_attn.k_proj.weight"] = mat(kv_rows, d)
+        w[p + "self_attn.v_proj.weight"] = mat(kv_rows, d)
+        if cfg.qkv_bias:
+            w[p + "self_attn.q_proj.bias"] = vec(q_rows)
+            w[p + "self_attn.k_proj.bias"] = vec(kv_rows)
+            w[p + "self_attn.v_proj.bias"] = vec(kv_rows)
+        w[p + "self_attn.o_proj.weight"] = mat(d, q_rows)
+        if cfg.o_bias:
+            w[p + "self_attn.o_proj.bias"] = vec(d)
+        w[p + "post_attention_layernorm.weight"] = norm(d)
+        w[p + "mlp.gate_proj.weight"] = mat(inter, d)
+        w[p + "mlp.up_proj.weight"] = mat(inter, d)
+        w[p + "mlp.down_proj.weight"] = mat(d, inter)
+    w["model.norm.weight"] = norm(d)
+    if not cfg.tie_word_embeddings:
+        w["lm_head.weight"] = mat(cfg.vocab_size, d)
+    return w
+
+
+def write_tokenizer_files(out_dir: Path, *, model_file: Path) -> None:
+    """Copy ``tokenizer.model`` and write tokenizer_config.json / special_tokens_map.json beside it."""
+    if model_file.resolve() != (out_dir / TOKENIZER_FILE).resolve():
+        shutil.copyfile(model_file, out_dir / TOKENIZER_FILE)
+    tok_cfg = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": UNK,
+        "pad_token": None,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "model_max_length": 1_000_000,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    _write_json(out_dir / "tokenizer_config.json", tok_cfg)
+    _write_json(out_dir / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK})
+
+
+def make_tiny_checkpoint(
+    out_dir: str | Path,
+    *,
+    model_type: str = "llama",
+    rope_parameters: dict[str, Any] | None = None,
+    max_position_embeddings: int = 256,
+    hidden_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    num_key_value_heads: int = 1,
+    intermediate_size: int = 256,
+    tie_word_embeddings: bool = False,
+    weight_std: float = 0.15,
+    seed: int = 0,
+    tokenizer_dir: str | Path | None = None,
+    sliding_window: int | None = None,
+) -> Path:
+    """Write a tiny random Hugging Face checkpoint folder and return its path.
+
+    The vocab is the SentencePiece vocab in ``tokenizer_dir`` (trained and
+    cached per process when None).  ``rope_parameters`` is a 5.x-style HF
+    rope dict, e.g. ``{"rope_type": "yarn", "factor": 8.0,
+    "original_max_position_embeddings": 256}`` (default: plain RoPE, theta 1e4).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_file = train_tokenizer(tmp)
+            write_tokenizer_files(out, model_file=model_file)
+    else:
+        model_file = Path(tokenizer_dir) / TOKENIZER_FILE
+        if not model_file.is_file():
+            raise ConfigError("no tokenizer.model in tokenizer_dir", where=str(tokenizer_dir))
+        write_tokenizer_files(out, model_file=model_file)
+    cfg = tiny_config(
+        model_type=model_type,
+        vocab_size=_spm_vocab_size(out / TOKENIZER_FILE),
+        rope_parameters=rope_parameters,
+        max_position_embeddings=max_position_embeddings,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size,
+        tie_word_embeddings=tie_word_embeddings,
+        sliding_window=sliding_window,
+    )
+    save_safetensors_f32(out / "model.safetensors", tiny_weights(cfg, weight_std=weight_std, seed=seed))
+    _write_json(out / "config.json", cfg.to_hf())
+    _write_json(
+        out / "generation_config.json",
+        {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "do_sample": False, "max_new_tokens": 64},
+    )
+    return out
+
+
+def save_safetensors_f32(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,34 @@
+"""Shared pytest fixtures: the project's tiny tokenizer and tiny checkpoints, generated per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the tiny SentencePiece ``tokenizer.model`` (1,000 pieces, byte fallback)."""
+    from edgerope.tiny import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    train_tokenizer(out)
+    return out
+
+
+@pytest.fixture
+def make_tiny(tmp_path: Path, tiny_tokenizer_dir: Path) -> Callable[..., Path]:
+    """Factory: ``make_tiny(name="llama", **make_tiny_checkpoint_kwargs)`` -> a fresh HF folder under tmp_path."""
+    from edgerope.tiny import make_tiny_checkpoint
+
+    counter = iter(range(1_000_000))
+
+    def factory(name: str | None = None, **kwargs: Any) -> Path:
+        kwargs.setdefault("tokenizer_dir", tiny_tokenizer_dir)
+        label = name or kwargs.get("model_type", "llama")
+        return make_tiny_checkpoint(tmp_path / f"{label}-{next(counter)}", **kwargs)
+
+    return factory
