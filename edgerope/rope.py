@@ -341,8 +341,21 @@ def parse_hf_rope(config: Mapping[str, Any], *, where: str = "config.json") -> R
     top-level ``rope_theta`` form (legacy ``type`` key included).  Resolves
     ``original_max_position_embeddings`` the way transformers 5.x does
     (top-level attribute first, then the rope dict, then
-    ``max_position_embeddings``).  Unknown types and keys are errors.
+    ``max_position_embeddings``).  Unknown types and keys are errors, and so
+    are both forms present with different meanings (transformers 5.x would
+    use ``rope_scaling``, llama.cpp's converter ``rope_parameters``).
     """
+    if config.get("rope_parameters") and config.get("rope_scaling"):
+        v5 = parse_hf_rope({k: v for k, v in config.items() if k != "rope_scaling"}, where=where)
+        v4 = parse_hf_rope({k: v for k, v in config.items() if k != "rope_parameters"}, where=where)
+        if v5 != v4:
+            raise RopeConfigError(
+                f"rope_parameters ({describe(v5)}) and rope_scaling ({describe(v4)}) disagree",
+                where=where,
+                fix="keep one of them in config.json (transformers 5.x lets rope_scaling win, llama.cpp's "
+                "converter reads rope_parameters)",
+            )
+        return v5
     raw = config.get("rope_parameters")
     key_name = "rope_parameters"
     if raw is None:

@@ -205,6 +205,19 @@ def test_parse_5x_form():
     )
 
 
+def test_parse_both_forms_must_agree():
+    """A v5 config.json with rope_scaling added by hand (as model cards instruct): HF 5.x uses rope_scaling
+    (dropping rope_parameters' rope_theta), llama.cpp's converter rope_parameters (ROPE_GGUF.md 4.1, 5)."""
+    v5 = {"rope_type": "default", "rope_theta": 1e6}
+    v4 = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    raw = {"max_position_embeddings": 512, "rope_parameters": v5, "rope_scaling": v4}
+    with pytest.raises(RopeConfigError, match="disagree"):
+        R.parse_hf_rope(raw)
+    assert hf_config(raw).rope_parameters["rope_type"] == "yarn"  # why it cannot be resolved quietly
+    same = {"max_position_embeddings": 512, "rope_theta": 1e6, "rope_parameters": {**v4, "rope_theta": 1e6}}
+    assert R.parse_hf_rope({**same, "rope_scaling": v4}) == R.parse_hf_rope(same)
+
+
 def test_parse_no_rope_keys_is_default():
     assert R.parse_hf_rope({"max_position_embeddings": 512}) == R.Default(theta=10000.0)
 
