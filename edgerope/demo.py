@@ -31,15 +31,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ntk-aware x8": {"rope_type": "ntk", "alpha": 8.0},
     "yarn x8": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIGINAL_CONTEXT},
     "yarn x8, attention_factor 1": {
-        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIGINAL_CONTEXT,
+        "rope_type": "yarn",
+        "factor": 8.0,
+        "original_max_position_embeddings": ORIGINAL_CONTEXT,
         "attention_factor": 1.0,
     },
     "yarn x8, mscale 1 / 0.5": {
-        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIGINAL_CONTEXT,
-        "mscale": 1.0, "mscale_all_dim": 0.5,
+        "rope_type": "yarn",
+        "factor": 8.0,
+        "original_max_position_embeddings": ORIGINAL_CONTEXT,
+        "mscale": 1.0,
+        "mscale_all_dim": 0.5,
     },
     "llama3 x8": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
         "original_max_position_embeddings": ORIGINAL_CONTEXT,
     },
 }
@@ -69,16 +77,19 @@ class DemoReport:
 
 
 def run_demo(
-    workdir: str | Path, *, n_positions: int = FACTOR * ORIGINAL_CONTEXT, seed: int = 0,
+    workdir: str | Path,
+    *,
+    n_positions: int = FACTOR * ORIGINAL_CONTEXT,
+    seed: int = 0,
     on_step: Callable[[str], None] | None = None,
 ) -> DemoReport:
     """Build, convert and check every variant under ``workdir``; returns the per-variant error table."""
     from edgerope import parity
+    from edgerope.config import ModelConfig
     from edgerope.export import convert
     from edgerope.gguf_file import read_gguf
     from edgerope.quantize import quantize
     from edgerope.rope import describe
-    from edgerope.config import ModelConfig
     from edgerope.tiny import make_tiny_checkpoint, train_tokenizer
 
     step = on_step or (lambda _msg: None)
@@ -94,9 +105,11 @@ def run_demo(
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
         scaled = rope_parameters["rope_type"] not in ("default",)
         hf_dir = make_tiny_checkpoint(
-            work / slug, rope_parameters={"rope_theta": 10000.0, **rope_parameters},
+            work / slug,
+            rope_parameters={"rope_theta": 10000.0, **rope_parameters},
             max_position_embeddings=n_positions if scaled else ORIGINAL_CONTEXT,
-            tokenizer_dir=tok_dir, seed=seed,
+            tokenizer_dir=tok_dir,
+            seed=seed,
         )
         cfg = ModelConfig.load(hf_dir)
         report.model = (
@@ -107,7 +120,11 @@ def run_demo(
         convert(hf_dir, gguf_path, outtype="f32", force=True)
         tokens = [1] + rng.integers(3, cfg.vocab_size, size=n_positions - 1).tolist()
         results = parity.check_parity(
-            hf_dir, gguf_path, tokens=tokens, original_context=ORIGINAL_CONTEXT, kv_settings=KV_SETTINGS,
+            hf_dir,
+            gguf_path,
+            tokens=tokens,
+            original_context=ORIGINAL_CONTEXT,
+            kv_settings=KV_SETTINGS,
             n_ctx=n_positions,
         )
         errors = {}
@@ -125,12 +142,18 @@ def run_demo(
             step("yarn x8: quantize to Q8_0 with llama.cpp's quantizer")
             q = quantize(gguf_path, work / f"{slug}.Q8_0.gguf", qtype="Q8_0", force=True)
             qres = parity.check_parity(
-                hf_dir, q.path, tokens=tokens, original_context=ORIGINAL_CONTEXT,
-                kv_settings=(("q8_0", "q8_0", True),), n_ctx=n_positions,
+                hf_dir,
+                q.path,
+                tokens=tokens,
+                original_context=ORIGINAL_CONTEXT,
+                kv_settings=(("q8_0", "q8_0", True),),
+                n_ctx=n_positions,
             )[0]
             report.quantized = {
-                "path": str(q.path), "bytes": Path(q.path).stat().st_size,
-                "f32_bytes": gguf_path.stat().st_size, "rel_l2_q8_0_kv": qres.rel_l2,
+                "path": str(q.path),
+                "bytes": Path(q.path).stat().st_size,
+                "f32_bytes": gguf_path.stat().st_size,
+                "rel_l2_q8_0_kv": qres.rel_l2,
             }
     report.seconds = time.perf_counter() - start
     return report

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from gguf import Keys, GGUFValueType
+from gguf import GGUFValueType, Keys
 
 from edgerope import rope as R
 from edgerope.errors import GGUFError, UnsupportedRopeError
@@ -32,8 +32,25 @@ ARCHS_READING_YARN_EXT_ATTN = frozenset({"grok"})
 ARCHS_READING_YARN_LOG_MUL = frozenset({"deepseek2", "deepseek32", "mistral3"})
 # Architectures that rotate (x[i], x[i+d/2]) -- HF layout, no Q/K permutation at conversion.
 NEOX_ARCHS = frozenset(
-    {"qwen", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "phi2", "phi3", "gemma", "gemma2", "gemma3", "stablelm",
-     "falcon", "gptneox", "olmo2", "starcoder2", "exaone", "gpt-oss"}
+    {
+        "qwen",
+        "qwen2",
+        "qwen2moe",
+        "qwen3",
+        "qwen3moe",
+        "phi2",
+        "phi3",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "stablelm",
+        "falcon",
+        "gptneox",
+        "olmo2",
+        "starcoder2",
+        "exaone",
+        "gpt-oss",
+    }
 )
 SCALING_TYPES = ("none", "linear", "yarn", "longrope")
 VERIFY_RTOL = 1e-9
@@ -78,8 +95,11 @@ class LlamaCppRope:
         if self.ext_factor == 0:
             return interp
         low, high = R.yarn_correction_range(
-            dim=dim, theta=self.freq_base, original_context=self.n_ctx_orig,
-            beta_fast=self.beta_fast, beta_slow=self.beta_slow,
+            dim=dim,
+            theta=self.freq_base,
+            original_context=self.n_ctx_orig,
+            beta_fast=self.beta_fast,
+            beta_slow=self.beta_slow,
         )
         ramp = 1.0 - np.clip((np.arange(dim // 2) - low) / max(0.001, high - low), 0.0, 1.0)
         mix = ramp * self.ext_factor

@@ -52,9 +52,7 @@ def kv_type(name: str) -> KVType:
     try:
         return KV_TYPES[name.lower()]
     except KeyError:
-        raise RuntimeConfigError(
-            f"unknown KV cache type {name!r}", fix=f"use one of: {', '.join(KV_TYPES)}"
-        ) from None
+        raise RuntimeConfigError(f"unknown KV cache type {name!r}", fix=f"use one of: {', '.join(KV_TYPES)}") from None
 
 
 def padded_ctx(n_ctx: int) -> int:
@@ -73,12 +71,22 @@ def kv_bytes_per_token(
 
 
 def kv_bytes(
-    n_ctx: int, *, n_layers: int, n_kv_heads: int, head_dim_k: int, head_dim_v: int | None = None,
-    type_k: str, type_v: str,
+    n_ctx: int,
+    *,
+    n_layers: int,
+    n_kv_heads: int,
+    head_dim_k: int,
+    head_dim_v: int | None = None,
+    type_k: str,
+    type_v: str,
 ) -> int:
     """Exact KV cache bytes for an allocated context of ``n_ctx`` (padded to 256)."""
     per_tok = kv_bytes_per_token(
-        n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim_k=head_dim_k, head_dim_v=head_dim_v,
-        type_k=type_k, type_v=type_v,
+        n_layers=n_layers,
+        n_kv_heads=n_kv_heads,
+        head_dim_k=head_dim_k,
+        head_dim_v=head_dim_v,
+        type_k=type_k,
+        type_v=type_v,
     )
     return int(round(padded_ctx(n_ctx) * per_tok))

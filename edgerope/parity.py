@@ -48,7 +48,9 @@ class ParityResult:
 
     def table(self) -> str:
         """Per-bucket errors as aligned text, for failure messages and the CLI."""
-        lines = [f"KV {self.kv}{' +FA' if self.flash_attn else ''}: rel L2 {self.rel_l2:.2e}, max |d| {self.max_abs:.2e}"]
+        lines = [
+            f"KV {self.kv}{' +FA' if self.flash_attn else ''}: rel L2 {self.rel_l2:.2e}, max |d| {self.max_abs:.2e}"
+        ]
         lines += [f"  positions {b.label():>11}: rel L2 {b.rel_l2:.2e}  max |d| {b.max_abs:.2e}" for b in self.buckets]
         return "\n".join(lines)
 
@@ -74,7 +76,7 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, *, original_context: int) -
     ref64, diff = ref.astype(np.float64), got.astype(np.float64) - ref.astype(np.float64)
     edges = bucket_edges(ref.shape[0], original_context)
     buckets = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         d, r = diff[lo:hi], ref64[lo:hi]
         buckets.append(Bucket(lo, hi, float(np.linalg.norm(d) / np.linalg.norm(r)), float(np.abs(d).max())))
     return float(np.linalg.norm(diff) / np.linalg.norm(ref64)), float(np.abs(diff).max()), buckets
@@ -93,14 +95,23 @@ def reference_logits(hf_dir: str | Path, tokens: list[int]) -> np.ndarray:
 
 
 def llama_cpp_logits(
-    gguf_path: str | Path, tokens: list[int], *, n_ctx: int, type_k: str = "f32", type_v: str = "f32",
+    gguf_path: str | Path,
+    tokens: list[int],
+    *,
+    n_ctx: int,
+    type_k: str = "f32",
+    type_v: str = "f32",
     flash_attn: bool = False,
 ) -> np.ndarray:
     """Logits (T, V) from the real llama.cpp runtime for one sequence."""
     from edgerope.runtime import Runtime
 
     with Runtime.open(
-        gguf_path, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn="on" if flash_attn else "off",
+        gguf_path,
+        n_ctx=n_ctx,
+        type_k=type_k,
+        type_v=type_v,
+        flash_attn="on" if flash_attn else "off",
         backend="cpu",
     ) as rt:
         return rt.logits(tokens)

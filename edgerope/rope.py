@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -119,10 +119,8 @@ class LongRope:
     name = "longrope"
 
 
-RopeScaling = Union[Default, Linear, NtkAware, DynamicNtk, Yarn, Llama3, LongRope]
-ROPE_TYPES: dict[str, type] = {
-    c.name: c for c in (Default, Linear, NtkAware, DynamicNtk, Yarn, Llama3, LongRope)
-}
+RopeScaling = Default | Linear | NtkAware | DynamicNtk | Yarn | Llama3 | LongRope
+ROPE_TYPES: dict[str, type] = {c.name: c for c in (Default, Linear, NtkAware, DynamicNtk, Yarn, Llama3, LongRope)}
 
 
 # --------------------------------------------------------------------------- math
@@ -426,7 +424,11 @@ def parse_hf_rope(config: Mapping[str, Any], *, where: str = "config.json") -> R
             orig = orig_ctx()
             factor = raw.get("factor")
             factor = _number(raw, "factor", where) if factor is not None else (max_pos or orig) / orig
-            opt = {k: _number(raw, k, where, positive=False) for k in ("attention_factor", "mscale", "mscale_all_dim") if raw.get(k) is not None}
+            opt = {
+                k: _number(raw, k, where, positive=False)
+                for k in ("attention_factor", "mscale", "mscale_all_dim")
+                if raw.get(k) is not None
+            }
             return Yarn(
                 theta=theta,
                 factor=factor,

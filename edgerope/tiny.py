@@ -150,42 +150,21 @@ def tiny_config(
 
 
 def tiny_weights(cfg: ModelConfig, *, weight_std: float = 0.15, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 weights named as the Hugging Face state dict, in a fixed order."""
+    """Random float32 weights named and shaped as the Hugging Face state dict, in a fixed order.
+
+    Matrices and biases ~ N(0, weight_std); norm weights ~ 1 + N(0, 0.1), not
+    exactly 1, so that a mixed-up norm shows.
+    """
+    from edgerope.export import hf_tensor_shapes
+
     rng = np.random.default_rng(seed)
-    d, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    q_rows, kv_rows = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-
-    def mat(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols)) * weight_std).astype(np.float32)
-
-    def norm(n: int) -> np.ndarray:  # around 1, not exactly 1, so a mixed-up norm shows
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
-
-    def vec(n: int) -> np.ndarray:
-        return (rng.standard_normal(n) * weight_std).astype(np.float32)
-
-    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": mat(cfg.vocab_size, d)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = norm(d)
-        w[p + "self_attn.q_proj.weight"] = mat(q_rows, d)
-        w[p + "self_attn.k_proj.weight"] = mat(kv_rows, d)
-        w[p + "self_attn.v_proj.weight"] = mat(kv_rows, d)
-        if cfg.qkv_bias:
-            w[p + "self_attn.q_proj.bias"] = vec(q_rows)
-            w[p + "self_attn.k_proj.bias"] = vec(kv_rows)
-            w[p + "self_attn.v_proj.bias"] = vec(kv_rows)
-        w[p + "self_attn.o_proj.weight"] = mat(d, q_rows)
-        if cfg.o_bias:
-            w[p + "self_attn.o_proj.bias"] = vec(d)
-        w[p + "post_attention_layernorm.weight"] = norm(d)
-        w[p + "mlp.gate_proj.weight"] = mat(inter, d)
-        w[p + "mlp.up_proj.weight"] = mat(inter, d)
-        w[p + "mlp.down_proj.weight"] = mat(d, inter)
-    w["model.norm.weight"] = norm(d)
-    if not cfg.tie_word_embeddings:
-        w["lm_head.weight"] = mat(cfg.vocab_size, d)
-    return w
+    out: dict[str, np.ndarray] = {}
+    for name, shape in hf_tensor_shapes(cfg).items():
+        if name.endswith("norm.weight"):
+            out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            out[name] = (rng.standard_normal(shape) * weight_std).astype(np.float32)
+    return out
 
 
 def write_tokenizer_files(out_dir: Path, *, model_file: Path) -> None:

@@ -11,8 +11,12 @@ from edgerope.cli._common import echo_json, handle_errors
 
 
 @click.command("demo")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep the models and GGUFs here (default: a temporary folder, removed afterwards).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the models and GGUFs here (default: a temporary folder, removed afterwards).",
+)
 @click.option("--positions", type=int, default=2048, show_default=True, help="Positions compared (8x the 256 trained).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
@@ -30,7 +34,9 @@ def demo(workdir: Path | None, positions: int, as_json: bool) -> None:
     if as_json:
         echo_json(report.to_dict())
         return
-    click.echo(f"\n{report.model}; trained context {report.original_context}, compared at {report.n_positions} positions")
+    click.echo(
+        f"\n{report.model}; trained context {report.original_context}, compared at {report.n_positions} positions"
+    )
     kvs = list(report.rows[0].errors)
     head = f"{'rope scaling':<30}" + "".join(f"{kv + ' <=256':>16}{kv + ' >256':>16}" for kv in kvs)
     click.echo("relative L2 error of llama.cpp logits vs PyTorch (fp32)\n" + head)
@@ -45,7 +51,10 @@ def demo(workdir: Path | None, positions: int, as_json: bool) -> None:
         )
     click.echo("\nGGUF rope metadata written:")
     for row in report.rows:
-        keys = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in row.gguf_rope_keys.items() if "context_length" not in k
-                         and "dimension_count" not in k)
+        keys = ", ".join(
+            f"{k.split('.', 1)[1]}={v}"
+            for k, v in row.gguf_rope_keys.items()
+            if "context_length" not in k and "dimension_count" not in k
+        )
         click.echo(f"  {row.variant:<30} {keys}")
     click.echo(f"\ndone in {report.seconds:.1f} s" + (f"; files in {workdir}" if workdir else ""))
