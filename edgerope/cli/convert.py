@@ -1,0 +1,91 @@
+"""``edgerope convert``: Hugging Face folder -> GGUF (maps options to ``edgerope.export.convert``)."""
+
+from __future__ import annotations
+
+import click
+
+from edgerope.cli._common import echo_json, handle_errors, progress_enabled
+
+# Outtypes written directly by edgerope.export.  K-quant outtypes (q4_k_m, ...) will be chained here:
+# convert to f16/bf16 into a temp file, then edgerope.quantize it into OUT (see edgerope/quantize.py).
+DIRECT_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+@click.command("convert")
+@click.argument("hf_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=str), help="Output .gguf file."
+)
+@click.option(
+    "--outtype",
+    type=click.Choice(DIRECT_OUTTYPES),
+    default="f16",
+    show_default=True,
+    help="Type of the 2-D weights; norms, biases and rope factors stay F32.",
+)
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option(
+    "--bake-dynamic",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Freeze dynamic-NTK rope scaling at N tokens (exact only for prompts of N tokens).",
+)
+@click.option(
+    "--allow-runtime-rope",
+    is_flag=True,
+    help="Accept rope settings llama.cpp only takes as runtime parameters (e.g. non-default YaRN betas).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def convert(
+    hf_dir: str,
+    output: str,
+    outtype: str,
+    force: bool,
+    bake_dynamic: int | None,
+    allow_runtime_rope: bool,
+    as_json: bool,
+) -> None:
+    """Convert the Hugging Face checkpoint folder HF_DIR to a GGUF file with exact rope metadata."""
+    from edgerope.export import convert as run_convert
+
+    bar = None
+    progress = None
+    if progress_enabled() and not as_json:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="B", unit_scale=True, desc="writing", file=click.get_text_stream("stderr"))
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    try:
+        report = run_convert(
+            hf_dir,
+            output,
+            outtype=outtype,
+            force=force,
+            bake_dynamic=bake_dynamic,
+            allow_runtime_rope=allow_runtime_rope,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    click.echo(
+        f"wrote {report.path} ({report.bytes / 1e6:.1f} MB, {report.n_tensors} tensors, {report.outtype}) "
+        f"in {report.seconds:.1f} s"
+    )
+    click.echo(f"  arch:      {report.arch}, context {report.context_length}")
+    click.echo(f"  rope:      {report.rope}")
+    click.echo(f"  tokenizer: {report.tokenizer}, {report.n_vocab} tokens")
+    if report.runtime:
+        params = ", ".join(f"{k}={v:g}" for k, v in report.runtime.items())
+        click.secho(f"  runtime:   llama.cpp must be run with {params}", fg="yellow")
+    for note in (*report.rope_notes, *report.notes):
+        click.secho(f"  note:      {note}", fg="yellow")
