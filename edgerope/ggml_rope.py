@@ -94,6 +94,13 @@ class LlamaCppRope:
         interp = self.freq_scale * extrap
         if self.ext_factor == 0:
             return interp
+        mix = self.extrapolation_mix(dim)
+        return interp * (1.0 - mix) + extrap * mix
+
+    def extrapolation_mix(self, dim: int) -> np.ndarray:
+        """Per-pair weight of the unscaled angle (1 = extrapolated, 0 = interpolated by freq_scale), shape (dim/2,)."""
+        if self.ext_factor == 0:
+            return np.zeros(dim // 2)
         low, high = R.yarn_correction_range(
             dim=dim,
             theta=self.freq_base,
@@ -102,8 +109,7 @@ class LlamaCppRope:
             beta_slow=self.beta_slow,
         )
         ramp = 1.0 - np.clip((np.arange(dim // 2) - low) / max(0.001, high - low), 0.0, 1.0)
-        mix = ramp * self.ext_factor
-        return interp * (1.0 - mix) + extrap * mix
+        return ramp * self.ext_factor
 
     @property
     def magnitude(self) -> float:
