@@ -287,10 +287,12 @@ class _Producer:
 
 
 def _output_error(exc: OSError, path: Path) -> OutputError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return OutputError("the disk is full", where=str(path.parent), fix="free space or write elsewhere")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError("the output folder is not writable", where=str(path.parent), fix="choose a writable folder")
+    if exc.errno is None:  # numpy's tofile reports short writes without an errno
+        return OutputError(f"cannot write the output ({exc}); is the disk full?", where=str(path))
     return OutputError(f"cannot write the output: {exc.strerror or exc}", where=str(path))
 
 

@@ -101,6 +101,12 @@ def _spm_vocab_size(model_path: Path) -> int:
     return spm.SentencePieceProcessor(model_file=str(model_path)).get_piece_size()
 
 
+def _hf_vocab_size(path: Path) -> int:
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    ids = list((tok.get("model") or {}).get("vocab", {}).values()) + [t["id"] for t in tok.get("added_tokens", [])]
+    return max(ids) + 1
+
+
 def tiny_config(
     *,
     model_type: str = "llama",
@@ -203,28 +209,39 @@ def make_tiny_checkpoint(
     seed: int = 0,
     tokenizer_dir: str | Path | None = None,
     sliding_window: int | None = None,
+    vocab_size: int | None = None,
 ) -> Path:
     """Write a tiny random Hugging Face checkpoint folder and return its path.
 
-    The vocab is the SentencePiece vocab in ``tokenizer_dir`` (trained and
-    cached per process when None).  ``rope_parameters`` is a 5.x-style HF
+    The tokenizer is ``tokenizer_dir``'s ``tokenizer.model`` (SentencePiece) or
+    ``tokenizer.json`` (+ its config files); when None the tiny SentencePiece
+    vocab is trained (cached per process).  The embedding has one row per
+    token unless ``vocab_size`` says otherwise.  ``rope_parameters`` is a 5.x-style HF
     rope dict, e.g. ``{"rope_type": "yarn", "factor": 8.0,
     "original_max_position_embeddings": 256}`` (default: plain RoPE, theta 1e4).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    bos_id: int | None = BOS_ID
+    eos_id: int | None = EOS_ID
     if tokenizer_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
-            model_file = train_tokenizer(tmp)
-            write_tokenizer_files(out, model_file=model_file)
+            write_tokenizer_files(out, model_file=train_tokenizer(tmp))
+        n_tokens = _spm_vocab_size(out / TOKENIZER_FILE)
+    elif (Path(tokenizer_dir) / TOKENIZER_FILE).is_file():
+        write_tokenizer_files(out, model_file=Path(tokenizer_dir) / TOKENIZER_FILE)
+        n_tokens = _spm_vocab_size(out / TOKENIZER_FILE)
+    elif (Path(tokenizer_dir) / "tokenizer.json").is_file():  # a Hugging Face tokenizer (e.g. byte-level BPE)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+        n_tokens = _hf_vocab_size(out / "tokenizer.json")
+        bos_id = eos_id = None  # the tokenizer files name them
     else:
-        model_file = Path(tokenizer_dir) / TOKENIZER_FILE
-        if not model_file.is_file():
-            raise ConfigError("no tokenizer.model in tokenizer_dir", where=str(tokenizer_dir))
-        write_tokenizer_files(out, model_file=model_file)
+        raise ConfigError("no tokenizer.model or tokenizer.json in tokenizer_dir", where=str(tokenizer_dir))
     cfg = tiny_config(
         model_type=model_type,
-        vocab_size=_spm_vocab_size(out / TOKENIZER_FILE),
+        vocab_size=vocab_size or n_tokens,
         rope_parameters=rope_parameters,
         max_position_embeddings=max_position_embeddings,
         hidden_size=hidden_size,
@@ -234,13 +251,11 @@ def make_tiny_checkpoint(
         intermediate_size=intermediate_size,
         tie_word_embeddings=tie_word_embeddings,
         sliding_window=sliding_window,
-    )
+    ).replace(bos_token_id=bos_id, eos_token_id=eos_id)
     save_safetensors_f32(out / "model.safetensors", tiny_weights(cfg, weight_std=weight_std, seed=seed))
     _write_json(out / "config.json", cfg.to_hf())
-    _write_json(
-        out / "generation_config.json",
-        {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "do_sample": False, "max_new_tokens": 64},
-    )
+    gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False, "max_new_tokens": 64}
+    _write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
     return out
 
 

@@ -193,6 +193,7 @@ class GGUFVocab:
             writer.add_token_merges(self.merges)
         if self.special is not None:
             self.special.merges = []  # written above
+            self.special.load_merges = False
             self.special.add_to_gguf(writer, quiet=True)
 
     def pad_to(self, n_rows: int, *, where: str) -> None:
