@@ -48,7 +48,7 @@ logger = logging.getLogger(LOGGER_NAME)
 logger.addHandler(logging.NullHandler())
 
 # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous message).
-_GGML_LOG_CONT = 5
+_GGML_LOG_DEBUG, _GGML_LOG_INFO, _GGML_LOG_WARN, _GGML_LOG_CONT = 1, 2, 3, 5
 _LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 
 
@@ -108,16 +108,17 @@ QUANT_NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", 
 class _LogRouter:
     """The ctypes log callback: reassembles llama.cpp's message fragments into lines for ``logging``.
 
-    It also keeps the most recent lines, so a failed native call can say what llama.cpp said.
+    It also keeps the most recent INFO-and-above lines (not the per-graph DEBUG flood), so a failed
+    native call can say what llama.cpp said and the context can tell how flash attention was resolved.
     The callback object lives as long as this router (module lifetime): llama.cpp keeps the pointer.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._parts: list[str] = []
-        self._level = logging.DEBUG
-        self._count = 0  # lines emitted so far
-        self.recent: collections.deque[tuple[int, int, str]] = collections.deque(maxlen=400)  # (seq, level, line)
+        self._level = _GGML_LOG_DEBUG  # ggml level of the line being assembled
+        self._count = 0  # lines kept so far
+        self.recent: collections.deque[tuple[int, int, str]] = collections.deque(maxlen=400)  # (seq, ggml level, line)
         self.c_callback: Any = None
 
     def __call__(self, level: int, text: bytes | None, user_data: Any) -> None:
@@ -127,7 +128,7 @@ class _LogRouter:
                 if level != _GGML_LOG_CONT:
                     if self._parts:
                         self._emit()
-                    self._level = _LOG_LEVELS.get(level, logging.DEBUG)
+                    self._level = level
                 self._parts.append(chunk)
                 if chunk.endswith("\n"):
                     self._emit()
@@ -139,18 +140,20 @@ class _LogRouter:
         self._parts.clear()
         if not line.strip():
             return
-        self._count += 1
-        self.recent.append((self._count, self._level, line))
-        if logger.isEnabledFor(self._level):
-            logger.log(self._level, "%s", line)
+        if self._level >= _GGML_LOG_INFO:
+            self._count += 1
+            self.recent.append((self._count, self._level, line))
+        py_level = _LOG_LEVELS.get(self._level, logging.DEBUG)
+        if logger.isEnabledFor(py_level):
+            logger.log(py_level, "%s", line)
 
     def mark(self) -> int:
         """A position in the line stream, for ``lines_since``."""
         with self._lock:
             return self._count
 
-    def lines_since(self, mark: int, *, min_level: int = logging.DEBUG) -> list[str]:
-        """Lines logged after ``mark`` that are still in the recent buffer."""
+    def lines_since(self, mark: int, *, min_level: int = _GGML_LOG_INFO) -> list[str]:
+        """INFO-and-above lines (``min_level`` is a ggml level) logged after ``mark``, still in the buffer."""
         with self._lock:
             if self._parts:
                 self._emit()
@@ -185,7 +188,7 @@ def _llama() -> Any:
 
 def native_error_lines(mark: int) -> str:
     """llama.cpp's warning/error lines since ``mark``, for error messages."""
-    lines = _ROUTER.lines_since(mark, min_level=logging.WARNING)
+    lines = _ROUTER.lines_since(mark, min_level=_GGML_LOG_WARN)
     return "; ".join(lines[-4:])
 
 
