@@ -69,35 +69,15 @@ class FlashAttn(str, enum.Enum):
         }[self]
 
 
-# Quantization names llama.cpp's quantize tool accepts -> the binding's llama_ftype constant.  Left out:
-# the very-low-bit IQ1/IQ2/IQ3_XXS/IQ3_XS and Q2_K_S files (llama.cpp refuses them without an importance
-# matrix) and the experimental TQ/MXFP4/NVFP4/Q1_0/Q2_0 types.
-QUANT_FTYPES: dict[str, str] = {
-    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-    "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
-    "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
-    "Q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
-    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
-    "Q3_K": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
-    "Q3_K_S": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
-    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
-    "Q3_K_L": "LLAMA_FTYPE_MOSTLY_Q3_K_L",
-    "IQ3_S": "LLAMA_FTYPE_MOSTLY_IQ3_S",
-    "IQ3_M": "LLAMA_FTYPE_MOSTLY_IQ3_M",
-    "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
-    "IQ4_XS": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
-    "Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
-    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "Q5_K": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "Q5_K_S": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
-    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "F16": "LLAMA_FTYPE_MOSTLY_F16",
-    "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
-    "F32": "LLAMA_FTYPE_ALL_F32",
-}
+# Quantization names llama.cpp's quantize tool accepts (each maps to the binding's LLAMA_FTYPE_MOSTLY_<name>,
+# F32 to LLAMA_FTYPE_ALL_F32; Q3_K/Q4_K/Q5_K are the tool's aliases of the _M variants).  Left out: the very-low-bit
+# IQ1/IQ2/IQ3_XXS/IQ3_XS and Q2_K_S files (llama.cpp refuses them without an importance matrix) and the
+# experimental TQ/MXFP4/NVFP4/Q1_0/Q2_0 types.
+QUANT_TYPES = (
+    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ3_S", "IQ3_M",
+    "IQ4_NL", "IQ4_XS", "Q4_K", "Q4_K_S", "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "F16", "BF16", "F32",
+)  # fmt: skip
+_QUANT_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 QUANT_NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S")
 
 
@@ -114,7 +94,7 @@ class _LogRouter:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a handler that logs natively must not deadlock
         self._parts: list[str] = []
         self._level = _GGML_LOG_DEBUG  # ggml level of the line being assembled
         self._count = 0  # lines kept so far
@@ -203,13 +183,11 @@ def system_info() -> str:
 
 
 def ftype_id(name: str) -> int:
-    """The ``llama_ftype`` value for a quantization name such as ``"Q4_K_M"`` (see ``QUANT_FTYPES``)."""
-    try:
-        const = QUANT_FTYPES[name.upper()]
-    except KeyError:
-        raise RuntimeConfigError(
-            f"unknown quantization type {name!r}", fix=f"use one of: {', '.join(QUANT_FTYPES)}"
-        ) from None
+    """The ``llama_ftype`` value for a quantization name such as ``"Q4_K_M"`` (see ``QUANT_TYPES``)."""
+    key = name.upper()
+    if key not in QUANT_TYPES:
+        raise RuntimeConfigError(f"unknown quantization type {name!r}", fix=f"use one of: {', '.join(QUANT_TYPES)}")
+    const = "LLAMA_FTYPE_ALL_F32" if key == "F32" else "LLAMA_FTYPE_MOSTLY_" + _QUANT_ALIASES.get(key, key)
     return int(getattr(_llama(), const))
 
 
@@ -221,8 +199,44 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _closed_error(what: str) -> RuntimeConfigError:
-    return RuntimeConfigError(f"the {what} has been closed", fix="open a new one; close() frees llama.cpp's memory")
+class _Handle:
+    """Base of the handle owners: a context manager whose ``close()`` frees the native object once."""
+
+    _what = "handle"
+    _ptr: Any = None
+
+    def _free(self, lib: Any, ptr: Any) -> None:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def close(self) -> None:
+        """Free the native object.  Safe to call twice."""
+        if self._ptr is not None and _LIB is not None:
+            self._free(_LIB, self._ptr)
+        self._ptr = None
+
+    def handle(self) -> Any:
+        """The native pointer; a clear error once closed."""
+        if self._ptr is None:
+            raise RuntimeConfigError(
+                f"the {self._what} has been closed", fix="open a new one; close() frees llama.cpp's memory"
+            )
+        return self._ptr
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 -- interpreter shutdown
+            pass
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -298,7 +312,7 @@ class ContextParams:
 # Handle owners
 
 
-class NativeModel:
+class NativeModel(_Handle):
     """Owns a ``llama_model``: the weights (or only the vocab) of one GGUF.
 
     ``cpu_only`` passes an empty device list, so no GPU backend is used even on a GPU build.
@@ -339,36 +353,17 @@ class NativeModel:
         self.vocab_only = bool(vocab_only)
         self.n_gpu_layers = params.n_gpu_layers
 
-    # lifetime
-    @property
-    def closed(self) -> bool:
-        return self._ptr is None
+    _what = "model"
+
+    def _free(self, lib: Any, ptr: Any) -> None:
+        lib.llama_model_free(ptr)
 
     def close(self) -> None:
-        """Free the model (and first every context made from it).  Safe to call twice."""
-        for ctx in list(self._contexts):
+        """Free the model, and first every context made from it.  Safe to call twice."""
+        for ctx in list(getattr(self, "_contexts", ())):
             ctx.close()
-        if self._ptr is not None and _LIB is not None:
-            _LIB.llama_model_free(self._ptr)
-        self._ptr = None
+        super().close()
         self._vocab = None
-
-    def __enter__(self) -> NativeModel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 -- interpreter shutdown
-            pass
-
-    def handle(self) -> Any:
-        if self._ptr is None:
-            raise _closed_error("model")
-        return self._ptr
 
     def _vocab_handle(self) -> Any:
         self.handle()
@@ -381,24 +376,8 @@ class NativeModel:
 
     @property
     def n_ctx_train(self) -> int:
+        """As llama.cpp reports it now (a custom-YaRN context rewrites it, pitfall 17)."""
         return int(_llama().llama_model_n_ctx_train(self.handle()))
-
-    @property
-    def n_layer(self) -> int:
-        return int(_llama().llama_model_n_layer(self.handle()))
-
-    @property
-    def n_params(self) -> int:
-        return int(_llama().llama_model_n_params(self.handle()))
-
-    @property
-    def size_bytes(self) -> int:
-        return int(_llama().llama_model_size(self.handle()))
-
-    def description(self) -> str:
-        buf = ctypes.create_string_buffer(256)
-        _llama().llama_model_desc(self.handle(), buf, len(buf))
-        return buf.value.decode("utf-8", "replace")
 
     @property
     def bos(self) -> int | None:
@@ -460,7 +439,7 @@ class NativeModel:
         return buf.value.decode("utf-8", "replace")
 
 
-class NativeContext:
+class NativeContext(_Handle):
     """Owns a ``llama_context`` (KV cache, compute buffers) for one sequence of one ``NativeModel``.
 
     It tracks ``n_past``, the number of cached positions: every ``decode``/``logits`` call appends
@@ -503,33 +482,11 @@ class NativeContext:
         self.n_vocab = model.n_vocab
         model._contexts.add(self)
 
-    @property
-    def closed(self) -> bool:
-        return self._ptr is None
+    _what = "context"
 
-    def close(self) -> None:
-        """Free the context.  Safe to call twice."""
-        if self._ptr is not None and _LIB is not None:
-            _LIB.llama_free(self._ptr)
-        self._ptr = None
+    def _free(self, lib: Any, ptr: Any) -> None:
+        lib.llama_free(ptr)
         self._memory = None
-
-    def __enter__(self) -> NativeContext:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
-
-    def handle(self) -> Any:
-        if self._ptr is None:
-            raise _closed_error("context")
-        return self._ptr
 
     def clear(self) -> None:
         """Empty the KV cache (positions restart at 0)."""
@@ -603,7 +560,7 @@ class NativeContext:
         return out
 
 
-class NativeSampler:
+class NativeSampler(_Handle):
     """Owns a llama.cpp sampler chain (``llama_sampler_chain_*``); ``greedy()`` builds argmax sampling."""
 
     def __init__(self) -> None:
@@ -620,38 +577,18 @@ class NativeSampler:
         _llama().llama_sampler_chain_add(chain.handle(), _llama().llama_sampler_init_greedy())  # chain owns it
         return chain
 
-    def handle(self) -> Any:
-        if self._ptr is None:
-            raise _closed_error("sampler")
-        return self._ptr
+    _what = "sampler"
+
+    def _free(self, lib: Any, ptr: Any) -> None:
+        lib.llama_sampler_free(ptr)
 
     def sample(self, ctx: NativeContext, idx: int = -1) -> int:
         """Pick a token from the logits of output ``idx`` (-1: the last) of ``ctx``'s latest decode."""
         return int(_llama().llama_sampler_sample(self.handle(), ctx.handle(), idx))
 
     def reset(self) -> None:
+        """Forget accepted tokens (stateful samplers in the chain start over)."""
         _llama().llama_sampler_reset(self.handle())
-
-    @property
-    def closed(self) -> bool:
-        return self._ptr is None
-
-    def close(self) -> None:
-        if self._ptr is not None and _LIB is not None:
-            _LIB.llama_sampler_free(self._ptr)
-        self._ptr = None
-
-    def __enter__(self) -> NativeSampler:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def quantize(

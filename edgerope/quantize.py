@@ -32,7 +32,7 @@ from edgerope.ggml_rope import ROPE_TENSORS
 from edgerope.gguf_file import GGUFFile, open_gguf
 from edgerope.runtime import check_runnable
 
-QUANT_TYPES = tuple(N.QUANT_FTYPES)
+QUANT_TYPES = N.QUANT_TYPES
 # keys llama.cpp's quantizer rewrites; everything else must come through byte for byte
 REWRITTEN_KEYS = frozenset({Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION})
 
@@ -71,7 +71,7 @@ class QuantizeReport:
 
 def _check_qtype(qtype: str) -> str:
     name = qtype.upper()
-    if name in N.QUANT_FTYPES:
+    if name in N.QUANT_TYPES:
         return name
     if name in N.QUANT_NEEDS_IMATRIX:
         raise RuntimeConfigError(
