@@ -87,7 +87,7 @@ def run_demo(
     from edgerope import parity
     from edgerope.config import ModelConfig
     from edgerope.export import convert
-    from edgerope.gguf_file import read_gguf
+    from edgerope.gguf_file import open_gguf
     from edgerope.quantize import quantize
     from edgerope.rope import describe
     from edgerope.tiny import make_tiny_checkpoint, train_tokenizer
@@ -133,10 +133,9 @@ def run_demo(
             beyond = res.buckets[1:]
             diff_beyond = max((b.rel_l2 for b in beyond), default=float("nan"))
             errors[res.kv + (" +FA" if res.flash_attn else "")] = {"within": within.rel_l2, "beyond": diff_beyond}
-        view = read_gguf(gguf_path)
-        keys = {k: v for k, v in view.metadata.items() if ".rope." in k or k.endswith(".context_length")}
-        if view.tensor("rope_freqs.weight") is not None:
-            keys["rope_freqs.weight"] = "F32 tensor"
+        with open_gguf(gguf_path) as view:
+            keys = {k: v for k, v in view.kv().items() if ".rope." in k or k.endswith(".context_length")}
+            keys.update({name: "F32 tensor" for name in view.freq_factors()})
         report.rows.append(DemoRow(name, describe(cfg.rope), keys, errors))
         if name == "yarn x8":
             step("yarn x8: quantize to Q8_0 with llama.cpp's quantizer")

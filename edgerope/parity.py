@@ -113,6 +113,7 @@ def llama_cpp_logits(
         type_v=type_v,
         flash_attn="on" if flash_attn else "off",
         backend="cpu",
+        allow_extrapolation=True,
     ) as rt:
         return rt.logits(tokens)
 
