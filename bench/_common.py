@@ -18,6 +18,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -74,6 +75,20 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _dirty_package_files() -> list[str] | None:
+    """Uncommitted changes under edgerope/ at measurement time (numbers then describe the working tree)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "edgerope"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
 def _filesystem(path: Path) -> str | None:
     """Filesystem type holding ``path`` (from /proc/mounts, longest matching mount point)."""
     try:
@@ -112,6 +127,7 @@ def machine_info() -> dict[str, Any]:
         "sentencepiece": _version("sentencepiece"),
         "llama_cpp_python": _version("llama_cpp_python"),
         "edgerope_commit": _git_commit(),
+        "edgerope_uncommitted": _dirty_package_files(),
         "work_dir_filesystem": _filesystem(WORK_DIR if WORK_DIR.exists() else BENCH_DIR),
     }
 
@@ -133,17 +149,41 @@ class Run:
     """One timed run of a command in a fresh child process."""
 
     wall_s: float
-    peak_rss_bytes: int  # ru_maxrss of the child (and any children it waited for), from wait4
+    peak_rss_bytes: int  # ru_maxrss of the child (and any children it waited for), from wait4: the authority
     user_s: float
     sys_s: float
     returncode: int
+    # peaks of /proc/<pid>/status sampled every ~20 ms: anonymous memory vs file-backed pages (mmap'd
+    # inputs/outputs, clean and reclaimable); the sum's peak can miss a short spike that ru_maxrss catches
+    sampled_peak_rss_anon_bytes: int | None = None
+    sampled_peak_rss_file_bytes: int | None = None
+    fsync_s: float | None = None  # time to fsync the outputs after the child exited (see fsync_tree)
+
+    @property
+    def durable_s(self) -> float:
+        """Wall time until the output is on disk: the run plus the fsync the bench did after it."""
+        return self.wall_s + (self.fsync_s or 0.0)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "durable_s": self.durable_s}
 
 
 class CommandFailed(RuntimeError):
     """A measured command exited non-zero; carries the tail of its output."""
+
+
+def _sample_rss(pid: int, stop: threading.Event, peaks: dict[str, int]) -> None:
+    path = f"/proc/{pid}/status"
+    while not stop.is_set():
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            return
+        for line in text.splitlines():
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                key, value = line.split(":", 1)
+                peaks[key] = max(peaks.get(key, 0), int(value.split()[0]) * 1024)
+        stop.wait(0.02)
 
 
 def run_measured(
@@ -156,18 +196,25 @@ def run_measured(
     """Run ``cmd`` once in a new child process; return wall time, peak RSS and CPU times.
 
     The peak RSS is ``ru_maxrss`` from ``os.wait4`` on that child alone, so runs do not contaminate each
-    other the way ``getrusage(RUSAGE_CHILDREN)`` in a long-lived parent would.  stdout and stderr go to
-    ``log_path`` (or are discarded); on a non-zero exit the log's tail is raised in ``CommandFailed``.
+    other the way ``getrusage(RUSAGE_CHILDREN)`` in a long-lived parent would.  A sampler thread also
+    records the peak anonymous and file-backed RSS from ``/proc``.  stdout and stderr go to ``log_path``
+    (or are discarded); on a non-zero exit the log's tail is raised in ``CommandFailed``.
     """
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    peaks: dict[str, int] = {}
+    stop = threading.Event()
     try:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(cmd), env=full_env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        sampler = threading.Thread(target=_sample_rss, args=(proc.pid, stop, peaks), daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        stop.set()
+        sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
     finally:
         if log_path:
@@ -175,26 +222,56 @@ def run_measured(
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:] if log_path else "(output discarded)"
         raise CommandFailed(f"exit {proc.returncode}: {' '.join(cmd)}\n{tail}")
-    # Linux reports ru_maxrss in KiB
     return Run(
         wall_s=wall,
-        peak_rss_bytes=int(usage.ru_maxrss) * 1024,
+        peak_rss_bytes=int(usage.ru_maxrss) * 1024,  # Linux reports KiB
         user_s=usage.ru_utime,
         sys_s=usage.ru_stime,
         returncode=proc.returncode,
+        sampled_peak_rss_anon_bytes=peaks.get("RssAnon"),
+        sampled_peak_rss_file_bytes=peaks.get("RssFile"),
     )
 
 
+def own_peak_rss() -> int:
+    """Peak RSS of this (parent) process.  A child's ru_maxrss starts from its parent's RSS at fork time,
+    so this is the floor under every child's number; the scripts keep it small (no numpy in the parent)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def fsync_tree(path: Path) -> float:
+    """fsync every file under ``path`` (or ``path`` itself); return the seconds it took.
+
+    Called right after a child exits, it makes tools that leave their output in the page cache comparable
+    with tools that fsync before they exit."""
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path] if path.exists() else []
+    t0 = time.perf_counter()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return time.perf_counter() - t0
+
+
 def summarize(runs: Sequence[Run], *, input_bytes: int) -> dict[str, Any]:
-    """Median wall time, MB/s over the input bytes, and max peak RSS over the runs, plus every run."""
+    """Medians over the runs (wall, wall + fsync, MB/s), the largest peak RSS, and every run."""
     wall = statistics.median(r.wall_s for r in runs)
+    anon = [r.sampled_peak_rss_anon_bytes for r in runs if r.sampled_peak_rss_anon_bytes is not None]
+    file = [r.sampled_peak_rss_file_bytes for r in runs if r.sampled_peak_rss_file_bytes is not None]
     return {
         "median_wall_s": wall,
         "min_wall_s": min(r.wall_s for r in runs),
         "max_wall_s": max(r.wall_s for r in runs),
+        "median_durable_s": statistics.median(r.durable_s for r in runs),
         "median_mb_per_s": input_bytes / MB / wall,
         "peak_rss_bytes": max(r.peak_rss_bytes for r in runs),
         "median_peak_rss_bytes": int(statistics.median(r.peak_rss_bytes for r in runs)),
+        "sampled_peak_rss_anon_bytes": max(anon) if anon else None,
+        "sampled_peak_rss_file_bytes": max(file) if file else None,
         "runs": [r.to_json() for r in runs],
     }
 

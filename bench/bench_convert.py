@@ -18,7 +18,7 @@ file must equal them after a bf16 -> f16 cast.
 What it does not do: it is not a test, it does not measure quantized output types, and it does not
 drop the page cache (cold-cache numbers depend on the disk, not on the converter).
 
-    PYTHONPATH=. .venv/bin/python bench/bench_convert.py [--runs 3]
+    PYTHONPATH=. .venv/bin/python bench/bench_convert.py [--runs 5]
 
 Writes ``bench/results/convert.json``.
 """
@@ -26,9 +26,9 @@ Writes ``bench/results/convert.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -131,10 +131,14 @@ def _tensor_shapes() -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
+def checkpoint_cached(out_dir: Path) -> bool:
+    spec_file = out_dir / "spec.json"
+    return spec_file.is_file() and json.loads(spec_file.read_text()) == SPEC
+
+
 def make_checkpoint(out_dir: Path) -> Path:
     """Build the checkpoint once; reuse it while ``spec.json`` matches SPEC."""
-    spec_file = out_dir / "spec.json"
-    if spec_file.is_file() and json.loads(spec_file.read_text()) == SPEC:
+    if checkpoint_cached(out_dir):
         return out_dir
     import torch
     from safetensors.torch import save_file
@@ -183,7 +187,7 @@ def make_checkpoint(out_dir: Path) -> Path:
         **cfg_kwargs,
     ).save_pretrained(out_dir)
     _train_tokenizer(out_dir, pieces=SPEC["tokenizer_pieces"])
-    spec_file.write_text(json.dumps(SPEC, indent=2) + "\n")  # written last: marks the cache complete
+    (out_dir / "spec.json").write_text(json.dumps(SPEC, indent=2) + "\n")  # written last: marks the cache complete
     print(f"  done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return out_dir
 
@@ -309,6 +313,15 @@ def check_outputs(llama_f16: Path, er_f16: Path, er_bf16: Path) -> dict[str, Any
     return out
 
 
+def _check_in_child(*paths: Path) -> dict[str, Any]:
+    """Run check_outputs in a child: reading the GGUFs here would grow this process, and a child's
+    ru_maxrss starts from its parent's RSS at fork time."""
+    report = OUT_DIR / "check.json"
+    me = [sys.executable, str(Path(__file__).resolve())]
+    subprocess.run(me + ["_check", str(report), *(str(p) for p in paths)], check=True)
+    return json.loads(report.read_text())
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the benchmark
 
@@ -353,12 +366,14 @@ def cases(ckpt: Path, shards: list[Path]) -> dict[str, tuple[list[str], dict[str
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3, help="timed runs per case (default 3)")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per case (default 5)")
     ap.add_argument("--only", nargs="*", help="run only these cases (by name)")
     ap.add_argument("--clean", action="store_true", help="delete the cached checkpoint afterwards")
     args = ap.parse_args(argv)
 
-    ckpt = make_checkpoint(CKPT_DIR)
+    if not checkpoint_cached(CKPT_DIR):  # built in a child: torch would bloat this process (see _check_in_child)
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "_build"], check=True)
+    ckpt = CKPT_DIR
     shards = shard_paths(ckpt)
     input_bytes = sum(p.stat().st_size for p in shards)
     n_elements = sum(math.prod(s) for _, s in _tensor_shapes())  # bf16 elements in the checkpoint
@@ -375,29 +390,28 @@ def main(argv: list[str] | None = None) -> None:
     checks: dict[str, Any] | None = None
     converters = ("llama.cpp f16", "edgerope f16", "edgerope bf16")
     t_start = time.perf_counter()
-    # Round 0 is an untimed warm-up (first-touch page faults of a fresh VM made the very first copy 6x
-    # slower); its converter outputs are kept for the correctness check.
+    # Round 0 is an untimed warm-up; its converter outputs are kept for the correctness check.
     for r in range(args.runs + 1):
         for name in names:  # interleaved, so load drift on the shared machine hits every case alike
             cmd, env, output = all_cases[name]
             log = OUT_DIR / f"{name.replace(' ', '_').replace('.', '')}.log"
             run = C.run_measured(cmd, env=env, log_path=log)
+            run = dataclasses.replace(run, fsync_s=C.fsync_tree(output))
             if r == 0:
                 warmup[name] = run
             else:
                 runs[name].append(run)
             label = "warm-up" if r == 0 else f"run {r}/{args.runs}"
             print(
-                f"  {label:9s} {name:14s} {run.wall_s:7.2f} s  {C.fmt_mib(run.peak_rss_bytes):>6s} MiB",
+                f"  {label:9s} {name:14s} {run.wall_s:7.2f} s (+fsync {run.fsync_s:5.2f} s) "
+                f"{C.fmt_mib(run.peak_rss_bytes):>6s} MiB",
                 file=sys.stderr,
             )
-            if r == 0 and name in converters:
-                os.sync()
-            else:
+            if not (r == 0 and name in converters):
                 C.settle(output)
         if r == 0:
             if set(converters) <= set(names):
-                checks = check_outputs(*(all_cases[n][2] for n in converters))
+                checks = _check_in_child(*(all_cases[n][2] for n in converters))
                 checks["output_bytes"] = {p.name: p.stat().st_size for p in sorted(OUT_DIR.glob("*.gguf"))}
             C.settle(*OUT_DIR.glob("*.gguf"))
     elapsed = time.perf_counter() - t_start
@@ -405,37 +419,66 @@ def main(argv: list[str] | None = None) -> None:
     load_after = C.load_average()
 
     results = {n: C.summarize(runs[n], input_bytes=input_bytes) for n in names}
-    ratios: dict[str, Any] = {}
 
     def ratio(a: str, b: str, key: str) -> float | None:
-        if a in results and b in results:
+        if a in results and b in results and results[a][key] and results[b][key]:
             return results[a][key] / results[b][key]
         return None
 
-    ratios["edgerope_f16_over_llama_cpp_f16_time"] = ratio("edgerope f16", "llama.cpp f16", "median_wall_s")
-    ratios["edgerope_f16_over_llama_cpp_f16_peak_rss"] = ratio("edgerope f16", "llama.cpp f16", "peak_rss_bytes")
-    ratios["edgerope_bf16_over_copy_time"] = ratio("edgerope bf16", "copy", "median_wall_s")
-    ratios["edgerope_f16_over_numpy_cast_time"] = ratio("edgerope f16", "numpy cast", "median_wall_s")
+    er16, er_bf16, lc16 = "edgerope f16", "edgerope bf16", "llama.cpp f16"
+    ratios = {
+        "edgerope_f16_over_llama_cpp_f16_time": ratio(er16, lc16, "median_wall_s"),
+        "edgerope_f16_over_llama_cpp_f16_time_both_fsynced": ratio(er16, lc16, "median_durable_s"),
+        "edgerope_f16_over_llama_cpp_f16_peak_rss": ratio(er16, lc16, "peak_rss_bytes"),
+        "edgerope_f16_over_llama_cpp_f16_sampled_anon_rss": ratio(er16, lc16, "sampled_peak_rss_anon_bytes"),
+        "edgerope_bf16_over_copy_time": ratio(er_bf16, "copy", "median_wall_s"),
+        "edgerope_bf16_over_copy_time_both_fsynced": ratio(er_bf16, "copy", "median_durable_s"),
+        "edgerope_f16_over_numpy_cast_time": ratio(er16, "numpy cast", "median_wall_s"),
+    }
     targets = {
-        "f16_time": {
-            "target": f"<= {TARGET_F16_TIME_RATIO}x llama.cpp",
-            "ratio": ratios["edgerope_f16_over_llama_cpp_f16_time"],
-        },
-        "f16_peak_rss": {
-            "target": f"<= {TARGET_F16_RSS_RATIO}x llama.cpp",
-            "ratio": ratios["edgerope_f16_over_llama_cpp_f16_peak_rss"],
-        },
-        "bf16_time": {"target": f"<= {TARGET_BF16_COPY_RATIO}x copy", "ratio": ratios["edgerope_bf16_over_copy_time"]},
+        "f16 time": (
+            f"<= {TARGET_F16_TIME_RATIO}x llama.cpp f16",
+            ratios["edgerope_f16_over_llama_cpp_f16_time"],
+            TARGET_F16_TIME_RATIO,
+        ),
+        "f16 time, both fsynced": (
+            f"<= {TARGET_F16_TIME_RATIO}x llama.cpp f16",
+            ratios["edgerope_f16_over_llama_cpp_f16_time_both_fsynced"],
+            TARGET_F16_TIME_RATIO,
+        ),
+        "f16 peak RSS": (
+            f"<= {TARGET_F16_RSS_RATIO}x llama.cpp f16",
+            ratios["edgerope_f16_over_llama_cpp_f16_peak_rss"],
+            TARGET_F16_RSS_RATIO,
+        ),
+        "bf16 time": (
+            f"<= {TARGET_BF16_COPY_RATIO}x copy",
+            ratios["edgerope_bf16_over_copy_time"],
+            TARGET_BF16_COPY_RATIO,
+        ),
+        "bf16 time, both fsynced": (
+            f"<= {TARGET_BF16_COPY_RATIO}x copy",
+            ratios["edgerope_bf16_over_copy_time_both_fsynced"],
+            TARGET_BF16_COPY_RATIO,
+        ),
     }
-    limits = {
-        "f16_time": TARGET_F16_TIME_RATIO,
-        "f16_peak_rss": TARGET_F16_RSS_RATIO,
-        "bf16_time": TARGET_BF16_COPY_RATIO,
+    targets_json = {
+        k: {"target": t, "ratio": v, "met": None if v is None else bool(v <= lim)} for k, (t, v, lim) in targets.items()
     }
-    for key, t in targets.items():
-        t["met"] = None if t["ratio"] is None else bool(t["ratio"] <= limits[key])
 
-    headers = ["case", "median s", "min s", "max s", "MB/s", "peak RSS MiB", "x llama.cpp f16 time", "x copy time"]
+    headers = [
+        "case",
+        "median s",
+        "min s",
+        "max s",
+        "+ fsync s",
+        "MB/s",
+        "peak RSS MiB",
+        "anon MiB",
+        "file MiB",
+        "x llama.cpp f16",
+        "x copy",
+    ]
     rows = []
     for n in names:
         res = results[n]
@@ -445,25 +488,29 @@ def main(argv: list[str] | None = None) -> None:
                 f"{res['median_wall_s']:.2f}",
                 f"{res['min_wall_s']:.2f}",
                 f"{res['max_wall_s']:.2f}",
+                f"{res['median_durable_s']:.2f}",
                 f"{res['median_mb_per_s']:.0f}",
                 C.fmt_mib(res["peak_rss_bytes"]),
-                _fmt_ratio(ratio(n, "llama.cpp f16", "median_wall_s")),
+                _fmt_opt_mib(res["sampled_peak_rss_anon_bytes"]),
+                _fmt_opt_mib(res["sampled_peak_rss_file_bytes"]),
+                _fmt_ratio(ratio(n, lc16, "median_wall_s")),
                 _fmt_ratio(ratio(n, "copy", "median_wall_s")),
             ]
         )
     table = C.format_table(headers, rows)
     target_rows = [
         [k, t["target"], _fmt_ratio(t["ratio"]), {True: "met", False: "NOT met", None: "n/a"}[t["met"]]]
-        for k, t in targets.items()
+        for k, t in targets_json.items()
     ]
     target_table = C.format_table(["target", "wanted", "measured", "status"], target_rows)
     machine = C.machine_info()
-    print(
-        f"\nconvert {input_bytes / 1e9:.2f} GB bf16 checkpoint ({n_elements:,} elements, {len(shards)} shards), "
-        f"warm page cache, {args.runs} runs per case, median\n"
+    header = (
+        f"convert a {input_bytes / 1e9:.2f} GB bf16 checkpoint ({n_elements:,} elements, {len(shards)} shards), "
+        f"warm page cache, {args.runs} runs per case after a warm-up round, median\n"
         f"machine: {machine['cpu_model']}, {machine['cpus_usable']} cores, {machine['ram_gib']} GiB RAM, "
-        f"Python {machine['python']}, numpy {machine['numpy']}; load avg before {load_before}, after {load_after}\n"
+        f"Python {machine['python']}, numpy {machine['numpy']}; load avg before {load_before}, after {load_after}"
     )
+    print("\n" + header + "\n")
     print(table)
     print()
     print(target_table)
@@ -473,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if checks is not None:
         print(
-            f"\noutput check: tensor names equal: {checks['tensor_names_equal']}; f16 tensors bitwise equal to "
+            f"output check: tensor names equal: {checks['tensor_names_equal']}; f16 tensors bitwise equal to "
             f"llama.cpp: {checks['f16_tensors_bitwise_equal']}, differ: {len(checks['f16_tensors_differ'])}; "
             f"bf16 output cast to f16 equals llama.cpp f16: {checks['bf16_cast_equals_llama_cpp_f16']}, "
             f"differs: {len(checks['bf16_cast_differs'])}"
@@ -487,8 +534,10 @@ def main(argv: list[str] | None = None) -> None:
             "machine": machine,
             "load_average_before": load_before,
             "load_average_after": load_after,
-            "conditions": "warm page cache (shards read once before the first run); each run a fresh child "
-            "process; outputs deleted and sync() between runs, untimed; cases interleaved per round",
+            "conditions": "warm page cache (shards read once before the first run); one untimed warm-up round; "
+            "each run a fresh child process; cases interleaved per round; after each run the bench fsyncs the "
+            "output (timed separately: durable_s = wall_s + fsync_s; edgerope fsyncs inside its own run), then "
+            "deletes it and calls sync(), untimed",
             "input": {
                 "checkpoint": "synthetic Llama, random bf16 weights",
                 "spec": SPEC,
@@ -498,13 +547,15 @@ def main(argv: list[str] | None = None) -> None:
             },
             "commands": {n: all_cases[n][0] for n in names},
             "runs_per_case": args.runs,
-            "warmup_runs": {n: w.to_json() for n, w in warmup.items()},
-            "vm_fresh_page_probe": probe,
             "elapsed_s": elapsed,
+            "bench_process_peak_rss_bytes": C.own_peak_rss(),
             "results": results,
             "ratios": ratios,
-            "targets": targets,
+            "targets": targets_json,
+            "warmup_runs": {n: w.to_json() for n, w in warmup.items()},
+            "vm_fresh_page_probe": probe,
             "output_check": checks,
+            "header": header,
             "table_markdown": table,
             "targets_markdown": target_table,
         },
@@ -517,6 +568,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"checkpoint kept in {CKPT_DIR} for reruns (--clean deletes it)", file=sys.stderr)
 
 
+def _fmt_opt_mib(n: int | None) -> str:
+    return "-" if n is None else C.fmt_mib(n)
+
+
 def _fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -524,5 +579,9 @@ def _fmt_ratio(x: float | None) -> str:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_cast":
         _child_cast([Path(p) for p in sys.argv[2:]])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_build":
+        make_checkpoint(CKPT_DIR)
+    elif len(sys.argv) > 1 and sys.argv[1] == "_check":
+        C.write_json(Path(sys.argv[2]), check_outputs(*(Path(p) for p in sys.argv[3:6])))
     else:
         main()
