@@ -97,7 +97,7 @@ def run_demo(
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     step("training the tiny tokenizer on CPython's documentation")
-    tok_dir = train_tokenizer(work / "tokenizer")
+    tok_dir = train_tokenizer(work / "tokenizer").parent
     report = DemoReport(str(work), n_positions, ORIGINAL_CONTEXT, "")
     rng = np.random.default_rng(seed)
     for name, rope_parameters in VARIANTS.items():

@@ -52,9 +52,9 @@ def demo(workdir: Path | None, positions: int, as_json: bool) -> None:
     click.echo("\nGGUF rope metadata written:")
     for row in report.rows:
         keys = ", ".join(
-            f"{k.split('.', 1)[1]}={v}"
+            f"{k.split('.', 1)[1] if '.rope.' in k else k}={v}"
             for k, v in row.gguf_rope_keys.items()
-            if "context_length" not in k and "dimension_count" not in k
+            if not k.endswith((".context_length", ".dimension_count")) or ".scaling." in k
         )
         click.echo(f"  {row.variant:<30} {keys}")
     click.echo(f"\ndone in {report.seconds:.1f} s" + (f"; files in {workdir}" if workdir else ""))
