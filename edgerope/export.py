@@ -24,9 +24,9 @@ import errno
 import os
 import re
 import shutil
+import struct
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,8 @@ from edgerope import ggml_rope
 from edgerope import rope as R
 from edgerope.config import ModelConfig
 from edgerope.errors import CheckpointError, ConfigError, EdgeropeError, OutputError, UnsupportedRopeError
-from edgerope.safetensors_io import SafetensorsCheckpoint, TensorEntry, to_float32
+from edgerope.gguf_stream import SAME_BYTES, TensorJob, read_gguf_layout, write_gguf
+from edgerope.safetensors_io import SafetensorsCheckpoint
 from edgerope.vocab import load_vocab
 
 # outtype -> (GGML type of the big 2-D tensors, general.file_type).  K-quant outtypes are not made here:
@@ -54,10 +55,7 @@ GGUF_ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 # Of these, the arches whose llama.cpp loader creates rope_freqs / rope_factors_* tensors (src/models/<arch>.cpp);
 # qwen2 does not, and refuses a file holding them ("wrong number of tensors").
 ARCHS_WITH_ROPE_FACTOR_TENSORS = frozenset({"llama"})
-# stored safetensors dtype -> the GGML type that holds the same bytes (raw copy possible)
-SAME_BYTES = {"F32": QT.F32, "F16": QT.F16, "BF16": QT.BF16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; llama.cpp has no use for them
-CHUNK_ELEMENTS = 1 << 20
 ProgressFn = Callable[[int, int], None]
 
 
@@ -83,23 +81,6 @@ class ConvertReport:
         out = asdict(self)
         out["path"] = str(self.path)
         return out
-
-
-@dataclass
-class TensorJob:
-    """One output tensor: where it comes from and how it is stored."""
-
-    name: str  # GGUF name
-    shape: tuple[int, ...]  # numpy order (rows first)
-    qtype: QT
-    entry: TensorEntry | None = None  # None for rope factor tensors
-    array: np.ndarray | None = None  # rope factor values
-    permute_heads: int | None = None  # Q/K row permutation for the llama arch
-
-    @property
-    def nbytes(self) -> int:
-        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
-        return int(np.prod(self.shape)) // block * size
 
 
 # --------------------------------------------------------------------------- planning
@@ -223,72 +204,30 @@ def plan_tensors(
         gguf_name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:  # pragma: no cover - every expected name is in gguf's map
             raise CheckpointError(f"gguf has no name for {hf_name}", where=where)
-        heads = None
+        order = None
         if arch == "llama" and ".self_attn.q_proj." in hf_name:
-            heads = cfg.num_attention_heads
+            order = neox_to_norm_rows(entry.shape[0], cfg.num_attention_heads)
         elif arch == "llama" and ".self_attn.k_proj." in hf_name:
-            heads = cfg.num_key_value_heads
+            order = neox_to_norm_rows(entry.shape[0], cfg.num_key_value_heads)
         shape = entry.shape
         jobs.append(
-            TensorJob(gguf_name, shape, _out_type(gguf_name, shape, outtype, notes), entry=entry, permute_heads=heads)
+            TensorJob(gguf_name, shape, _out_type(gguf_name, shape, outtype, notes), entry=entry, row_order=order)
         )
     return jobs
-
-
-# --------------------------------------------------------------------------- producing tensor data
-
-
-class _Producer:
-    """Turns a TensorJob into the array to write, converting chunks of rows on a thread pool."""
-
-    def __init__(self, ckpt: SafetensorsCheckpoint, pool: ThreadPoolExecutor) -> None:
-        self.ckpt = ckpt
-        self.pool = pool
-
-    def __call__(self, job: TensorJob) -> np.ndarray:
-        if job.array is not None:
-            return np.ascontiguousarray(job.array, dtype=np.float32)
-        assert job.entry is not None
-        raw = self.ckpt.raw(job.entry.name)
-        idx = neox_to_norm_rows(raw.shape[0], job.permute_heads) if job.permute_heads else None
-        same = SAME_BYTES.get(job.entry.dtype) == job.qtype
-        if same and idx is None:
-            return raw  # memory-mapped bytes, written as they are
-        n_rows = raw.shape[0]
-        row_elems = int(np.prod(raw.shape[1:])) if raw.ndim > 1 else 1
-        step = max(1, CHUNK_ELEMENTS // max(1, row_elems))
-        if same:
-            out = np.empty(raw.shape, dtype=raw.dtype)
-        elif job.qtype == QT.Q8_0:
-            out = np.empty(gguf.quant_shape_to_byte_shape(raw.shape, QT.Q8_0), dtype=np.uint8)
-        else:
-            out = np.empty(raw.shape, dtype={QT.F32: np.float32, QT.F16: np.float16, QT.BF16: np.uint16}[job.qtype])
-        dtype, qtype = job.entry.dtype, job.qtype
-
-        def work(start: int) -> None:
-            stop = min(n_rows, start + step)
-            rows = raw[idx[start:stop]] if idx is not None else raw[start:stop]
-            if same:
-                out[start:stop] = rows
-            elif qtype == QT.F32:
-                out[start:stop] = to_float32(rows, dtype)
-            elif qtype == QT.F16:
-                out[start:stop] = to_float32(rows, dtype)
-            elif qtype == QT.BF16:
-                out[start:stop] = gguf.quantize(to_float32(rows, dtype), QT.BF16).view(np.uint16).reshape(rows.shape)
-            else:
-                out[start:stop] = gguf.quantize(to_float32(rows, dtype), qtype)
-
-        list(self.pool.map(work, range(0, n_rows, step)))
-        return out
 
 
 # --------------------------------------------------------------------------- writing
 
 
 def _output_error(exc: OSError, path: Path) -> OutputError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return OutputError("the disk is full", where=str(path.parent), fix="free space or write elsewhere")
+    if exc.errno == errno.EFBIG:
+        return OutputError(
+            "the output is larger than the file-size limit (ulimit -f) or the filesystem allows",
+            where=str(path),
+            fix="raise the limit or write to another filesystem",
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError("the output folder is not writable", where=str(path.parent), fix="choose a writable folder")
     if exc.errno is None:  # numpy's tofile reports short writes without an errno
@@ -340,77 +279,40 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, hf_dir: Path, *, outtype
 
 
 def verify_gguf(path: Path, jobs: list[TensorJob], plan: ggml_rope.GGUFRopePlan) -> None:
-    """Re-read ``path`` and check tensors (names, shapes, types, rope factors) and rope keys against the plan."""
+    """Re-read ``path`` and check tensors (names, shapes, types, offsets, rope factors) and rope keys against the plan."""
     problems: list[str] = []
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:
+        kv, infos = read_gguf_layout(path)
+    except (ValueError, struct.error, UnicodeDecodeError, OSError) as exc:
         raise OutputError(f"the written GGUF cannot be read back: {exc}", where=str(path)) from None
-    got = [(t.name, tuple(int(x) for x in reversed(t.shape)), QT(t.tensor_type)) for t in reader.tensors]
+    got = [(name, shape, qtype) for name, shape, qtype, _ in infos]
     want = [(j.name, tuple(j.shape), j.qtype) for j in jobs]
     if got != want:
         diff = [f"{g} != {w}" for g, w in zip(got, want, strict=False) if g != w][:5]
         problems.append(f"tensors differ from the plan ({len(got)} written, {len(want)} planned): {diff}")
-    by_name = {t.name: t for t in reader.tensors}
+    size = path.stat().st_size
+    ends = {name: off + j.nbytes for (name, _, _, off), j in zip(infos, jobs, strict=False)}
+    if any(end > size for end in ends.values()):
+        problems.append(f"tensor data runs past the end of the file ({size} bytes)")
+    offsets = {name: off for name, _, _, off in infos}
     for name, values in plan.tensors.items():
-        t = by_name.get(name)
-        if t is None or not np.array_equal(np.asarray(t.data, dtype=np.float32), values.astype(np.float32)):
+        if name not in offsets or ends.get(name, size + 1) > size:
+            problems.append(f"rope tensor {name} is missing")
+            continue
+        stored = np.fromfile(path, dtype="<f4", count=values.size, offset=offsets[name])
+        if not np.array_equal(stored, values.astype(np.float32)):
             problems.append(f"rope tensor {name} differs from the plan")
     for k, (value, vtype) in plan.kv.items():
-        f = reader.get_field(k)
-        if f is None:
+        if k not in kv:
             problems.append(f"rope key {k} is missing")
             continue
-        stored = f.contents()
+        stored, stype = kv[k]
         expect = float(np.float32(value)) if vtype == gguf.GGUFValueType.FLOAT32 else value
-        if f.types[0] != vtype or stored != expect:
-            problems.append(f"rope key {k}: stored {stored!r} ({f.types[0].name}), planned {value!r} ({vtype.name})")
-    for k in plan.remove:
-        if reader.get_field(k) is not None:
-            problems.append(f"rope key {k} must not be present")
-    del reader
+        if stype != vtype or stored != expect:
+            problems.append(f"rope key {k}: stored {stored!r} ({stype.name}), planned {value!r} ({vtype.name})")
+    problems += [f"rope key {k} must not be present" for k in plan.remove if k in kv]
     if problems:
         raise OutputError("the written GGUF failed verification:\n    - " + "\n    - ".join(problems), where=str(path))
-
-
-def _write(
-    tmp: Path,
-    arch: str,
-    jobs: list[TensorJob],
-    *,
-    kv: Callable[[gguf.GGUFWriter], None],
-    ckpt: SafetensorsCheckpoint,
-    progress: ProgressFn | None,
-) -> None:
-    w = gguf.GGUFWriter(tmp, arch)
-    kv(w)
-    for job in jobs:
-        w.add_tensor_info(job.name, job.shape, np.dtype(np.float32), job.nbytes, raw_dtype=job.qtype)
-    total, done = sum(j.nbytes for j in jobs), 0
-    workers = max(1, min(8, os.cpu_count() or 1))
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1) as ahead:
-            produce = _Producer(ckpt, pool)
-            pending = ahead.submit(produce, jobs[0]) if jobs else None
-            for i, job in enumerate(jobs):
-                assert pending is not None
-                data = pending.result()
-                pending = ahead.submit(produce, jobs[i + 1]) if i + 1 < len(jobs) else None
-                if data.nbytes != job.nbytes:  # pragma: no cover - planning and producing disagree
-                    raise AssertionError(f"{job.name}: {data.nbytes} bytes produced, {job.nbytes} planned")
-                w.write_tensor_data(data)
-                done += job.nbytes
-                if progress is not None:
-                    progress(done, total)
-        assert w.fout is not None
-        for f in w.fout:
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        w.close()
 
 
 def convert(
@@ -501,7 +403,7 @@ def convert(
         tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
         try:
             try:
-                _write(tmp, arch, jobs, kv=add_kv, ckpt=ckpt, progress=progress)
+                write_gguf(tmp, arch, jobs, add_kv=add_kv, progress=progress)
             except OSError as exc:
                 raise _output_error(exc, out) from None
             verify_gguf(tmp, jobs, plan)
