@@ -198,6 +198,36 @@ class _Producer:
 # --------------------------------------------------------------------------- writing
 
 
+class FastArrayWriter(gguf.GGUFWriter):
+    """``gguf.GGUFWriter`` with metadata arrays packed in one go instead of item by item.
+
+    Same bytes as the parent (a test checks it); the parent's per-item packing takes about a second per
+    100k-token vocab (tokens, scores, types).  Little-endian only, like everything edgerope writes.
+    """
+
+    def _pack_val(self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool, sub_type: Any = None) -> bytes:
+        VT = gguf.GGUFValueType
+        if vtype != VT.ARRAY or self.endianess != gguf.GGUFEndian.LITTLE or isinstance(val, (bytes, str)):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        if not val:
+            raise ValueError("Invalid GGUF metadata array. Empty array")
+        ltype = sub_type if sub_type is not None else VT.get_type(val[0])
+        if sub_type is None:  # one item of each Python type decides, as the parent checks every item
+            samples = {type(v): v for v in val}.values()
+            if any(VT.get_type(v) is not ltype for v in samples):
+                raise ValueError("All items in a GGUF array should be of the same type")
+        head = struct.pack("<IQ", ltype, len(val))
+        if add_vtype:
+            head = struct.pack("<I", vtype) + head
+        if ltype == VT.STRING:
+            items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val]
+            return head + b"".join(struct.pack("<Q", len(b)) + b for b in items)
+        fmt = _SCALAR_FORMATS.get(ltype)
+        if fmt is None:  # nested arrays: the parent's way
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        return head + np.asarray(val, dtype=np.dtype(fmt)).tobytes()
+
+
 def write_gguf(
     path: Path,
     arch: str,
@@ -210,7 +240,7 @@ def write_gguf(
 
     Raises OSError from the file system (the caller maps it and removes ``path``).
     """
-    w = gguf.GGUFWriter(path, arch)
+    w = FastArrayWriter(path, arch)
     add_kv(w)
     for job in jobs:
         w.add_tensor_info(job.name, job.shape, np.dtype(np.float32), job.nbytes, raw_dtype=job.qtype)

@@ -601,3 +601,33 @@ def test_write_failure_midway_leaves_nothing(make_tiny, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "file-size limit" in proc.stderr
     assert list(out_dir.iterdir()) == []
+
+
+def test_fast_array_writer_writes_the_same_bytes_as_gguf(tmp_path):
+    from edgerope.gguf_stream import FastArrayWriter
+
+    def fill(w: gguf.GGUFWriter) -> None:
+        w.add_token_list([f"tok{i}é" for i in range(3000)] + ["<0x0A>"])
+        w.add_token_scores([float(-i) / 7 for i in range(3001)])
+        w.add_token_types([gguf.TokenType.NORMAL] * 3000 + [gguf.TokenType.BYTE])
+        w.add_token_merges(["a b", "Ġ t"])
+        w.add_array("test.ints", [1, -2, 3])
+        w.add_array("test.bools", [True, False])
+        w.add_array("test.nested", [[1, 2], [3]])
+        w.add_key_value("test.u64", [2**40, 5], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT64)
+
+    blobs = []
+    for cls in (gguf.GGUFWriter, FastArrayWriter):
+        w = cls(tmp_path / f"{cls.__name__}.gguf", "llama")
+        fill(w)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        blobs.append((tmp_path / f"{cls.__name__}.gguf").read_bytes())
+    assert blobs[0] == blobs[1]
+    w = FastArrayWriter(tmp_path / "bad.gguf", "llama")
+    w.add_array("test.mixed", [1, "x"])
+    with pytest.raises(ValueError, match="same type"):
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+    w.close()
