@@ -284,7 +284,7 @@ def _lint_rope(
         key_name = G.key(Keys.Rope.DIMENSION_COUNT, arch)
         out.append(finding("n_rot_not_head_dim", n_rot=hp.n_rot, head_dim=hp.head_dim_k, arch=arch, key=key_name))
     out += _lint_yarn_keys(f, rope)
-    if rope is not None and not math.isclose(rope.magnitude, 1.0, rel_tol=1e-9):
+    if rope is not None and not math.isclose(rope.magnitude, 1.0, rel_tol=1e-6):  # f32 keys
         out.append(finding("kv_shift_magnitude", m=rope.magnitude))
     if long_short and (stype == "longrope" or arch == "phi3") and G.ROPE_FREQS not in factors and rope is not None:
         alloc = KV.padded_ctx(n_ctx or (ctx if isinstance(ctx, int) else 0))

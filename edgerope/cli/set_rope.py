@@ -1,0 +1,101 @@
+"""``edgerope set-rope``: rewrite the rope scaling metadata of a GGUF (maps options to ``edgerope.set_rope``)."""
+
+from __future__ import annotations
+
+import click
+
+from edgerope.cli._common import echo_json, handle_errors, progress_enabled
+
+ROPE_TYPES = ("none", "linear", "yarn", "ntk")  # edgerope.set_rope.ROPE_TYPES (not imported: --help stays light)
+
+
+@click.command("set-rope")
+@click.argument("input_file", metavar="IN.gguf", type=click.Path(dir_okay=True, path_type=str))
+@click.option("-o", "--output", type=click.Path(path_type=str), default=None, help="Output .gguf file.")
+@click.option("--type", "rope_type", required=True, type=click.Choice(ROPE_TYPES), help="Rope scaling to write.")
+@click.option("--factor", type=float, default=None, help="Scale factor (YaRN, linear) or NTK alpha.")
+@click.option(
+    "--original-context",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Pre-training context (default: the file's original_context_length, or its context if unscaled).",
+)
+@click.option(
+    "--context-length", type=click.IntRange(min=1), default=None, help="New context_length (default factor x original)."
+)
+@click.option("--freq-base", type=float, default=None, help="Rope base theta (default: the file's).")
+@click.option("--attn-factor", type=float, default=None, help="YaRN attention factor (the cos/sin magnitude).")
+@click.option("--beta-fast", type=float, default=None, help="YaRN beta_fast (only arches that read it).")
+@click.option("--beta-slow", type=float, default=None, help="YaRN beta_slow (only arches that read it).")
+@click.option("--in-place", is_flag=True, help="Replace IN.gguf (only after the new file is verified).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def set_rope(
+    input_file: str,
+    output: str | None,
+    rope_type: str,
+    factor: float | None,
+    original_context: int | None,
+    context_length: int | None,
+    freq_base: float | None,
+    attn_factor: float | None,
+    beta_fast: float | None,
+    beta_slow: float | None,
+    in_place: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Rewrite the rope scaling of IN.gguf (any llama.cpp architecture); tensor data is copied byte for byte.
+
+    Example: edgerope set-rope qwen2.5-7b.gguf -o qwen-128k.gguf --type yarn --factor 4 --original-context 32768
+    """
+    from edgerope.set_rope import set_rope as run_set_rope
+
+    bar = None
+    progress = None
+    if progress_enabled() and not as_json:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="B", unit_scale=True, desc="copying", file=click.get_text_stream("stderr"))
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    try:
+        report = run_set_rope(
+            input_file,
+            output,
+            rope_type=rope_type,
+            factor=factor,
+            original_context=original_context,
+            context_length=context_length,
+            freq_base=freq_base,
+            attn_factor=attn_factor,
+            beta_fast=beta_fast,
+            beta_slow=beta_slow,
+            in_place=in_place,
+            force=force,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    click.echo(f"wrote {report.output} ({report.bytes / 1e6:.1f} MB, verified) in {report.seconds:.2f} s")
+    click.echo(f"  arch:    {report.architecture}, context_length {report.context_length}")
+    click.echo(f"  rope:    {report.rope}")
+    for k, v in report.changed_keys.items():
+        click.echo(f"  set:     {k} = {v}")
+    for k in report.removed_keys:
+        click.echo(f"  removed: {k}")
+    for name in report.removed_tensors:
+        click.secho(f"  removed: tensor {name}", fg="yellow")
+    if report.runtime:
+        params = ", ".join(f"{k}={v:g}" for k, v in report.runtime.items())
+        click.secho(f"  runtime: llama.cpp must be run with {params}", fg="yellow")
+    for note in report.notes:
+        click.secho(f"  note:    {note}", fg="yellow")
