@@ -631,3 +631,15 @@ def test_fast_array_writer_writes_the_same_bytes_as_gguf(tmp_path):
         w.write_header_to_file()
         w.write_kv_data_to_file()
     w.close()
+
+
+def test_bf16_to_f16_table_equals_torch_for_every_bit_pattern():
+    torch = pytest.importorskip("torch")
+    from edgerope.gguf_stream import bf16_to_f16_table
+
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    ref = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).to(torch.float16).numpy()
+    got = bf16_to_f16_table()
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint16), ref[~nan].view(np.uint16))
