@@ -31,7 +31,7 @@ from edgerope.errors import GGUFError
 from edgerope.gguf_file import GGUFFile, ModelHparams, model_hparams, open_gguf
 from edgerope.gguf_lint import ERROR, Finding, lint_gguf
 
-KV_REPORT_TYPES = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+KV_REPORT_TYPES = tuple(KV.KV_TYPES)  # every cache type llama.cpp accepts
 
 
 @dataclass

@@ -36,7 +36,7 @@ from gguf import GGUFValueType, GGUFWriter, Keys
 from edgerope import ggml_rope as G
 from edgerope import rope as R
 from edgerope.errors import EdgeropeError, OutputError, RopeConfigError, UnsupportedRopeError
-from edgerope.gguf_file import GGUFFile, model_hparams, open_gguf
+from edgerope.gguf_file import GGUFFile, TensorInfo, model_hparams, open_gguf
 
 ROPE_TYPES = ("none", "linear", "yarn", "ntk")
 CHUNK = 2 << 20  # 2 MiB: copy + read-back + compare stays in cache (measured fastest)
@@ -203,6 +203,44 @@ def _check_paths(src: Path, out_path: str | os.PathLike[str] | None, *, in_place
     return dest
 
 
+def _write_header(tmp: Path, f: GGUFFile, kv: dict[str, tuple[Any, GGUFValueType]], tensors: list[TensorInfo]) -> int:
+    """Write magic, metadata and tensor infos with ``GGUFWriter``, padded to the alignment; return the data start."""
+    w = _HeaderWriter(tmp, f.architecture, endianess=f.endian)
+    w.data_alignment = f.alignment
+    for k, (value, vtype) in kv.items():
+        w.add_key_value(k, value, vtype)
+    for t in tensors:
+        # GGUFWriter takes numpy-order shapes; a non-uint8 placeholder dtype keeps them as given for raw_dtype
+        w.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), t.n_bytes, raw_dtype=t.ggml_type)
+    w.write_header_to_file(tmp)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    assert w.fout is not None
+    w.write_padding(w.fout[0], w.fout[0].tell())
+    w.flush()
+    data_start = w.fout[0].tell()
+    w.close()
+    return data_start
+
+
+def _layout(
+    tensors: list[TensorInfo], data_start: int, alignment: int
+) -> tuple[list[tuple[int, int, int]], dict[str, int]]:
+    """Output offsets as ``GGUFWriter`` assigns them, and copy runs (src, dst, length) merged where contiguous."""
+    runs: list[tuple[int, int, int]] = []
+    offsets: dict[str, int] = {}
+    rel = 0
+    for t in tensors:
+        dst = offsets[t.name] = data_start + rel
+        src0, dst0, n0 = runs[-1] if runs else (0, 0, -1)
+        if n0 >= 0 and t.data_offset - (src0 + n0) == dst - (dst0 + n0) >= 0:
+            runs[-1] = (src0, dst0, t.data_offset + t.n_bytes - src0)  # same gap in both files: one run
+        else:
+            runs.append((t.data_offset, dst, t.n_bytes))
+        rel += GGUFWriter.ggml_pad(t.n_bytes, alignment)
+    return runs, offsets
+
+
 def _copy_verified(src_fd: int, dst_fd: int, runs: list[tuple[int, int, int]], on_bytes: Callable[[int], None]) -> None:
     """Copy ``runs`` of (src_offset, dst_offset, length), reading each chunk back from ``dst_fd`` and comparing."""
     a, b = bytearray(CHUNK), bytearray(CHUNK)
@@ -323,6 +361,11 @@ def set_rope(
         old = f.metadata.get(k)
         if old is None or old.type != vtype or not _same_value(old.value, value, vtype):
             report.changed_keys[k] = value
+    if f.arch_get(Keys.Attention.SLIDING_WINDOW) is not None or f.arch_get(Keys.Rope.FREQ_BASE_SWA) is not None:
+        report.notes.append(
+            f"{arch} has sliding-window layers with rope settings of their own; set-rope changed the global rope "
+            "keys only"
+        )
     for name in stale_tensors:
         report.notes.append(
             f"removed {name}: its per-pair factors belong to the previous rope scaling; the new function is "
@@ -352,31 +395,8 @@ def set_rope(
     except OSError as exc:
         raise OutputError(f"cannot create a file in {dest.parent}: {exc.strerror or exc}", where=str(dest)) from None
     try:
-        w = _HeaderWriter(tmp, arch, endianess=f.endian)
-        w.data_alignment = f.alignment
-        for k, (value, vtype) in kv.items():
-            w.add_key_value(k, value, vtype)
-        for t in tensors:
-            # GGUFWriter takes numpy-order shapes; the float32 placeholder dtype keeps raw_dtype's shape as given
-            w.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), t.n_bytes, raw_dtype=t.ggml_type)
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        assert w.fout is not None
-        w.write_padding(w.fout[0], w.fout[0].tell())
-        w.flush()
-        data_start = w.fout[0].tell()
-        w.close()
-        runs, dst_offsets, rel = [], {}, 0
-        for t in tensors:
-            dst = data_start + rel
-            dst_offsets[t.name] = dst
-            prev = runs[-1] if runs else None
-            if prev and t.data_offset - (prev[0] + prev[2]) == dst - (prev[1] + prev[2]) >= 0:
-                runs[-1] = (prev[0], prev[1], t.data_offset + t.n_bytes - prev[0])  # contiguous in both files
-            else:
-                runs.append((t.data_offset, dst, t.n_bytes))
-            rel += GGUFWriter.ggml_pad(t.n_bytes, f.alignment)
+        data_start = _write_header(tmp, f, kv, tensors)
+        runs, dst_offsets = _layout(tensors, data_start, f.alignment)
         copied = 0
 
         def on_bytes(n: int) -> None:
@@ -393,7 +413,7 @@ def set_rope(
             end = os.lseek(dst_fd, 0, os.SEEK_CUR)
             os.write(dst_fd, bytes(GGUFWriter.ggml_pad(end, f.alignment) - end))
             if in_place:
-                os.fsync(dst_fd)
+                os.fsync(dst_fd)  # the input is about to be replaced: the new bytes must be on disk first
         finally:
             os.close(src_fd)
             os.close(dst_fd)
@@ -426,7 +446,7 @@ def _verify(
     tmp: Path,
     *,
     kv: dict[str, tuple[Any, GGUFValueType]],
-    tensors: list[Any],
+    tensors: list[TensorInfo],
     dst_offsets: dict[str, int],
     rope: R.RopeScaling,
     n_rot: int,

@@ -163,7 +163,17 @@ def test_metadata_only_shapes_of_other_arches(tmp_path):
 # --------------------------------------------------------------------------- KV cache
 
 
-BPE = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32}
+BPE = {  # bytes per element, ROPE_GGUF.md section 7
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q5_1": 24 / 32,
+    "q5_0": 22 / 32,
+    "q4_1": 20 / 32,
+    "q4_0": 18 / 32,
+    "iq4_nl": 18 / 32,
+}
 
 
 def expected_kv(n_ctx: int, kv_heads: list[int], hd_k: int, hd_v: int, t: str) -> float:
@@ -176,6 +186,7 @@ def test_kv_bytes_formula(tmp_path, n_head_kv, layers):
     p = write_gguf(tmp_path / "k.gguf", ctx=4000, n_layers=3, n_embd=256, n_head=4, n_head_kv=n_head_kv, weights=False)
     r = inspect_gguf(p, n_ctx=1000)
     assert sorted(r.kv.bytes_at_context) == [1000, 4000]
+    assert set(r.kv.bytes_per_token) == set(BPE)
     for t in BPE:
         assert r.kv.bytes_per_token[t] == pytest.approx(expected_kv(1, layers, 64, 64, t) / 256)
         assert r.kv.bytes_at_context[1000][t] == round(expected_kv(1000, layers, 64, 64, t))
