@@ -643,3 +643,19 @@ def test_bf16_to_f16_table_equals_torch_for_every_bit_pattern():
     nan = np.isnan(ref)
     assert np.array_equal(np.isnan(got), nan)
     assert np.array_equal(got[~nan].view(np.uint16), ref[~nan].view(np.uint16))
+
+
+def test_runtime_only_rope_needs_the_flag(make_tiny, tmp_path):
+    hf = make_tiny(rope_parameters={**YARN8, "beta_fast": 8.0, "beta_slow": 2.0}, max_position_embeddings=2048)
+    code, output = run_cli(str(hf), "-o", str(tmp_path / "a.gguf"))
+    assert code == 2 and "--allow-runtime-rope" in output and not (tmp_path / "a.gguf").exists()
+    report = convert(hf, tmp_path / "b.gguf", allow_runtime_rope=True)
+    assert report.runtime == {"yarn_beta_fast": 8.0, "yarn_beta_slow": 2.0}
+    code, output = run_cli(str(hf), "-o", str(tmp_path / "c.gguf"), "--allow-runtime-rope")
+    assert code == 0 and "yarn_beta_fast=8" in output
+
+
+def test_bake_dynamic_refused_for_other_rope_types(make_tiny, tmp_path):
+    hf = make_tiny(rope_parameters=YARN8, max_position_embeddings=2048)
+    code, output = run_cli(str(hf), "-o", str(tmp_path / "a.gguf"), "--bake-dynamic", "1024")
+    assert code == 2 and "dynamic NTK" in output and list(tmp_path.iterdir()) == [hf]
