@@ -142,8 +142,8 @@ def _rope_report(f: GGUFFile, rope: G.LlamaCppRope, n_rot: int, factors: dict[st
         pairs.update(extrapolated=_ranges(ext), blended=_ranges(blend), interpolated=_ranges(interp))
         summary = (
             f"YaRN x{1 / rope.freq_scale:g} from {rope.n_ctx_orig} (beta_fast {rope.beta_fast:g}, beta_slow "
-            f"{rope.beta_slow:g}): pairs {pairs['extrapolated']} keep their angle, {pairs['blended']} blend, "
-            f"{pairs['interpolated']} are interpolated by 1/{1 / rope.freq_scale:g}{mag}"
+            f"{rope.beta_slow:g}); pairs extrapolated (angle kept): {pairs['extrapolated']}; blended: "
+            f"{pairs['blended']}; interpolated by 1/{1 / rope.freq_scale:g}: {pairs['interpolated']}{mag}"
         )
     else:
         unchanged = np.flatnonzero(np.isclose(ratio, 1.0, rtol=1e-9))
