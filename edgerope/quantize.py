@@ -198,3 +198,32 @@ def quantize(
         rope_tensors=rope,
         notes=tuple(notes),
     )
+
+
+def convert_quantized(
+    hf_dir: str | Path,
+    out_path: str | Path,
+    *,
+    qtype: str,
+    force: bool = False,
+    n_threads: int | None = None,
+    **convert_options: Any,
+) -> tuple[Any, QuantizeReport]:
+    """Convert an HF checkpoint and quantize it with llama.cpp in one step (``convert --outtype Q4_K_M``).
+
+    The intermediate f16 GGUF is written beside the output under a hidden name and removed afterwards,
+    whatever happens.  Returns (ConvertReport of the intermediate, QuantizeReport of the output).
+    """
+    from edgerope.export import convert
+
+    name = _check_qtype(qtype)
+    out = Path(out_path)
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists", where=str(out), fix="pass --force to overwrite it")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.f16.partial")
+    try:
+        conv = convert(hf_dir, tmp, outtype="f16", force=True, **convert_options)
+        report = quantize(tmp, out, qtype=name, force=force, n_threads=n_threads)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return conv, report

@@ -163,3 +163,35 @@ def test_cli_quantize_json_and_bad_type_exit_2(tmp_path, f32_gguf):
     assert again.exit_code == 2 and json.loads(again.output)["error"] == "OutputError"
     text = runner.invoke(cli, ["quantize", str(f32_gguf), "-o", str(out), "--force", "--threads", "1"])
     assert text.exit_code == 0 and "rope tensors kept F32 and byte-identical: rope_freqs.weight" in text.output
+
+
+def test_convert_outtype_k_quant_chains_through_llama_cpp(make_tiny, tmp_path):
+    """`convert --outtype Q4_K_M`: HF -> f16 -> llama.cpp quantizer; llama3 rope_freqs stay F32 and exact,
+    the rope keys equal a direct f16 conversion's, no intermediate file is left, and the result runs."""
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256,
+        "rope_theta": 10000.0,
+    }
+    hf = make_tiny(rope_parameters=rope, max_position_embeddings=2048, hidden_size=256, intermediate_size=512)
+    out, ref = tmp_path / "out" / "m.Q4_K_M.gguf", tmp_path / "ref.gguf"
+    out.parent.mkdir()
+    r = CliRunner().invoke(cli, ["convert", str(hf), "-o", str(out), "--outtype", "q4_k_m", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["quantized"]["qtype"] == "Q4_K_M"
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+    assert CliRunner().invoke(cli, ["convert", str(hf), "-o", str(ref), "--outtype", "f16"]).exit_code == 0
+    q, f = GGUFReader(out), GGUFReader(ref)
+    rope_keys = {k for k in f.fields if ".rope." in k or k.endswith("context_length")}
+    assert rope_keys and all(q.fields[k].parts[-1].tobytes() == f.fields[k].parts[-1].tobytes() for k in rope_keys)
+    (qf,) = [t for t in q.tensors if t.name == "rope_freqs.weight"]
+    (ff,) = [t for t in f.tensors if t.name == "rope_freqs.weight"]
+    assert qf.tensor_type == GGMLQuantizationType.F32 and np.array_equal(qf.data, ff.data)
+    assert any(t.tensor_type == GGMLQuantizationType.Q4_K for t in q.tensors)
+    with Runtime.open(out, n_ctx=256, backend="cpu") as rt:
+        assert np.isfinite(rt.logits(rt.tokenize("def main():")[:8])).all()
+    bad = CliRunner().invoke(cli, ["convert", str(hf), "-o", str(tmp_path / "x.gguf"), "--outtype", "q9_z"])
+    assert bad.exit_code == 2 and not (tmp_path / "x.gguf").exists()

@@ -6,9 +6,21 @@ import click
 
 from edgerope.cli._common import echo_json, handle_errors, progress_enabled
 
-# Outtypes written directly by edgerope.export.  K-quant outtypes (q4_k_m, ...) will be chained here:
-# convert to f16/bf16 into a temp file, then edgerope.quantize it into OUT (see edgerope/quantize.py).
+# Outtypes written directly by edgerope.export; any other llama.cpp quantization name (Q4_K_M, Q6_K, ...)
+# is chained: convert to f16 in a hidden temp file, then llama.cpp's quantizer (edgerope.quantize).
 DIRECT_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def _outtype(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value.lower() in DIRECT_OUTTYPES:
+        return value.lower()
+    from edgerope.native import QUANT_TYPES
+
+    if value.upper() not in QUANT_TYPES:
+        raise click.BadParameter(
+            f"use one of {', '.join(DIRECT_OUTTYPES)} or a llama.cpp type: {', '.join(QUANT_TYPES)}"
+        )
+    return value.upper()
 
 
 @click.command("convert")
@@ -18,10 +30,11 @@ DIRECT_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 )
 @click.option(
     "--outtype",
-    type=click.Choice(DIRECT_OUTTYPES),
     default="f16",
     show_default=True,
-    help="Type of the 2-D weights; norms, biases and rope factors stay F32.",
+    callback=_outtype,
+    help="f32, f16, bf16, q8_0, or a llama.cpp quantization (Q4_K_M, Q5_K_M, Q6_K, ...; chained through "
+    "llama.cpp's quantizer). Norms, biases and rope factors stay F32.",
 )
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option(
@@ -61,26 +74,32 @@ def convert(
             bar.total = total
             bar.update(done - bar.n)
 
+    options = {"bake_dynamic": bake_dynamic, "allow_runtime_rope": allow_runtime_rope, "progress": progress}
+    quant = None
     try:
-        report = run_convert(
-            hf_dir,
-            output,
-            outtype=outtype,
-            force=force,
-            bake_dynamic=bake_dynamic,
-            allow_runtime_rope=allow_runtime_rope,
-            progress=progress,
-        )
+        if outtype in DIRECT_OUTTYPES:
+            report = run_convert(hf_dir, output, outtype=outtype, force=force, **options)
+        else:
+            from edgerope.quantize import convert_quantized
+
+            report, quant = convert_quantized(hf_dir, output, qtype=outtype, force=force, **options)
     finally:
         if bar is not None:
             bar.close()
     if as_json:
-        echo_json(report.to_dict())
+        echo_json({**report.to_dict(), "quantized": quant.to_dict() if quant else None})
         return
-    click.echo(
-        f"wrote {report.path} ({report.bytes / 1e6:.1f} MB, {report.n_tensors} tensors, {report.outtype}) "
-        f"in {report.seconds:.1f} s"
-    )
+    if quant is None:
+        click.echo(
+            f"wrote {report.path} ({report.bytes / 1e6:.1f} MB, {report.n_tensors} tensors, {report.outtype}) "
+            f"in {report.seconds:.1f} s"
+        )
+    else:
+        types = ", ".join(f"{k} x{v}" for k, v in quant.tensor_types.items())
+        click.echo(
+            f"wrote {quant.path} ({quant.bytes_out / 1e6:.1f} MB, {quant.qtype} by llama.cpp's quantizer: {types}) "
+            f"in {report.seconds + quant.seconds:.1f} s"
+        )
     click.echo(f"  arch:      {report.arch}, context {report.context_length}")
     click.echo(f"  rope:      {report.rope}")
     click.echo(f"  tokenizer: {report.tokenizer}, {report.n_vocab} tokens")
