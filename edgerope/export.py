@@ -11,7 +11,7 @@ What it does:
   math), permutes Q/K rows for the ``llama`` arch (ROPE_GGUF.md section 3.1);
 * streams tensors to a temp file beside the output: raw bytes when the stored
   type is kept, otherwise chunked casts spread over threads while the previous
-  tensor is written; fsyncs, re-reads the file with ``gguf.GGUFReader``,
+  tensor is written; fsyncs, re-reads the file with ``edgerope.gguf_file.open_gguf``,
   verifies it against the plan, then renames it into place.
 
 What it does not do: K-quants (``edgerope.quantize`` makes them from an f16/bf16
@@ -24,7 +24,6 @@ import errno
 import os
 import re
 import shutil
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -38,8 +37,16 @@ from gguf import GGMLQuantizationType as QT
 from edgerope import ggml_rope
 from edgerope import rope as R
 from edgerope.config import ModelConfig
-from edgerope.errors import CheckpointError, ConfigError, EdgeropeError, OutputError, UnsupportedRopeError
-from edgerope.gguf_stream import SAME_BYTES, TensorJob, read_gguf_layout, write_gguf
+from edgerope.errors import (
+    CheckpointError,
+    ConfigError,
+    EdgeropeError,
+    GGUFError,
+    OutputError,
+    UnsupportedRopeError,
+)
+from edgerope.gguf_file import open_gguf
+from edgerope.gguf_stream import SAME_BYTES, TensorJob, write_gguf
 from edgerope.safetensors_io import SafetensorsCheckpoint
 from edgerope.vocab import load_vocab
 
@@ -282,35 +289,36 @@ def verify_gguf(path: Path, jobs: list[TensorJob], plan: ggml_rope.GGUFRopePlan)
     """Re-read ``path`` and check tensors (names, shapes, types, offsets, rope factors) and rope keys against the plan."""
     problems: list[str] = []
     try:
-        kv, infos = read_gguf_layout(path)
-    except (ValueError, struct.error, UnicodeDecodeError, OSError) as exc:
-        raise OutputError(f"the written GGUF cannot be read back: {exc}", where=str(path)) from None
-    got = [(name, shape, qtype) for name, shape, qtype, _ in infos]
-    want = [(j.name, tuple(j.shape), j.qtype) for j in jobs]
-    if got != want:
-        diff = [f"{g} != {w}" for g, w in zip(got, want, strict=False) if g != w][:5]
-        problems.append(f"tensors differ from the plan ({len(got)} written, {len(want)} planned): {diff}")
-    size = path.stat().st_size
-    ends = {name: off + j.nbytes for (name, _, _, off), j in zip(infos, jobs, strict=False)}
-    if any(end > size for end in ends.values()):
-        problems.append(f"tensor data runs past the end of the file ({size} bytes)")
-    offsets = {name: off for name, _, _, off in infos}
-    for name, values in plan.tensors.items():
-        if name not in offsets or ends.get(name, size + 1) > size:
-            problems.append(f"rope tensor {name} is missing")
-            continue
-        stored = np.fromfile(path, dtype="<f4", count=values.size, offset=offsets[name])
-        if not np.array_equal(stored, values.astype(np.float32)):
-            problems.append(f"rope tensor {name} differs from the plan")
-    for k, (value, vtype) in plan.kv.items():
-        if k not in kv:
-            problems.append(f"rope key {k} is missing")
-            continue
-        stored, stype = kv[k]
-        expect = float(np.float32(value)) if vtype == gguf.GGUFValueType.FLOAT32 else value
-        if stype != vtype or stored != expect:
-            problems.append(f"rope key {k}: stored {stored!r} ({stype.name}), planned {value!r} ({vtype.name})")
-    problems += [f"rope key {k} must not be present" for k in plan.remove if k in kv]
+        g = open_gguf(path)
+    except GGUFError as exc:
+        raise OutputError(f"the written GGUF cannot be read back: {exc.what}", where=str(path)) from None
+    with g:
+        # TensorInfo.shape is GGUF order (ne0 first), TensorJob.shape numpy order (rows first)
+        got = [(t.name, tuple(reversed(t.shape)), t.ggml_type) for t in g.tensors]
+        want = [(j.name, tuple(j.shape), j.qtype) for j in jobs]
+        if got != want:
+            diff = [f"{a} != {b}" for a, b in zip(got, want, strict=False) if a != b][:5]
+            problems.append(f"tensors differ from the plan ({len(got)} written, {len(want)} planned): {diff}")
+        size = g.file_size
+        ends = {t.name: t.data_offset + j.nbytes for t, j in zip(g.tensors, jobs, strict=False)}
+        if any(end > size for end in ends.values()):
+            problems.append(f"tensor data runs past the end of the file ({size} bytes)")
+        for name, values in plan.tensors.items():
+            if g.tensor(name) is None or ends.get(name, size + 1) > size:
+                problems.append(f"rope tensor {name} is missing")
+                continue
+            if not np.array_equal(g.tensor_values(name), values.astype(np.float32).ravel()):
+                problems.append(f"rope tensor {name} differs from the plan")
+        for k, (value, vtype) in plan.kv.items():
+            mv = g.metadata.get(k)
+            if mv is None:
+                problems.append(f"rope key {k} is missing")
+                continue
+            stored, stype = mv.value, mv.type
+            expect = float(np.float32(value)) if vtype == gguf.GGUFValueType.FLOAT32 else value
+            if stype != vtype or stored != expect:
+                problems.append(f"rope key {k}: stored {stored!r} ({stype.name}), planned {value!r} ({vtype.name})")
+        problems += [f"rope key {k} must not be present" for k in plan.remove if k in g.metadata]
     if problems:
         raise OutputError("the written GGUF failed verification:\n    - " + "\n    - ".join(problems), where=str(path))
 

@@ -1,4 +1,4 @@
-"""Streaming tensors into a GGUF file, and a fast re-read of its layout.
+"""Streaming tensors into a GGUF file.
 
 What it does:
 
@@ -8,12 +8,11 @@ What it does:
   (``copy_file_range``/``sendfile``) without entering Python; the others are
   converted in chunks of rows on a thread pool (numpy releases the GIL) into
   one of two reused buffers, the next tensor being made while the previous
-  one is written, so memory stays near two tensors whatever the model size;
-* ``read_gguf_layout`` re-reads metadata scalars and the tensor table
-  without decoding vocab arrays (``gguf.GGUFReader`` takes seconds on them).
+  one is written, so memory stays near two tensors whatever the model size.
 
 What it does not do: decide names, types, permutations or metadata (that is
-``edgerope.export``), or read checkpoints (``edgerope.safetensors_io``).
+``edgerope.export``), read checkpoints (``edgerope.safetensors_io``) or read
+GGUF files back (``edgerope.gguf_file``).
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 import errno
 import functools
 import math
-import mmap
 import os
 import struct
 import threading
@@ -305,68 +303,3 @@ _SCALAR_FORMATS = {
     gguf.GGUFValueType.INT64: "<q",
     gguf.GGUFValueType.FLOAT64: "<d",
 }
-
-
-def read_gguf_layout(
-    path: Path,
-) -> tuple[dict[str, tuple[Any, gguf.GGUFValueType]], list[tuple[str, tuple[int, ...], QT, int]]]:
-    """A fast, independent re-read of a GGUF file's metadata and tensor table (values of arrays are skipped).
-
-    Returns (key -> (scalar or string value, type), [(tensor name, numpy-order shape, type, absolute offset)]).
-    ``gguf.GGUFReader`` decodes every token of the vocab arrays one by one (seconds for a 150k vocab); this reads
-    only what verification needs.  Raises ValueError / struct.error on a malformed file.
-    """
-    VT = gguf.GGUFValueType
-    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        return _parse_layout(buf, VT)
-
-
-def _parse_layout(buf: mmap.mmap, VT: type[gguf.GGUFValueType]) -> tuple[dict, list]:
-    pos = 0
-
-    def take(fmt: str) -> Any:
-        nonlocal pos
-        (v,) = struct.unpack_from(fmt, buf, pos)
-        pos += struct.calcsize(fmt)
-        return v
-
-    def string() -> str:
-        nonlocal pos
-        n = take("<Q")
-        pos += n
-        return buf[pos - n : pos].decode("utf-8")
-
-    def skip(vtype: VT) -> None:
-        nonlocal pos
-        if vtype == VT.STRING:
-            n = take("<Q")  # read first: "pos += take()" would add to the old pos
-            pos += n
-        else:
-            pos += struct.calcsize(_SCALAR_FORMATS[vtype])
-
-    if buf[:4] != b"GGUF":
-        raise ValueError("not a GGUF file")
-    pos = 4
-    take("<I")  # version
-    n_tensors, n_kv = take("<Q"), take("<Q")
-    kv: dict[str, tuple[Any, VT]] = {}
-    for _ in range(n_kv):
-        key, vtype = string(), VT(take("<I"))
-        if vtype == VT.ARRAY:
-            sub, count = VT(take("<I")), take("<Q")
-            if sub == VT.STRING:
-                for _ in range(count):
-                    skip(sub)
-            else:
-                pos += count * struct.calcsize(_SCALAR_FORMATS[sub])
-            kv[key] = (None, vtype)
-        else:
-            kv[key] = (string() if vtype == VT.STRING else take(_SCALAR_FORMATS[vtype]), vtype)
-    infos = []
-    for _ in range(n_tensors):
-        name, n_dims = string(), take("<I")
-        ne = [take("<Q") for _ in range(n_dims)]
-        infos.append((name, tuple(reversed(ne)), QT(take("<I")), take("<Q")))
-    align = kv.get(gguf.Keys.General.ALIGNMENT, (gguf.GGUF_DEFAULT_ALIGNMENT, None))[0]
-    data_start = (pos + align - 1) // align * align
-    return kv, [(n, shape, t, data_start + off) for n, shape, t, off in infos]

@@ -348,6 +348,48 @@ def test_rope_keys_and_tensors_per_variant(make_tiny, case):
         np.testing.assert_allclose(values(tensors[name]), want, rtol=1e-6)
 
 
+def test_verification_catches_a_file_that_differs_from_the_plan(make_tiny):
+    """verify_gguf passes the written file against its own plan and names each kind of difference."""
+    from dataclasses import replace
+
+    from edgerope import ggml_rope
+    from edgerope.config import ModelConfig
+    from edgerope.errors import OutputError
+    from edgerope.export import extended_context, plan_tensors, verify_gguf
+    from edgerope.gguf_stream import TensorJob
+
+    rope_parameters, max_pos, _, _ = ROPE_CASES["llama3"]
+    hf = make_tiny(rope_parameters=rope_parameters, max_position_embeddings=max_pos)
+    out = convert(hf, hf / "out.gguf", outtype="f32").path
+    cfg = ModelConfig.load(hf)
+    plan = ggml_rope.plan_gguf_rope(
+        cfg.rope, arch="llama", head_dim=cfg.head_dim, context_length=extended_context(cfg, cfg.rope)
+    )
+    with SafetensorsCheckpoint(hf) as ckpt:
+        jobs = plan_tensors(cfg, ckpt, arch="llama", outtype="f32", notes=[])
+    jobs = [TensorJob(n, a.shape, QT.F32, array=a) for n, a in plan.tensors.items()] + jobs
+    verify_gguf(out, jobs, plan)  # the file as written matches its plan
+
+    ctx_key = "llama.context_length"
+    swapped = [replace(j, shape=tuple(reversed(j.shape))) if j.name.startswith("token_embd") else j for j in jobs]
+    cases = {
+        "tensors differ from the plan": (swapped, plan),
+        "rope tensor rope_freqs.weight differs": (
+            jobs,
+            replace(plan, tensors={n: a * 2 for n, a in plan.tensors.items()}),
+        ),
+        f"rope key {ctx_key}: stored": (jobs, replace(plan, kv={**plan.kv, ctx_key: (4096, plan.kv[ctx_key][1])})),
+        f"rope key {ctx_key} must not be present": (jobs, replace(plan, remove={ctx_key})),
+    }
+    for words, (j, p) in cases.items():
+        with pytest.raises(OutputError, match="failed verification") as info:
+            verify_gguf(out, j, p)
+        assert words in info.value.what, info.value.what
+    out.write_bytes(out.read_bytes()[:-4096])
+    with pytest.raises(OutputError, match="cannot be read back"):
+        verify_gguf(out, jobs, plan)
+
+
 def test_dynamic_ntk_baked_at_a_length(make_tiny):
     hf = make_tiny(rope_parameters={"rope_type": "dynamic", "factor": 4.0}, max_position_embeddings=256)
     code, out = run_cli(str(hf), "-o", str(hf / "a.gguf"))
