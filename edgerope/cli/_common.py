@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
@@ -43,3 +44,26 @@ def echo_json(data: Any) -> None:
 def progress_enabled() -> bool:
     """Progress bars only on an interactive terminal."""
     return sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def byte_progress(desc: str, *, enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
+    """A tqdm bar of bytes on stderr, fed by ``progress(done, total)`` calls; closed on exit.
+
+    Yields None (no bar) when ``enabled`` is false (e.g. with --json) or stderr is not a terminal.
+    """
+    if not enabled or not progress_enabled():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc=desc, file=click.get_text_stream("stderr"))
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        bar.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edgerope.cli._common import echo_json, handle_errors, progress_enabled
+from edgerope.cli._common import byte_progress, echo_json, handle_errors
 
 # Outtypes written directly by edgerope.export; any other llama.cpp quantization name (Q4_K_M, Q6_K, ...)
 # is chained: convert to f16 in a hidden temp file, then llama.cpp's quantizer (edgerope.quantize).
@@ -63,29 +63,15 @@ def convert(
     """Convert the Hugging Face checkpoint folder HF_DIR to a GGUF file with exact rope metadata."""
     from edgerope.export import convert as run_convert
 
-    bar = None
-    progress = None
-    if progress_enabled() and not as_json:
-        from tqdm import tqdm
-
-        bar = tqdm(total=0, unit="B", unit_scale=True, desc="writing", file=click.get_text_stream("stderr"))
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-    options = {"bake_dynamic": bake_dynamic, "allow_runtime_rope": allow_runtime_rope, "progress": progress}
     quant = None
-    try:
+    with byte_progress("writing", enabled=not as_json) as progress:
+        options = {"bake_dynamic": bake_dynamic, "allow_runtime_rope": allow_runtime_rope, "progress": progress}
         if outtype in DIRECT_OUTTYPES:
             report = run_convert(hf_dir, output, outtype=outtype, force=force, **options)
         else:
             from edgerope.quantize import convert_quantized
 
             report, quant = convert_quantized(hf_dir, output, qtype=outtype, force=force, **options)
-    finally:
-        if bar is not None:
-            bar.close()
     if as_json:
         echo_json({**report.to_dict(), "quantized": quant.to_dict() if quant else None})
         return

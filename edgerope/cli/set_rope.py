@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from edgerope.cli._common import echo_json, handle_errors, progress_enabled
+from edgerope.cli._common import byte_progress, echo_json, handle_errors
 
 ROPE_TYPES = ("none", "linear", "yarn", "ntk")  # edgerope.set_rope.ROPE_TYPES (not imported: --help stays light)
 
@@ -31,57 +33,16 @@ ROPE_TYPES = ("none", "linear", "yarn", "ntk")  # edgerope.set_rope.ROPE_TYPES (
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
-def set_rope(
-    input_file: str,
-    output: str | None,
-    rope_type: str,
-    factor: float | None,
-    original_context: int | None,
-    context_length: int | None,
-    freq_base: float | None,
-    attn_factor: float | None,
-    beta_fast: float | None,
-    beta_slow: float | None,
-    in_place: bool,
-    force: bool,
-    as_json: bool,
-) -> None:
+def set_rope(input_file: str, output: str | None, as_json: bool, **options: Any) -> None:
     """Rewrite the rope scaling of IN.gguf (any llama.cpp architecture); tensor data is copied byte for byte.
 
     Example: edgerope set-rope qwen2.5-7b.gguf -o qwen-128k.gguf --type yarn --factor 4 --original-context 32768
     """
     from edgerope.set_rope import set_rope as run_set_rope
 
-    bar = None
-    progress = None
-    if progress_enabled() and not as_json:
-        from tqdm import tqdm
-
-        bar = tqdm(total=0, unit="B", unit_scale=True, desc="copying", file=click.get_text_stream("stderr"))
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-    try:
-        report = run_set_rope(
-            input_file,
-            output,
-            rope_type=rope_type,
-            factor=factor,
-            original_context=original_context,
-            context_length=context_length,
-            freq_base=freq_base,
-            attn_factor=attn_factor,
-            beta_fast=beta_fast,
-            beta_slow=beta_slow,
-            in_place=in_place,
-            force=force,
-            progress=progress,
-        )
-    finally:
-        if bar is not None:
-            bar.close()
+    with byte_progress("copying", enabled=not as_json) as progress:
+        # the option names are edgerope.set_rope.set_rope's keyword arguments; an unknown one raises TypeError
+        report = run_set_rope(input_file, output, progress=progress, **options)
     if as_json:
         echo_json(report.to_dict())
         return
