@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from gguf import GGMLQuantizationType as QT
 
 from edgerope import ggml_rope
 from edgerope import rope as R
+from edgerope.atomic import check_output, partial_path
 from edgerope.config import ModelConfig
 from edgerope.errors import (
     CheckpointError,
@@ -242,27 +242,6 @@ def _output_error(exc: OSError, path: Path) -> OutputError:
     return OutputError(f"cannot write the output: {exc.strerror or exc}", where=str(path))
 
 
-def _check_output(out: Path, hf_dir: Path, ckpt: SafetensorsCheckpoint, *, force: bool, size: int) -> None:
-    if not out.parent.is_dir():
-        raise OutputError("the output folder does not exist", where=str(out.parent), fix="create it first")
-    if out.exists() and not force:
-        raise OutputError("the output file already exists", where=str(out), fix="pass --force to overwrite it")
-    if out.is_dir():
-        raise OutputError("the output path is a folder", where=str(out), fix="give a file name ending in .gguf")
-    inputs = {p.resolve() for p in ckpt.files} | {p.resolve() for p in hf_dir.iterdir() if p.is_file()}
-    if out.resolve() in inputs:
-        raise OutputError("the output would overwrite an input file", where=str(out), fix="write the GGUF elsewhere")
-    if not os.access(out.parent, os.W_OK):
-        raise OutputError("the output folder is not writable", where=str(out.parent), fix="choose a writable folder")
-    free = shutil.disk_usage(out.parent).free
-    if free < size:
-        raise OutputError(
-            f"not enough disk space: about {size / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free",
-            where=str(out.parent),
-            fix="free space or write elsewhere",
-        )
-
-
 def _add_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, hf_dir: Path, *, outtype: str, n_vocab: int) -> None:
     try:
         meta = gguf.Metadata.load(None, hf_dir, None, cfg.n_params)
@@ -400,7 +379,8 @@ def convert(
         notes += vocab.notes
         jobs = [TensorJob(name, arr.shape, QT.F32, array=arr) for name, arr in plan.tensors.items()] + jobs
         est = sum(j.nbytes for j in jobs) + 64 * len(vocab) + (1 << 20)
-        _check_output(out, hf_dir, ckpt, force=force, size=est)
+        inputs = [*ckpt.files, *(p for p in hf_dir.iterdir() if p.is_file())]
+        check_output(out, force=force, inputs=inputs, need_bytes=est, input_fix="write the GGUF elsewhere")
 
         def add_kv(w: gguf.GGUFWriter) -> None:
             _add_metadata(w, cfg, hf_dir, outtype=outtype, n_vocab=len(vocab))
@@ -408,7 +388,7 @@ def convert(
                 w.add_key_value(k, value, vtype)
             vocab.write(w)
 
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+        tmp = partial_path(out)
         try:
             try:
                 write_gguf(tmp, arch, jobs, add_kv=add_kv, progress=progress)

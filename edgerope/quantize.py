@@ -17,7 +17,6 @@ K-quants need rows divisible by 256: llama.cpp demotes tensors that are not
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,8 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 
 from edgerope import native as N
-from edgerope.errors import GGUFError, OutputError, RuntimeConfigError
+from edgerope.atomic import check_output, partial_path
+from edgerope.errors import GGUFError, RuntimeConfigError
 from edgerope.ggml_rope import ROPE_TENSORS
 from edgerope.gguf_file import GGUFFile, open_gguf
 from edgerope.runtime import check_runnable
@@ -79,26 +79,6 @@ def _check_qtype(qtype: str) -> str:
             fix="use llama.cpp's llama-imatrix and llama-quantize, or a type such as Q4_K_M or IQ4_XS",
         )
     raise RuntimeConfigError(f"unknown quantization type {qtype!r}", fix=f"use one of: {', '.join(QUANT_TYPES)}")
-
-
-def _check_paths(src: Path, out: Path, *, force: bool, need: int) -> None:
-    if not out.parent.is_dir():
-        raise OutputError("the output folder does not exist", where=str(out.parent), fix="create it first")
-    if out.is_dir():
-        raise OutputError("the output path is a folder", where=str(out), fix="give a file name ending in .gguf")
-    if out.exists() and out.resolve() == src.resolve():
-        raise OutputError("the output would overwrite the input", where=str(out), fix="write to another file")
-    if out.exists() and not force:
-        raise OutputError("the output file already exists", where=str(out), fix="pass --force to overwrite it")
-    if not os.access(out.parent, os.W_OK):
-        raise OutputError("the output folder is not writable", where=str(out.parent), fix="choose a writable folder")
-    free = shutil.disk_usage(out.parent).free
-    if free < need:
-        raise OutputError(
-            f"not enough disk space: up to {need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free",
-            where=str(out.parent),
-            fix="free space or write elsewhere",
-        )
 
 
 def verify_quantized(src: GGUFFile, out: GGUFFile) -> tuple[str, ...]:
@@ -161,9 +141,15 @@ def quantize(
                 fix="quantize from the f32/f16/bf16 GGUF that edgerope convert wrote",
             )
         bytes_in = src.file_size
-    _check_paths(src_path, out, force=force, need=bytes_in * (2 if name == "F32" else 1))
+    check_output(
+        out,
+        force=force,
+        inputs=[src_path],
+        need_bytes=bytes_in * (2 if name == "F32" else 1),
+        input_fix="write to another file",
+    )
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    tmp = partial_path(out)
     try:
         N.quantize(src_path, tmp, ftype=N.ftype_id(name), n_threads=n_threads)
         if not tmp.is_file():
@@ -218,9 +204,9 @@ def convert_quantized(
 
     name = _check_qtype(qtype)
     out = Path(out_path)
-    if out.exists() and not force:
-        raise OutputError(f"{out} already exists", where=str(out), fix="pass --force to overwrite it")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.f16.partial")
+    hf_files = [p for p in Path(hf_dir).iterdir() if p.is_file()] if Path(hf_dir).is_dir() else []
+    check_output(out, force=force, inputs=hf_files, input_fix="write the GGUF elsewhere")  # before converting
+    tmp = partial_path(out, "f16")
     try:
         conv = convert(hf_dir, tmp, outtype="f16", force=True, **convert_options)
         report = quantize(tmp, out, qtype=name, force=force, n_threads=n_threads)

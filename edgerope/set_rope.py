@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,8 +34,10 @@ from gguf import GGUFValueType, GGUFWriter, Keys
 
 from edgerope import ggml_rope as G
 from edgerope import rope as R
+from edgerope.atomic import check_free_space, check_output
 from edgerope.errors import EdgeropeError, OutputError, RopeConfigError, UnsupportedRopeError
 from edgerope.gguf_file import GGUFFile, TensorInfo, model_hparams, open_gguf
+from edgerope.gguf_stream import FastArrayWriter
 
 ROPE_TYPES = ("none", "linear", "yarn", "ntk")
 CHUNK = 2 << 20  # 2 MiB: copy + read-back + compare stays in cache (measured fastest)
@@ -77,8 +78,8 @@ class _Raw:
         self.data = data
 
 
-class _HeaderWriter(GGUFWriter):
-    """``GGUFWriter`` that emits ``_Raw`` values verbatim, so untouched keys stay byte-identical."""
+class _HeaderWriter(FastArrayWriter):
+    """``gguf_stream.FastArrayWriter`` that emits ``_Raw`` values verbatim, so untouched keys stay byte-identical."""
 
     def _pack_val(
         self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None
@@ -184,22 +185,20 @@ def _build_variant(
 # --------------------------------------------------------------------------- writing
 
 
-def _check_paths(src: Path, out_path: str | os.PathLike[str] | None, *, in_place: bool, force: bool) -> Path:
+def _check_paths(
+    src: Path, out_path: str | os.PathLike[str] | None, *, in_place: bool, force: bool, need_bytes: int
+) -> Path:
     if in_place:
         if out_path is not None and Path(out_path).resolve() != src.resolve():
             raise OutputError("--in-place rewrites the input; do not also name a different output", where=str(out_path))
+        check_free_space(src.parent, need_bytes)
         return src
     if out_path is None:
         raise OutputError("no output file given", fix="pass -o OUT.gguf, or --in-place to replace the input")
     dest = Path(out_path)
-    if dest.is_dir():
-        raise OutputError(f"{dest} is a folder", where=str(dest), fix="give the output file name")
-    if dest.exists() and dest.resolve() == src.resolve():
-        raise OutputError("the output is the input file", where=str(dest), fix="use --in-place to rewrite the input")
-    if dest.exists() and not force:
-        raise OutputError(f"{dest} already exists", where=str(dest), fix="pass --force to overwrite it")
-    if not dest.parent.exists():
-        raise OutputError(f"folder {dest.parent} does not exist", where=str(dest), fix="create it first")
+    check_output(
+        dest, force=force, inputs=[src], need_bytes=need_bytes, input_fix="use --in-place to rewrite the input"
+    )
     return dest
 
 
@@ -298,7 +297,7 @@ def set_rope(
     t0 = time.perf_counter()
     src = Path(in_path)
     f = open_gguf(src)
-    dest = _check_paths(src, out_path, in_place=in_place, force=force)
+    dest = _check_paths(src, out_path, in_place=in_place, force=force, need_bytes=f.file_size + (1 << 20))
     arch = f.architecture
     hp = model_hparams(f)
     if hp.n_rot <= 0:
@@ -381,13 +380,6 @@ def set_rope(
         kv.setdefault(k, item)
     tensors = [t for t in f.tensors if t.name not in stale_tensors]
     total = sum(t.n_bytes for t in tensors)
-    free = shutil.disk_usage(dest.parent).free
-    if free < f.file_size + (1 << 20):
-        raise OutputError(
-            f"not enough disk space in {dest.parent}: {free / 1e9:.2f} GB free, about {f.file_size / 1e9:.2f} GB needed",
-            where=str(dest),
-            fix="free some space or write the output elsewhere",
-        )
     tmp = _tmp_path(dest)
     mode = (src.stat().st_mode & 0o777) if in_place else 0o666
     try:
