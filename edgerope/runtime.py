@@ -223,7 +223,14 @@ def plan_runtime(
     rope_overrides: Mapping[str, float] | None = None,
     allow_extrapolation: bool = False,
 ) -> RuntimePlan:
-    """Check a run request against the GGUF and decide every llama.cpp setting; see ``Runtime.open``.
+    """Check a run request against the GGUF and decide every llama.cpp setting (what ``Runtime.open`` loads).
+
+    ``n_ctx`` defaults to the model's context_length capped at 4096; beyond context_length only with
+    ``allow_extrapolation``.  ``type_k``/``type_v`` are cache type names (``edgerope.kv``).
+    ``flash_attn`` is "auto" (on for a quantized V cache, off for an f32 cache, else llama.cpp's
+    choice), "on" or "off".  ``backend`` "auto" offloads every layer when the build can.
+    ``rope_overrides`` takes llama_context_params rope fields (``RopeOverrides``); unset ones come
+    from the GGUF.  Raises ``GGUFError``/``RuntimeConfigError`` before loading anything native.
 
     Loads no model: the only native call is asking the llama.cpp build whether it can offload to a GPU.
     """
@@ -377,42 +384,14 @@ class Runtime:
         logger.info("opened %s: %s", plan.path, plan.rope_description)
 
     @classmethod
-    def open(
-        cls,
-        path: str | Path,
-        *,
-        n_ctx: int | None = None,
-        type_k: str = "f16",
-        type_v: str = "f16",
-        flash_attn: str | bool = "auto",
-        backend: Backend = "auto",
-        n_threads: int | None = None,
-        n_batch: int = DEFAULT_N_BATCH,
-        rope_overrides: Mapping[str, float] | None = None,
-        allow_extrapolation: bool = False,
-    ) -> Runtime:
-        """Check the request against the GGUF (``plan_runtime``), then load the model and create the context.
+    def open(cls, path: str | Path, **request: Any) -> Runtime:
+        """Check the request against the GGUF with ``plan_runtime(path, **request)`` (its keyword arguments and
+        defaults), then load the model and create the context.
 
-        ``n_ctx`` defaults to the model's context_length capped at 4096; beyond context_length only with
-        ``allow_extrapolation``.  ``type_k``/``type_v`` are cache type names (``edgerope.kv``).
-        ``flash_attn`` is "auto" (on for a quantized V cache, off for an f32 cache, else llama.cpp's
-        choice), "on" or "off".  ``backend`` "auto" offloads every layer when the build can.
-        ``rope_overrides`` takes llama_context_params rope fields (``RopeOverrides``); unset ones come
-        from the GGUF.  Raises ``GGUFError``/``RuntimeConfigError`` before loading anything native.
+        Raises ``GGUFError``/``RuntimeConfigError`` (and ``TypeError`` for an unknown argument) before loading
+        anything native.
         """
-        plan = plan_runtime(
-            path,
-            n_ctx=n_ctx,
-            type_k=type_k,
-            type_v=type_v,
-            flash_attn=flash_attn,
-            backend=backend,
-            n_threads=n_threads,
-            n_batch=n_batch,
-            rope_overrides=rope_overrides,
-            allow_extrapolation=allow_extrapolation,
-        )
-        return cls(plan)
+        return cls(plan_runtime(path, **request))
 
     # lifetime
     @property

@@ -196,28 +196,20 @@ def write_tokenizer_files(out_dir: Path, *, model_file: Path) -> None:
 def make_tiny_checkpoint(
     out_dir: str | Path,
     *,
-    model_type: str = "llama",
-    rope_parameters: dict[str, Any] | None = None,
-    max_position_embeddings: int = 256,
-    hidden_size: int = 128,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    num_key_value_heads: int = 1,
-    intermediate_size: int = 256,
-    tie_word_embeddings: bool = False,
     weight_std: float = 0.15,
     seed: int = 0,
     tokenizer_dir: str | Path | None = None,
-    sliding_window: int | None = None,
     vocab_size: int | None = None,
+    **config: Any,
 ) -> Path:
     """Write a tiny random Hugging Face checkpoint folder and return its path.
 
     The tokenizer is ``tokenizer_dir``'s ``tokenizer.model`` (SentencePiece) or
     ``tokenizer.json`` (+ its config files); when None the tiny SentencePiece
     vocab is trained (cached per process).  The embedding has one row per
-    token unless ``vocab_size`` says otherwise.  ``rope_parameters`` is a 5.x-style HF
-    rope dict, e.g. ``{"rope_type": "yarn", "factor": 8.0,
+    token unless ``vocab_size`` says otherwise.  ``config`` takes ``tiny_config``'s other keyword
+    arguments (model_type, sizes, tie_word_embeddings, sliding_window, ...) with its defaults;
+    ``rope_parameters`` is a 5.x-style HF rope dict, e.g. ``{"rope_type": "yarn", "factor": 8.0,
     "original_max_position_embeddings": 256}`` (default: plain RoPE, theta 1e4).
     """
     out = Path(out_dir)
@@ -239,19 +231,7 @@ def make_tiny_checkpoint(
         bos_id = eos_id = None  # the tokenizer files name them
     else:
         raise ConfigError("no tokenizer.model or tokenizer.json in tokenizer_dir", where=str(tokenizer_dir))
-    cfg = tiny_config(
-        model_type=model_type,
-        vocab_size=vocab_size or n_tokens,
-        rope_parameters=rope_parameters,
-        max_position_embeddings=max_position_embeddings,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        intermediate_size=intermediate_size,
-        tie_word_embeddings=tie_word_embeddings,
-        sliding_window=sliding_window,
-    ).replace(bos_token_id=bos_id, eos_token_id=eos_id)
+    cfg = tiny_config(vocab_size=vocab_size or n_tokens, **config).replace(bos_token_id=bos_id, eos_token_id=eos_id)
     save_safetensors_f32(out / "model.safetensors", tiny_weights(cfg, weight_std=weight_std, seed=seed))
     _write_json(out / "config.json", cfg.to_hf())
     gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False, "max_new_tokens": 64}
