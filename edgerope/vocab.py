@@ -224,24 +224,26 @@ def _special_vocab(model_dir: Path, n_vocab: int, *, load_merges: bool) -> gguf.
         raise TokenizerError(f"cannot read the special tokens: {exc}", where=str(model_dir)) from None
 
 
+def _read_json(path: Path) -> Any:
+    """A tokenizer JSON file's content; ``TokenizerError`` when it is not valid UTF-8 JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"{path.name} is not valid JSON: {exc}", where=str(path)) from None
+
+
 def _added_tokens(model_dir: Path) -> dict[int, tuple[str, bool]]:
     """Added tokens from tokenizer_config.json / added_tokens.json: id -> (content, special)."""
     out: dict[int, tuple[str, bool]] = {}
     cfg_path = model_dir / "tokenizer_config.json"
     if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TokenizerError(f"tokenizer_config.json is not valid JSON: {exc}", where=str(cfg_path)) from None
+        cfg = _read_json(cfg_path)
         for tid, info in (cfg.get("added_tokens_decoder") or {}).items():
             if isinstance(info, dict) and isinstance(info.get("content"), str):
                 out[int(tid)] = (info["content"], bool(info.get("special", False)))
     added_path = model_dir / "added_tokens.json"
     if added_path.is_file():
-        try:
-            added = json.loads(added_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TokenizerError(f"added_tokens.json is not valid JSON: {exc}", where=str(added_path)) from None
+        added = _read_json(added_path)
         for content, tid in added.items():
             out.setdefault(int(tid), (content, False))
     return out
@@ -375,10 +377,7 @@ def load_hf_bpe(model_dir: Path) -> GGUFVocab:
     """Read a Hugging Face byte-level BPE ``tokenizer.json``."""
     path = model_dir / HF_FILE
     where = str(path)
-    try:
-        tok = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"tokenizer.json is not valid JSON: {exc}", where=where) from None
+    tok = _read_json(path)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
         raise TokenizerError(
