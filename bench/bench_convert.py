@@ -292,18 +292,29 @@ def check_outputs(llama_f16: Path, er_f16: Path, er_bf16: Path) -> dict[str, Any
             if name.startswith("GGUF."):
                 continue
             try:
-                v = field.contents()
+                values[name] = field.contents()
             except Exception:  # noqa: BLE001 - unreadable fields are reported as such
-                v = "<unreadable>"
-            if isinstance(v, list) and len(v) > 8:
-                v = f"<array of {len(v)}>"
-            values[name] = v
+                values[name] = "<unreadable>"
         return values
 
+    def show(v: Any) -> Any:
+        return f"<array of {len(v)}>" if isinstance(v, list) and len(v) > 8 else v
+
+    def differ(x: Any, y: Any) -> Any:
+        if isinstance(x, list) and isinstance(y, list):
+            first = next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), None)
+            return {
+                "len": [len(x), len(y)],
+                "first_difference": first,
+                "values": [x[first], y[first]] if first is not None else None,
+            }
+        return [x, y]
+
     ka, kb = kv(a), kv(b)
-    out["metadata_only_in_llama_cpp"] = {k: ka[k] for k in sorted(set(ka) - set(kb))}
-    out["metadata_only_in_edgerope"] = {k: kb[k] for k in sorted(set(kb) - set(ka))}
-    out["metadata_differs"] = {k: [ka[k], kb[k]] for k in sorted(set(ka) & set(kb)) if ka[k] != kb[k]}
+    out["metadata_only_in_llama_cpp"] = {k: show(ka[k]) for k in sorted(set(ka) - set(kb))}
+    out["metadata_only_in_edgerope"] = {k: show(kb[k]) for k in sorted(set(kb) - set(ka))}
+    out["metadata_differs"] = {k: differ(ka[k], kb[k]) for k in sorted(set(ka) & set(kb)) if ka[k] != kb[k]}
+    out["metadata_equal"] = sorted(k for k in set(ka) & set(kb) if ka[k] == kb[k])
     out["rope_metadata_edgerope"] = {k: v for k, v in kb.items() if ".rope." in k or k.endswith("context_length")}
     tokens_key = Keys.Tokenizer.LIST
     out["n_tokens"] = {
