@@ -9,6 +9,8 @@ length and K/V cache types, the bytes llama.cpp allocates on the CPU:
   (``llama_context::sched_reserve``: n_tokens = min(n_ctx, n_ubatch), every token an output), see
   ``compute_buffer_bytes``;
 * output buffer: n_vocab x n_outputs floats (``llama_context::output_reserve``);
+* CPU work buffer: the ggml CPU backend converts a matmul's f32 operand to the other operand's type in a
+  scratch buffer sized for the largest node (``work_buffer_bytes``);
 * a fixed overhead (runtime library, threads, graph metadata).
 
 Then ``largest_context`` searches the largest n_ctx (a multiple of 256, capped at the model's
@@ -34,7 +36,7 @@ from edgerope.kv import KV_PAD, kv_bytes, kv_type, padded_ctx
 
 MiB = 2**20
 GiB = 2**30
-OVERHEAD_BYTES = 48 * MiB  # libllama + ggml code, thread stacks, graph metadata, tokenizer tables (measured RSS)
+OVERHEAD_BYTES = 8 * MiB  # thread stacks, graph metadata, tokenizer tables: RSS beyond the buffers (bench_plan.py)
 BUDGET_SAFETY = 0.10  # the default budget keeps this fraction of MemAvailable free
 PLAN_CACHE_TYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
 SWA_NOTE = "sliding-window attention: planned as a full-length cache (llama.cpp allocates less; upper bound)"
@@ -70,6 +72,7 @@ class MemoryPlan:
     kv_bytes: int
     compute_bytes: int
     output_bytes: int
+    work_bytes: int
     overhead_bytes: int
     budget_bytes: int
     budget_source: str
@@ -78,7 +81,14 @@ class MemoryPlan:
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.output_bytes + self.overhead_bytes
+        return (
+            self.weights_bytes
+            + self.kv_bytes
+            + self.compute_bytes
+            + self.output_bytes
+            + self.work_bytes
+            + self.overhead_bytes
+        )
 
     @property
     def fits(self) -> bool:
@@ -174,7 +184,7 @@ def compute_buffer_bytes(shape: ModelShape, n_ctx: int, *, n_ubatch: int, flash_
 
     * attention: the KQ mask (n_kv x T, f32; f16 with flash attention) plus, without flash attention,
       the scores KQ (n_kv x T x n_head; softmax runs in place) and ~7 x n_embd per token of q/k/v/residual;
-    * feed-forward / residual stream: the mask (alive until the last layer) plus max(4 n_ff, 9 n_embd) + 8
+    * feed-forward / residual stream: the mask (alive until the last layer) plus max(4 n_ff + n_embd, 9 n_embd) + 8
       floats per token;
     * output: the logits (n_vocab x T) plus (2 n_embd + 8) floats per token (3 n_embd without flash attention).
 
@@ -185,9 +195,24 @@ def compute_buffer_bytes(shape: ModelShape, n_ctx: int, *, n_ubatch: int, flash_
     t = min(n_kv, n_ubatch)
     mask = n_kv * t * (2 if flash_attn else 4)
     attn = mask + (0 if flash_attn else 4 * n_kv * t * shape.n_head + 4 * t * 7 * shape.n_embd)
-    ffn = mask + 4 * t * (max(4 * shape.n_ff, 9 * shape.n_embd) + 8)
+    ffn = mask + 4 * t * (max(4 * shape.n_ff + shape.n_embd, 9 * shape.n_embd) + 8)
     out = 4 * t * (shape.n_vocab + 2 * shape.n_embd + 8 + (0 if flash_attn else shape.n_embd))
     return max(attn, ffn, out)
+
+
+def work_buffer_bytes(shape: ModelShape, n_ctx: int, *, n_ubatch: int, flash_attn: bool, type_v: str) -> int:
+    """The CPU backend's scratch buffer: the largest f32 operand converted for one matmul.
+
+    Without flash attention the softmaxed scores (n_kv x T x n_head) are converted to the V cache's type
+    (2 bytes for f16/bf16; f32 needs none) before KQ x V; otherwise the largest activation (T x n_ff)
+    converted to f16 for the weight matmuls dominates.
+    """
+    n_kv = padded_ctx(n_ctx)
+    t = min(n_kv, n_ubatch)
+    act = 2 * t * max(shape.n_ff, shape.n_embd)
+    if flash_attn or type_v == "f32":
+        return act
+    return max(act, 2 * n_kv * t * shape.n_head)
 
 
 def output_buffer_bytes(shape: ModelShape, *, n_outputs: int) -> int:
@@ -222,6 +247,7 @@ def _total(m: _Model, n_ctx: int, *, type_k: str, type_v: str, flash_attn: bool,
         + kv_cache_bytes(m.hp, n_ctx, type_k=type_k, type_v=type_v)
         + compute_buffer_bytes(m.shape, n_ctx, n_ubatch=ub, flash_attn=flash_attn)
         + output_buffer_bytes(m.shape, n_outputs=min(n_batch, padded_ctx(n_ctx)))
+        + work_buffer_bytes(m.shape, n_ctx, n_ubatch=ub, flash_attn=flash_attn, type_v=type_v)
         + OVERHEAD_BYTES
     )
 
@@ -315,6 +341,7 @@ def plan_memory(
         kv_bytes=kv_cache_bytes(m.hp, n_ctx, type_k=tk, type_v=tv),
         compute_bytes=compute_buffer_bytes(m.shape, n_ctx, n_ubatch=ub, flash_attn=fa),
         output_bytes=output_buffer_bytes(m.shape, n_outputs=min(n_batch, padded_ctx(n_ctx))),
+        work_bytes=work_buffer_bytes(m.shape, n_ctx, n_ubatch=ub, flash_attn=fa, type_v=tv),
         overhead_bytes=OVERHEAD_BYTES,
         budget_bytes=budget,
         budget_source=source,

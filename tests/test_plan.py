@@ -122,7 +122,7 @@ def test_cli(tiny_gguf: Path, tmp_path: Path) -> None:
     d = json.loads(r.stdout)
     assert d["kv_bytes"] == 3 * 4096 * 2 * 64 * 2 * BPE["q8_0"]
     assert d["total_bytes"] == sum(
-        d[k] for k in ("weights_bytes", "kv_bytes", "compute_bytes", "output_bytes", "overhead_bytes")
+        d[k] for k in ("weights_bytes", "kv_bytes", "compute_bytes", "output_bytes", "work_bytes", "overhead_bytes")
     )
     assert d["flash_attn"] is True and d["fits"] is True
     r = _cli(str(tiny_gguf), "--kv-k", "q8_0", "--kv-v", "f16", "--memory", "100MiB")

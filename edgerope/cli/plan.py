@@ -50,6 +50,7 @@ def plan(
         ("KV cache", p.kv_bytes),
         ("compute buffer (est.)", p.compute_bytes),
         ("output buffer", p.output_bytes),
+        ("CPU work buffer (est.)", p.work_bytes),
         ("overhead", p.overhead_bytes),
         ("total", p.total_bytes),
     ]
