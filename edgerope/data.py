@@ -1,0 +1,347 @@
+"""Training data for fine-tuning: load text, tokenize with the checkpoint's tokenizer, pack, split, PoSE positions.
+
+What it does:
+
+* ``load_documents`` reads text files, folders and JSONL.  Include rule for
+  folders: every file below it (recursively, sorted by relative path) whose
+  suffix is in ``TEXT_SUFFIXES`` (one document per file) or ``.jsonl`` (one
+  document per line), skipping hidden files and folders (names starting with
+  ``.``).  A file named explicitly must have one of those suffixes.  JSONL
+  lines are objects with a text field (``text`` unless told otherwise); a bad
+  line is an error naming its line number.  Blank documents are dropped.
+* ``load_tokenizer`` opens the checkpoint's tokenizer: SentencePiece
+  ``tokenizer.model`` or Hugging Face ``tokenizer.json`` (``tokenizers``
+  package), with BOS/EOS ids from ``config.json`` when it names them.
+* ``split_documents`` holds out a deterministic fraction of documents;
+  ``tokenize_documents`` gives each document ``[BOS] + ids + [EOS]``;
+  ``pack`` concatenates them (document order shuffled by a seed) and cuts
+  fixed-length rows, so document boundaries stay marked by EOS/BOS.
+* ``pose_position_ids`` / ``PoseSampler``: PoSE position ids for a training
+  window of W tokens that reach a target length L (chunks with random,
+  non-decreasing skips), always W long whatever L is.
+
+What it does not do: batching for a framework (arrays are numpy; the trainer
+wraps them), streaming corpora larger than memory, chat templates.
+No torch import.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgerope.errors import ConfigError, EdgeropeError, TokenizerError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".tex", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs")
+JSONL_SUFFIX = ".jsonl"
+
+
+class DataError(EdgeropeError):
+    """Training or evaluation data is missing, empty, malformed or too short."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One training document and where it came from (``path`` or ``path:line``)."""
+
+    text: str
+    source: str
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"not UTF-8 text (byte {exc.start})", where=str(path), fix="convert the file to UTF-8 or leave it out"
+        ) from None
+    except OSError as exc:
+        raise DataError(f"cannot read: {exc.strerror}", where=str(path)) from None
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[Document]:
+    docs = []
+    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"line {n} is not valid JSON ({exc.msg})", where=where, fix="one JSON object per line"
+            ) from None
+        if not isinstance(obj, dict) or text_field not in obj:
+            raise DataError(
+                f"line {n} has no {text_field!r} field",
+                where=where,
+                fix=f"give every line a {text_field!r} string, or choose the field with text_field",
+            )
+        if not isinstance(obj[text_field], str):
+            raise DataError(f"line {n}: {text_field!r} is {type(obj[text_field]).__name__}, not a string", where=where)
+        docs.append(Document(obj[text_field], where))
+    return docs
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _load_path(path: Path, text_field: str) -> list[Document]:
+    suffix = path.suffix.lower()
+    if suffix == JSONL_SUFFIX:
+        return _read_jsonl(path, text_field)
+    if suffix in TEXT_SUFFIXES:
+        return [Document(_read_text(path), str(path))]
+    raise DataError(
+        f"unknown data file type {path.suffix or '(no suffix)'!r}",
+        where=str(path),
+        fix=f"use text files ({', '.join(TEXT_SUFFIXES)}) or JSONL ({JSONL_SUFFIX})",
+    )
+
+
+def load_documents(paths: str | Path | Iterable[str | Path], *, text_field: str = "text") -> list[Document]:
+    """Documents of the files and folders in ``paths`` (see the module docstring for the include rule).
+
+    Raises ``DataError`` for a missing path, an explicitly named file of unknown type, a bad JSONL
+    line (with its number), or when no non-blank document is found.
+    """
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    docs: list[Document] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and not _is_hidden(f, p)
+                and (f.suffix.lower() in TEXT_SUFFIXES or f.suffix.lower() == JSONL_SUFFIX)
+            )
+            for f in files:
+                docs.extend(_load_path(f, text_field))
+        elif p.is_file():
+            docs.extend(_load_path(p, text_field))
+        else:
+            raise DataError("no such file or folder", where=str(p))
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise DataError(
+            "no training text found",
+            where=", ".join(str(i) for i in items) or "(no paths)",
+            fix=f"give non-empty text files ({', '.join(TEXT_SUFFIXES)}) or JSONL with a {text_field!r} field",
+        )
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+
+@dataclass
+class TextTokenizer:
+    """A checkpoint's tokenizer: ``encode`` (no special tokens), ``decode``, and the BOS/EOS ids."""
+
+    encode_fn: Callable[[str], Sequence[int]]
+    decode_fn: Callable[[list[int]], str]
+    bos_id: int | None
+    eos_id: int | None
+    add_bos: bool
+    source: str
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS/EOS."""
+        return list(self.encode_fn(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` (special tokens dropped)."""
+        return str(self.decode_fn([int(i) for i in ids if i not in (self.bos_id, self.eos_id)]))
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids as the model sees a prompt: BOS first when the tokenizer config adds it."""
+        ids = self.encode(text)
+        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"cannot read {path.name}: {exc}", where=str(path)) from None
+
+
+def load_tokenizer(model_dir: str | Path) -> TextTokenizer:
+    """The tokenizer of the HF checkpoint folder ``model_dir`` (``tokenizer.model`` preferred over ``tokenizer.json``)."""
+    d = Path(model_dir)
+    cfg, tok_cfg = _json(d / "config.json"), _json(d / "tokenizer_config.json")
+    add_bos = bool(tok_cfg.get("add_bos_token", True))
+    if (d / "tokenizer.model").is_file():
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+        bos = cfg.get("bos_token_id", sp.bos_id() if sp.bos_id() >= 0 else None)
+        eos = cfg.get("eos_token_id", sp.eos_id() if sp.eos_id() >= 0 else None)
+        return TextTokenizer(sp.encode, sp.decode, bos, eos, add_bos, str(d / "tokenizer.model"))
+    if (d / "tokenizer.json").is_file():
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise TokenizerError(
+                "tokenizer.json needs the 'tokenizers' package", where=str(d), fix="pip install tokenizers"
+            ) from None
+        tk = Tokenizer.from_file(str(d / "tokenizer.json"))
+
+        def special(name: str) -> int | None:
+            if cfg.get(f"{name}_token_id") is not None:
+                return int(cfg[f"{name}_token_id"])
+            tok = tok_cfg.get(f"{name}_token")
+            tok = tok.get("content") if isinstance(tok, dict) else tok
+            return tk.token_to_id(tok) if tok else None
+
+        add_bos = bool(tok_cfg.get("add_bos_token", False))
+        return TextTokenizer(
+            lambda s: tk.encode(s, add_special_tokens=False).ids,
+            tk.decode,
+            special("bos"),
+            special("eos"),
+            add_bos,
+            str(d / "tokenizer.json"),
+        )
+    raise TokenizerError(
+        "no tokenizer.model or tokenizer.json", where=str(d), fix="copy the checkpoint's tokenizer files beside it"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- split, pack
+
+
+def split_documents(
+    docs: Sequence[Document], *, holdout: float = 0.05, seed: int = 0
+) -> tuple[list[Document], list[Document]]:
+    """(train, held-out): a seeded random ``holdout`` fraction of whole documents (at least one when > 0).
+
+    The order inside each part follows the input.  Raises ``DataError`` when nothing would remain to train on.
+    """
+    if not 0.0 <= holdout < 1.0:
+        raise ConfigError(f"holdout must be in [0, 1), got {holdout}")
+    n_hold = 0 if holdout == 0 else max(1, round(len(docs) * holdout))
+    if n_hold >= len(docs):
+        raise DataError(
+            f"{len(docs)} document(s) cannot be split with holdout {holdout}: nothing would remain to train on",
+            fix="add documents or set holdout to 0",
+        )
+    held = set(np.random.default_rng(seed).permutation(len(docs))[:n_hold].tolist())
+    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+
+
+def tokenize_documents(docs: Sequence[Document], tokenizer: TextTokenizer) -> list[np.ndarray]:
+    """Each document as int32 ``[BOS] + ids + [EOS]`` (BOS/EOS left out when the tokenizer has none)."""
+    head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    tail = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    return [np.asarray(head + tokenizer.encode(d.text) + tail, dtype=np.int32) for d in docs]
+
+
+def pack(token_docs: Sequence[np.ndarray], *, seq_len: int, seed: int | None = 0) -> np.ndarray:
+    """Rows of ``seq_len`` tokens (N, seq_len) int32: documents concatenated and cut, the tail dropped.
+
+    The document order is shuffled with ``seed`` (None keeps it).  Boundaries stay where they are, marked
+    by each document's EOS/BOS.  Raises ``DataError`` when there is not one full row.
+    """
+    if seq_len < 2:
+        raise ConfigError(f"seq_len must be >= 2, got {seq_len}")
+    total = sum(len(t) for t in token_docs)
+    if total < seq_len:
+        raise DataError(
+            f"the data has {total} tokens, fewer than one sequence of {seq_len}",
+            fix="add more text or lower the sequence length",
+        )
+    order = np.arange(len(token_docs)) if seed is None else np.random.default_rng(seed).permutation(len(token_docs))
+    flat = np.concatenate([np.asarray(token_docs[i], dtype=np.int32) for i in order])  # (total,)
+    n = total // seq_len
+    return flat[: n * seq_len].reshape(n, seq_len)  # (total,) -> (N, seq_len)
+
+
+def epoch_order(n_rows: int, *, seed: int, epoch: int) -> np.ndarray:
+    """A permutation of the packed rows for one epoch, fixed by (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+@dataclass(frozen=True)
+class PackedData:
+    """Packed training rows, held-out documents (and rows when they fill one), with counts."""
+
+    train: np.ndarray  # (N, seq_len) int32
+    heldout: np.ndarray  # (M, seq_len) int32, M may be 0
+    heldout_docs: list[np.ndarray]
+    n_documents: int
+    n_train_tokens: int
+
+
+def build_dataset(
+    paths: str | Path | Iterable[str | Path],
+    model_dir: str | Path,
+    *,
+    seq_len: int,
+    holdout: float = 0.05,
+    seed: int = 0,
+    text_field: str = "text",
+) -> PackedData:
+    """Load, split, tokenize and pack ``paths`` with the tokenizer of the checkpoint ``model_dir``."""
+    docs = load_documents(paths, text_field=text_field)
+    train_docs, held_docs = split_documents(docs, holdout=holdout, seed=seed)
+    tok = load_tokenizer(model_dir)
+    train_tok, held_tok = tokenize_documents(train_docs, tok), tokenize_documents(held_docs, tok)
+    train = pack(train_tok, seq_len=seq_len, seed=seed)
+    held_total = sum(len(t) for t in held_tok)
+    heldout = pack(held_tok, seq_len=seq_len, seed=None) if held_total >= seq_len else np.zeros((0, seq_len), np.int32)
+    return PackedData(train, heldout, held_tok, len(docs), int(train.size))
+
+
+# ---------------------------------------------------------------------------------------------------- PoSE
+
+
+def _check_pose(window: int, target: int, chunks: int) -> None:
+    if target <= window:
+        raise ConfigError(
+            f"PoSE target length {target} must exceed the training window {window}",
+            fix="PoSE is for reaching a context longer than the window trained on; raise the target",
+        )
+    if not 1 <= chunks <= window:
+        raise ConfigError(f"PoSE chunks must be in 1..{window}, got {chunks}")
+
+
+def pose_position_ids(window: int, target: int, *, chunks: int = 2, rng: np.random.Generator) -> np.ndarray:
+    """Position ids (window,) int64 for one PoSE sample.
+
+    The window is cut into ``chunks`` non-empty pieces at random points; piece i is shifted by a skip u_i,
+    with 0 <= u_1 <= ... <= u_k <= target - window drawn uniformly and sorted.  So ids strictly increase,
+    the largest is window - 1 + u_k < target, and the distance between the first and last piece reaches up
+    to target - 1.
+    """
+    _check_pose(window, target, chunks)
+    cuts = np.sort(rng.choice(np.arange(1, window), size=chunks - 1, replace=False)) if chunks > 1 else np.array([])
+    skips = np.sort(rng.integers(0, target - window, size=chunks, endpoint=True))
+    piece = np.searchsorted(cuts, np.arange(window), side="right")  # (window,) piece index of each position
+    return np.arange(window, dtype=np.int64) + skips[piece]
+
+
+class PoseSampler:
+    """Seeded source of PoSE position ids: ``sample(batch)`` -> (batch, window) int64, memory independent of target."""
+
+    def __init__(self, window: int, target: int, *, chunks: int = 2, seed: int = 0) -> None:
+        _check_pose(window, target, chunks)
+        self.window, self.target, self.chunks = window, target, chunks
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, batch: int = 1) -> np.ndarray:
+        return np.stack(
+            [pose_position_ids(self.window, self.target, chunks=self.chunks, rng=self.rng) for _ in range(batch)]
+        )  # (batch, window)
