@@ -182,6 +182,14 @@ def system_info() -> str:
     return _llama().llama_print_system_info().decode("utf-8", "replace").strip()
 
 
+def bindings_version() -> str:
+    """llama-cpp-python's version plus the build's system info (what decides the saved KV state's format)."""
+    _llama()
+    import llama_cpp
+
+    return f"llama-cpp-python {llama_cpp.__version__}; {system_info()}"
+
+
 def ftype_id(name: str) -> int:
     """The ``llama_ftype`` value for a quantization name such as ``"Q4_K_M"`` (see ``QUANT_TYPES``)."""
     key = name.upper()
@@ -452,6 +460,7 @@ class NativeContext(_Handle):
         self.params = params
         self._ptr: Any = None
         self.n_past = 0
+        self.n_evaluated = 0  # tokens run through llama_decode over the context's life (tests count prefills)
         self._seq_zero = ctypes.c_int32(0)  # every token's (single) sequence id points here
         cp = lib.llama_context_default_params()
         cp.n_ctx = int(params.n_ctx)
@@ -521,6 +530,7 @@ class NativeContext(_Handle):
                 fix="1 means no room in the KV cache (raise n_ctx); the cache was cleared",
             )
         self.n_past += n
+        self.n_evaluated += n
 
     def _tokens(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(tokens, dtype=np.int32)
@@ -545,6 +555,32 @@ class NativeContext(_Handle):
             if outputs == "last" and start + len(chunk) == len(ids):
                 flags[-1] = 1
             self._decode_chunk(chunk, output=flags)
+
+    def state_bytes(self) -> bytes:
+        """llama.cpp's saved state of the sequence (its KV cells, ``llama_state_seq_get_data``)."""
+        lib = _llama()
+        size = int(lib.llama_state_seq_get_size(self.handle(), 0))
+        buf = (ctypes.c_uint8 * size)()
+        n = int(lib.llama_state_seq_get_data(self._ptr, buf, size, 0))
+        if n != size:
+            raise RuntimeConfigError(f"llama.cpp saved {n} of {size} state bytes")
+        return bytes(buf)
+
+    def restore_state(self, data: bytes, *, n_past: int) -> None:
+        """Replace the cache by ``data`` (from ``state_bytes`` of a context with the same settings) holding
+        ``n_past`` positions.  On failure the cache is cleared and ``RuntimeConfigError`` raised."""
+        lib = _llama()
+        self.clear()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        mark = _ROUTER.mark()
+        n = int(lib.llama_state_seq_set_data(self._ptr, buf, len(data), 0))
+        if n == 0 or n_past > self.n_ctx:
+            self.clear()
+            raise RuntimeConfigError(
+                "llama.cpp refused the saved sequence state" + _said(mark),
+                fix="the state was saved with other context settings; evaluate the tokens again",
+            )
+        self.n_past = int(n_past)
 
     def logits(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Append ``tokens`` and return the logits of every one of them, float32, shape (T, n_vocab)."""

@@ -18,8 +18,11 @@ What it does:
   logits of every position; ``Runtime.generate`` decodes greedily with
   llama.cpp's own sampler.
 
-What it does not do (yet): keep a document/prefix cache across calls (every
-call starts from an empty KV cache), serve requests, plan memory, sample
+``Runtime.prefill``, ``state_bytes``/``restore_state`` and ``clear=False`` on
+``logits``/``generate`` let a caller keep a prefix in the cache (``edgerope.ask``
+saves it on disk with ``edgerope.doccache``).
+
+What it does not do (yet): serve requests, plan memory, sample
 other than greedily, or shift the KV cache (a shift is wrong whenever the rope
 magnitude is not 1, pitfall 15; ``info.kv_shift_exact`` says which case a model is).
 A ``Runtime`` is not thread-safe.
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -471,12 +474,46 @@ class Runtime:
             )
 
     # evaluation
-    def logits(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Logits of every position of one sequence (from an empty cache), float32, shape (T, n_vocab)."""
+    def logits(self, tokens: Sequence[int] | np.ndarray, *, clear: bool = True) -> np.ndarray:
+        """Logits of every position of one sequence, float32, shape (T, n_vocab); from an empty cache, or
+        appended after the cached positions with ``clear=False``."""
         _, ctx, _ = self._open()
         self._check_length(len(tokens), "the token sequence")
-        ctx.clear()
+        if clear:
+            ctx.clear()
         return ctx.logits(tokens)
+
+    @property
+    def n_past(self) -> int:
+        """Positions in the KV cache now."""
+        return self._open()[1].n_past
+
+    @property
+    def n_evaluated(self) -> int:
+        """Tokens run through llama.cpp since the runtime opened (a restored state adds none)."""
+        return self._open()[1].n_evaluated
+
+    def prefill(
+        self, tokens: Sequence[int] | np.ndarray, *, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Empty the cache and evaluate ``tokens`` in n_batch chunks, calling ``progress(done, total)``."""
+        _, ctx, _ = self._open()
+        self._check_length(len(tokens), "the prefix")
+        ctx.clear()
+        ids = np.asarray(tokens, dtype=np.int32)
+        step = ctx.n_batch
+        for start in range(0, len(ids), step):
+            ctx.decode(ids[start : start + step], outputs="none")
+            if progress is not None:
+                progress(min(start + step, len(ids)), len(ids))
+
+    def state_bytes(self) -> bytes:
+        """llama.cpp's saved state of the cached positions (restore it with ``restore_state``)."""
+        return self._open()[1].state_bytes()
+
+    def restore_state(self, data: bytes, *, n_past: int) -> None:
+        """Put back a state from ``state_bytes`` of a runtime with identical settings, holding ``n_past``."""
+        self._open()[1].restore_state(data, n_past=n_past)
 
     def generate(
         self,
@@ -485,8 +522,11 @@ class Runtime:
         *,
         stop: Iterable[int] = (),
         stop_at_eog: bool = True,
+        clear: bool = True,
+        on_token: Callable[[int], None] | None = None,
     ) -> Generation:
-        """Greedy continuation of ``prompt_tokens`` (from an empty cache) by llama.cpp's sampler chain.
+        """Greedy continuation of ``prompt_tokens`` (from an empty cache, or after the cached positions with
+        ``clear=False``) by llama.cpp's sampler chain; ``on_token(token)`` is called as each one is picked.
 
         Stops after ``max_tokens`` new tokens, at a token in ``stop``, at an end-of-generation token
         (EOS/EOT) unless ``stop_at_eog`` is False, or when the context is full.
@@ -496,7 +536,8 @@ class Runtime:
         if max_tokens < 0:
             raise RuntimeConfigError(f"max_tokens must be >= 0, got {max_tokens}")
         stops = {int(t) for t in stop}
-        ctx.clear()
+        if clear:
+            ctx.clear()
         sampler.reset()
         ctx.decode(prompt_tokens, outputs="last")
         out: list[int] = []
@@ -504,6 +545,8 @@ class Runtime:
         stop_token = None
         while len(out) < max_tokens:
             tok = sampler.sample(ctx)
+            if on_token is not None:
+                on_token(tok)
             if (stop_at_eog and model.is_eog(tok)) or tok in stops:
                 reason, stop_token = ("stop" if tok in stops else "eog"), tok
                 break
