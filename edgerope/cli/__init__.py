@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("edgerope.cli.inspect", "inspect", "Show what llama.cpp will compute from a GGUF, and lint it."),
     "set-rope": ("edgerope.cli.set_rope", "set_rope", "Rewrite the rope scaling metadata of an existing GGUF."),
     "demo": ("edgerope.cli.demo", "demo", "Make the built-in tiny model, convert it and check it in llama.cpp."),
+    "ask": ("edgerope.cli.ask", "ask", "Answer a question about a long document; its KV state is cached on disk."),
     "plan": ("edgerope.cli.plan", "plan", "Plan the memory llama.cpp needs for a GGUF; the largest context that fits."),
 }
 

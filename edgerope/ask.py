@@ -1,0 +1,248 @@
+"""Long-document question answering on llama.cpp, with the document's KV state cached on disk.
+
+What it does:
+
+* ``read_document`` reads UTF-8 text, refusing empty, binary (NUL bytes) or undecodable files;
+* ``ask`` builds a plain completion prompt -- ``DOC_TEMPLATE`` with the document, then
+  ``QUESTION_TEMPLATE`` with the question, tokenized separately so the document prefix is the same
+  token sequence for every question -- checks that it fits the context (never truncating), then
+  restores the document's saved KV state from ``edgerope.doccache`` or evaluates it in n_batch chunks
+  (reporting ``progress(done, total)``) and saves it, evaluates only the question, and answers greedily
+  with llama.cpp's sampler.  Timings: document prefill (or state restore), time to first token, decode
+  tokens/s.
+
+What it does not do: use the GGUF's chat template (the prompt is plain text for every model; rendering
+templates safely needs a sandboxed Jinja environment, not built yet), truncate or summarise a document
+that does not fit, sample other than greedily, or stream to a caller other than through ``on_token``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edgerope import native as N
+from edgerope.doccache import DocCache, entry_key, model_identity, tokens_digest
+from edgerope.errors import EdgeropeError, RuntimeConfigError
+from edgerope.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+PROMPT_FORMAT = "plain-v1"
+DOC_TEMPLATE = "Read the document and answer the question.\n\nDocument:\n{document}\n"
+QUESTION_TEMPLATE = "\nQuestion: {question}\nAnswer:"
+
+
+class DocumentError(EdgeropeError):
+    """A document cannot be used: missing, empty, binary or not UTF-8 text."""
+
+
+@dataclass(frozen=True)
+class Timings:
+    prefill_s: float  # document prefill, or restoring its cached state
+    question_s: float  # evaluating the question tokens
+    time_to_first_token_s: float  # from the start of prefill/restore to the first answer token
+    decode_tokens_per_s: float  # answer tokens after the first
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int  # document + question
+    document_tokens: int
+    question_tokens: int
+    cached: bool  # the document's state came from the cache
+    stop_reason: str
+    timings: Timings
+    n_ctx: int
+    type_k: str
+    type_v: str
+    prompt_format: str = PROMPT_FORMAT
+    cache_file: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_document(path: str | os.PathLike[str]) -> str:
+    """The text of a UTF-8 document; ``DocumentError`` for a missing, empty, binary or undecodable file."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise DocumentError(f"cannot read the document: {exc.strerror or exc}", where=str(p)) from exc
+    return check_document(data, where=str(p))
+
+
+def check_document(data: bytes | str, *, where: str = "document") -> str:
+    """Decode and check a document's content (see ``read_document``)."""
+    if isinstance(data, bytes):
+        nul = data.find(b"\x00")
+        if nul >= 0:
+            raise DocumentError(
+                f"the document is binary (NUL byte at offset {nul})",
+                where=where,
+                fix="give a UTF-8 text or markdown file",
+            )
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DocumentError(
+                f"the document is not UTF-8 text (bad byte at offset {exc.start})",
+                where=where,
+                fix="convert it to UTF-8 text first",
+            ) from None
+    else:
+        text = data
+        if "\x00" in text:
+            raise DocumentError("the document contains NUL characters", where=where, fix="give plain text")
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise DocumentError("the document is empty", where=where, fix="give a document with some text")
+    return text
+
+
+def _fit_error(rt: Runtime, n_doc: int, n_q: int, where: str) -> RuntimeConfigError:
+    need = n_doc + n_q + 1
+    n_ctx, n_train = rt.plan.n_ctx, rt.plan.hparams.n_ctx_train
+    if need <= n_train:
+        fix = f"run with --ctx {need} or more (the model's rope supports up to {n_train}), or a smaller document"
+    else:
+        fix = (
+            f"use a smaller document: the model's context_length (rope-extended) is {n_train}, so the "
+            f"document and question must stay under {n_train} tokens"
+        )
+    return RuntimeConfigError(
+        f"the prompt does not fit: document {n_doc} + question {n_q} tokens (+1 for the answer) = {need}, "
+        f"the context is {n_ctx}; nothing was truncated",
+        where=where,
+        fix=fix,
+    )
+
+
+def ask(
+    model_path: str | os.PathLike[str],
+    document_text: str,
+    question: str,
+    *,
+    n_ctx: int | None = None,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    max_tokens: int = 128,
+    progress: Callable[[int, int], None] | None = None,
+    on_token: Callable[[int], None] | None = None,
+    runtime: Runtime | None = None,
+    **runtime_request: Any,
+) -> Answer:
+    """Answer ``question`` about ``document_text`` with the GGUF at ``model_path`` (greedy).
+
+    ``n_ctx``/``type_k``/``type_v`` and ``runtime_request`` (``plan_runtime``'s other keyword arguments)
+    open the runtime; an open ``runtime`` for the same model may be passed instead (it is not closed).
+    ``cache_dir`` None is ``edgerope.doccache.default_cache_dir()``; ``use_cache=False`` neither reads nor
+    writes it.  Raises ``DocumentError`` for bad documents and ``RuntimeConfigError`` when the prompt does
+    not fit the context (nothing is ever truncated).
+    """
+    text = check_document(document_text)
+    if not question.strip():
+        raise RuntimeConfigError("the question is empty", fix="ask something")
+    if max_tokens < 1:
+        raise RuntimeConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+    where = str(model_path)
+    identity = model_identity(model_path) if use_cache else None  # before loading: the file as it is now
+    owned = runtime is None
+    rt = runtime or Runtime.open(model_path, n_ctx=n_ctx, type_k=type_k, type_v=type_v, **runtime_request)
+    try:
+        doc = rt.tokenize(DOC_TEMPLATE.format(document=text))
+        q = rt.tokenize(QUESTION_TEMPLATE.format(question=question.strip()), add_bos=False)
+        if len(q) + 1 > rt.plan.n_ctx:
+            raise RuntimeConfigError(
+                f"the question alone has {len(q)} tokens, the context is {rt.plan.n_ctx}",
+                where=where,
+                fix="ask a shorter question",
+            )
+        if len(doc) + len(q) + 1 > rt.plan.n_ctx:
+            raise _fit_error(rt, len(doc), len(q), where)
+
+        cache = DocCache(cache_dir) if use_cache else None
+        plan = rt.plan
+        fields = {
+            "model": identity,
+            "prompt_format": PROMPT_FORMAT,
+            "tokens_sha256": tokens_digest(doc),
+            "n_tokens": len(doc),
+            "n_ctx": plan.n_ctx,
+            "n_batch": plan.n_batch,
+            "type_k": plan.type_k.name,
+            "type_v": plan.type_v.name,
+            "flash_attn": rt.info.flash_attn,
+            "backend": rt.info.backend,
+            "rope": plan.rope_description,
+            "rope_overrides": plan.rope.explicit(),
+            "llama_cpp": N.bindings_version(),
+        }
+        key = entry_key(fields)
+
+        t0 = time.perf_counter()
+        entry = cache.get(key, fields) if cache is not None else None
+        cached = False
+        if entry is not None and entry.n_tokens == len(doc):
+            try:
+                rt.restore_state(entry.state, n_past=entry.n_tokens)
+                cached = True
+                if progress is not None:
+                    progress(len(doc), len(doc))
+            except RuntimeConfigError as exc:
+                logger.warning("document cache: %s; evaluating the document again", exc.what)
+        if not cached:
+            rt.prefill(doc, progress=progress)
+        cache_file = None
+        if cache is not None:
+            cache_file = str(cache.path_for(key))
+            if not cached:
+                cache.put(key, fields, rt.state_bytes(), n_tokens=len(doc))
+        t1 = time.perf_counter()
+
+        first: list[float] = []
+
+        def seen(tok: int) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            if on_token is not None:
+                on_token(tok)
+
+        room = rt.plan.n_ctx - len(doc) - len(q)
+        gen = rt.generate(q, max_tokens=min(max_tokens, room), clear=False, on_token=seen)
+        t2 = time.perf_counter()
+        t_first = first[0] if first else t2
+        n_after = max(len(gen.tokens) - 1, 0)
+        timings = Timings(
+            prefill_s=t1 - t0,
+            question_s=t_first - t1,
+            time_to_first_token_s=t_first - t0,
+            decode_tokens_per_s=n_after / (t2 - t_first) if n_after and t2 > t_first else 0.0,
+        )
+        return Answer(
+            text=gen.text,
+            tokens=gen.tokens,
+            prompt_tokens=len(doc) + len(q),
+            document_tokens=len(doc),
+            question_tokens=len(q),
+            cached=cached,
+            stop_reason=gen.stop_reason,
+            timings=timings,
+            n_ctx=plan.n_ctx,
+            type_k=plan.type_k.name,
+            type_v=plan.type_v.name,
+            cache_file=cache_file,
+        )
+    finally:
+        if owned:
+            rt.close()

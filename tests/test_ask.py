@@ -1,0 +1,177 @@
+"""edgerope.ask and ``edgerope ask`` on the tiny model (random weights: the answer text is meaningless, the
+mechanics are tested): cache miss then hit, what a hit evaluates, stale/corrupt/foreign cache files, prompts
+that do not fit, bad documents, --json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from edgerope.ask import DocumentError, ask, check_document
+from edgerope.cli import cli
+from edgerope.doccache import SUFFIX, DocCache
+from edgerope.errors import RuntimeConfigError
+from edgerope.runtime import Runtime
+
+pytestmark = pytest.mark.llama
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 16.0, "original_max_position_embeddings": 256}
+OPTS: dict[str, Any] = {"n_ctx": 4096, "n_threads": 2, "backend": "cpu"}
+QUESTION = "Where is item 5?"
+
+
+def document(n_sentences: int) -> str:
+    return " ".join(f"The item number {i} is stored in box {i * 7 % 13}." for i in range(n_sentences))
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """The tiny Llama with YaRN x16 (context 4096), f32 GGUF."""
+    from edgerope.export import convert
+    from edgerope.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("ask")
+    ckpt = make_tiny_checkpoint(
+        root / "yarn", tokenizer_dir=tiny_tokenizer_dir, rope_parameters=YARN, max_position_embeddings=4096
+    )
+    return convert(ckpt, root / "yarn.gguf", outtype="f32").path
+
+
+@pytest.fixture
+def model(gguf: Path, tmp_path: Path) -> Path:
+    """A private copy (tests touch and rewrite it)."""
+    out = tmp_path / "m.gguf"
+    out.write_bytes(gguf.read_bytes())
+    return out
+
+
+def test_miss_then_hit_same_answer_and_hit_skips_the_document(model: Path, tmp_path: Path) -> None:
+    doc = document(200)  # ~3,500 tokens
+    cache = tmp_path / "cache"
+    with Runtime.open(model, type_k="f16", type_v="f16", **OPTS) as rt:
+        seen: list[tuple[int, int]] = []
+        miss = ask(
+            model, doc, QUESTION, runtime=rt, cache_dir=cache, max_tokens=8, progress=lambda d, t: seen.append((d, t))
+        )
+        n_miss = rt.n_evaluated
+        hit = ask(model, doc, QUESTION, runtime=rt, cache_dir=cache, max_tokens=8)
+        n_hit = rt.n_evaluated - n_miss
+        nocache = ask(model, doc, QUESTION, runtime=rt, use_cache=False, max_tokens=8)
+    assert not miss.cached and hit.cached and not nocache.cached
+    assert miss.tokens == hit.tokens == nocache.tokens and len(miss.tokens) == 8
+    assert miss.document_tokens > 3000 and miss.stop_reason == "length"
+    generated_decodes = len(hit.tokens) - 1  # the last picked token is never evaluated
+    assert n_miss == miss.document_tokens + miss.question_tokens + generated_decodes
+    assert n_hit == hit.question_tokens + generated_decodes  # the document was restored, not evaluated
+    assert seen[-1] == (miss.document_tokens, miss.document_tokens) and len(seen) > 1
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert len(list(cache.glob(f"*{SUFFIX}"))) == 1
+    print(
+        f"\ndocument {miss.document_tokens} tokens: time to first token miss {miss.timings.time_to_first_token_s:.3f}s"
+        f", hit {hit.timings.time_to_first_token_s:.3f}s"
+        f" ({miss.timings.time_to_first_token_s / hit.timings.time_to_first_token_s:.1f}x)"
+    )
+
+
+def test_other_settings_and_stale_model_are_misses(model: Path, tmp_path: Path) -> None:
+    doc = document(20)
+    kw: dict[str, Any] = dict(cache_dir=tmp_path / "c", max_tokens=2, **OPTS)
+    assert not ask(model, doc, QUESTION, **kw).cached
+    assert ask(model, doc, "Another question?", **kw).cached  # the document prefix is shared
+    assert not ask(model, doc, QUESTION, type_k="q8_0", type_v="q8_0", **kw).cached
+    assert not ask(model, doc + " More.", QUESTION, **kw).cached
+    st = model.stat()
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: the file may have changed
+    assert not ask(model, doc, QUESTION, **kw).cached
+    assert ask(model, doc, QUESTION, **kw).cached
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_entry_is_a_miss_with_warning_then_repaired(
+    model: Path, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    doc = document(20)
+    kw: dict[str, Any] = dict(cache_dir=tmp_path / "c", max_tokens=4, **OPTS)
+    first = ask(model, doc, QUESTION, **kw)
+    path = Path(first.cache_file or "")
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x55
+    else:
+        raw = raw[: len(raw) // 2]
+    path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="edgerope.doccache"):
+        again = ask(model, doc, QUESTION, **kw)
+    assert not again.cached and again.tokens == first.tokens
+    assert any("ignoring" in r.message for r in caplog.records), caplog.text
+    assert ask(model, doc, QUESTION, **kw).cached  # rebuilt
+
+
+def test_foreign_files_in_the_cache_are_ignored(model: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "c"
+    cache.mkdir()
+    (cache / "README").write_text("not ours")
+    (cache / ("f" * 64 + SUFFIX)).write_bytes(b"GGUF foreign bytes")
+    kw: dict[str, Any] = dict(cache_dir=cache, max_tokens=2, **OPTS)
+    assert not ask(model, document(5), QUESTION, **kw).cached
+    assert ask(model, document(5), QUESTION, **kw).cached
+    assert (cache / "README").read_text() == "not ours" and (cache / ("f" * 64 + SUFFIX)).exists()
+    assert len(DocCache(cache).entries()) == 2
+
+
+def test_prompt_that_does_not_fit_is_refused_never_truncated(model: Path, tmp_path: Path) -> None:
+    kw: dict[str, Any] = dict(cache_dir=tmp_path / "c", max_tokens=2, n_threads=1, backend="cpu")
+    with pytest.raises(RuntimeConfigError) as e:
+        ask(model, document(40), QUESTION, n_ctx=256, **kw)
+    msg = e.value.message
+    assert "does not fit" in msg and "context is 256" in msg and "--ctx" in msg, msg
+    with pytest.raises(RuntimeConfigError) as e:
+        ask(model, document(300), QUESTION, n_ctx=4096, **kw)  # beyond the model's rope-extended 4096
+    assert "smaller document" in e.value.message and "--ctx" not in e.value.message, e.value.message
+    with pytest.raises(RuntimeConfigError, match="question alone"):
+        ask(model, "short", "why " * 300, n_ctx=256, **kw)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [(b"", "empty"), (b" \n\t\n", "empty"), (b"text\x00\x01\x02", "binary"), (b"caf\xe9 latin-1", "not UTF-8")],
+)
+def test_bad_documents(data: bytes, fragment: str) -> None:
+    with pytest.raises(DocumentError, match=fragment):
+        check_document(data)
+
+
+def run_cli(*args: str) -> Any:
+    return CliRunner().invoke(cli, ["ask", *args])
+
+
+def test_cli_json_and_errors(model: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text(document(30))
+    common = [str(model), "--doc", str(doc), "--cache-dir", str(tmp_path / "c"), "--max-tokens", "3"]
+    r1 = run_cli(*common, "--question", QUESTION, "--json", "--ctx", "1024")
+    assert r1.exit_code == 0, r1.output
+    a1 = json.loads(r1.stdout)
+    r2 = run_cli(*common, "--question", QUESTION, "--json", "--ctx", "1024")
+    a2 = json.loads(r2.stdout)
+    assert (a1["cached"], a2["cached"]) == (False, True) and a1["tokens"] == a2["tokens"]
+    assert {"text", "prompt_tokens", "document_tokens", "timings", "n_ctx", "type_k"} <= set(a2)
+    assert a2["timings"]["time_to_first_token_s"] > 0
+
+    r = run_cli(*common, "--question", QUESTION, "--ctx", "256")
+    assert r.exit_code == 2 and "does not fit" in r.stderr and "Traceback" not in r.output, r.output
+    for name, data in (("empty.txt", b""), ("bin.txt", b"\x00\x01binary")):
+        (tmp_path / name).write_bytes(data)
+        r = run_cli(str(model), "--doc", str(tmp_path / name), "--question", QUESTION)
+        assert r.exit_code == 2 and "document" in r.stderr, r.output
+    r = run_cli(str(model), "--doc", str(tmp_path / "missing.txt"), "--question", QUESTION)
+    assert r.exit_code == 2 and "cannot read" in r.stderr, r.output
+    r = run_cli(*common, "--question", QUESTION, "--no-cache", "--ctx", "1024")
+    assert r.exit_code == 0 and "evaluated" in r.stderr, r.output
