@@ -28,7 +28,7 @@ from typing import Any
 
 from edgerope import native as N
 from edgerope.doccache import DocCache, entry_key, model_identity, tokens_digest
-from edgerope.errors import EdgeropeError, RuntimeConfigError
+from edgerope.errors import EdgeropeError, OutputError, RuntimeConfigError
 from edgerope.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,11 @@ def ask(
         if cache is not None:
             cache_file = str(cache.path_for(key))
             if not cached:
-                cache.put(key, fields, rt.state_bytes(), n_tokens=len(doc))
+                try:
+                    cache.put(key, fields, rt.state_bytes(), n_tokens=len(doc))
+                except (OSError, OutputError) as exc:  # the answer does not depend on the cache
+                    logger.warning("document cache: could not save %s: %s", cache_file, exc)
+                    cache_file = None
         t1 = time.perf_counter()
 
         first: list[float] = []

@@ -125,6 +125,15 @@ def test_foreign_files_in_the_cache_are_ignored(model: Path, tmp_path: Path) -> 
     assert len(DocCache(cache).entries()) == 2
 
 
+def test_unwritable_cache_still_answers(model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING, logger="edgerope.ask"):
+        a = ask(model, document(5), QUESTION, cache_dir=blocker / "c", max_tokens=2, **OPTS)
+    assert len(a.tokens) == 2 and not a.cached and a.cache_file is None
+    assert "could not save" in caplog.text
+
+
 def test_prompt_that_does_not_fit_is_refused_never_truncated(model: Path, tmp_path: Path) -> None:
     kw: dict[str, Any] = dict(cache_dir=tmp_path / "c", max_tokens=2, n_threads=1, backend="cpu")
     with pytest.raises(RuntimeConfigError) as e:
