@@ -70,7 +70,7 @@ class RawBytes:
         with self.path.open("rb") as src:
             done = 0
             while done < self.nbytes:
-                n = _copy_range(src.fileno(), dst, self.start + done, self.nbytes - done)
+                n = copy_range(src.fileno(), dst, self.start + done, self.nbytes - done)
                 if n <= 0:
                     raise OSError(errno.EIO, f"short read from {self.path}")
                 done += n
@@ -92,7 +92,8 @@ class ArrayBytes:
         fout.seek(0, os.SEEK_END)  # resync the buffered writer with the descriptor
 
 
-def _copy_range(src: int, dst: int, offset: int, count: int) -> int:
+def copy_range(src: int, dst: int, offset: int, count: int) -> int:
+    """Copy up to ``count`` bytes from ``src`` at ``offset`` to ``dst``'s position in the kernel; returns bytes copied."""
     count = min(count, 1 << 30)
     for copy in (getattr(os, "copy_file_range", None), getattr(os, "sendfile", None)):
         if copy is None:

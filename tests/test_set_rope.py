@@ -403,3 +403,45 @@ def test_set_rope_model_runs_in_llama_cpp_like_transformers_with_the_target_rope
     assert err[:256].max() < 1e-3 and err[256:].max() < 1e-3, f"max |dlogit| {err.max():.2e}"
     before = np.abs(llama_cpp_logits(plain, tokens) - ref)
     assert before[256:].max() > 100 * err[256:].max()  # the unscaled file really computes something else
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_copy_compare_catches_a_shifted_or_corrupted_copy(tmp_path, monkeypatch, full):
+    """The kernel copy is compared with the source: an off-by-some copy (the realistic bug) fails in both modes,
+    one flipped byte in the middle of a run fails the full read-back."""
+    from edgerope.gguf_stream import copy_range as kernel_copy
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, size=3 << 20, dtype=np.uint8).tobytes()
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    runs = [(0, 0, len(data))]
+
+    def run(copy):
+        monkeypatch.setattr(S, "copy_range", copy)
+        dst = tmp_path / "dst.bin"
+        dst.write_bytes(b"")
+        s_fd, d_fd = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDWR)
+        try:
+            S._copy_verified(s_fd, d_fd, runs, lambda n: None, full=full)
+        finally:
+            os.close(s_fd)
+            os.close(d_fd)
+
+    run(kernel_copy)  # a correct copy passes
+
+    def shifted(s, d, offset, count):
+        return os.write(d, os.pread(s, count, offset + 1 if offset + 1 < len(data) else offset))
+
+    with pytest.raises(OutputError, match="differ"):
+        run(shifted)
+
+    def one_flip(s, d, offset, count):
+        chunk = bytearray(os.pread(s, count, offset))
+        if offset <= len(data) // 2 + 12345 < offset + count:
+            chunk[len(data) // 2 + 12345 - offset] ^= 0xFF
+        return os.write(d, bytes(chunk))
+
+    if full:
+        with pytest.raises(OutputError, match="differ"):
+            run(one_flip)

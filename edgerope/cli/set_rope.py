@@ -31,6 +31,11 @@ ROPE_TYPES = ("none", "linear", "yarn", "ntk")  # edgerope.set_rope.ROPE_TYPES (
 @click.option("--beta-slow", type=float, default=None, help="YaRN beta_slow (only arches that read it).")
 @click.option("--in-place", is_flag=True, help="Replace IN.gguf (only after the new file is verified).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option(
+    "--full-verify",
+    is_flag=True,
+    help="Read back every tensor byte and compare (default: head, tail and spaced blocks of every tensor run).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def set_rope(input_file: str, output: str | None, as_json: bool, **options: Any) -> None:
