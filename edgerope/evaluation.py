@@ -285,6 +285,19 @@ def multikey_grid(
     return GridResult("multikey", seed, trials, cells)
 
 
+def agreement(a: GridResult, b: GridResult) -> float:
+    """Fraction of trials where two runs of the same grid (same task, lengths, depths, trials, seed) answered with
+    the same first integer (or both with none): the PyTorch-vs-llama.cpp agreement measure."""
+    sa = [s for c in a.cells for s in c.samples]
+    sb = [s for c in b.cells for s in c.samples]
+    same_grid = (a.task, a.seed, a.trials) == (b.task, b.seed, b.trials) and [(c.length, c.depth) for c in a.cells] == [
+        (c.length, c.depth) for c in b.cells
+    ]
+    if not same_grid or len(sa) != len(sb) or not sa:
+        raise EvalError("the two grids differ (task, seed, trials, lengths or depths)", fix="run the same grid twice")
+    return sum(first_integer(x["output"]) == first_integer(y["output"]) for x, y in zip(sa, sb, strict=True)) / len(sa)
+
+
 # ---------------------------------------------------------------------------------------------------- perplexity
 
 
@@ -360,6 +373,13 @@ def perplexity_truncated(
     if acc.docs == 0:
         raise EvalError(f"no document has {length} tokens", fix="use longer documents or a shorter length")
     return acc.result()
+
+
+def perplexity_sweep(
+    logits_fn: LogitsFn, docs: Sequence[Sequence[int]], lengths: Sequence[int], *, bucket_size: int = 256
+) -> dict[int, Perplexity]:
+    """``perplexity_truncated`` at each length (YaRN's perplexity-versus-length table)."""
+    return {int(n): perplexity_truncated(logits_fn, docs, length=int(n), bucket_size=bucket_size) for n in lengths}
 
 
 def perplexity_sliding(

@@ -13,6 +13,7 @@ import sentencepiece as spm
 from edgerope.evaluation import (
     FILLER,
     EvalError,
+    agreement,
     first_integer,
     llama_backend,
     multikey_grid,
@@ -20,6 +21,7 @@ from edgerope.evaluation import (
     passkey_grid,
     passkey_prompt,
     perplexity_sliding,
+    perplexity_sweep,
     perplexity_truncated,
     score_answer,
     token_nll,
@@ -115,6 +117,9 @@ def test_passkey_grid_with_an_oracle(tokenize, sp) -> None:
     again = passkey_grid(wrong, tokenize, [150, 300], [0.0, 0.5, 1.0], trials=3, seed=7)
     assert again.accuracy == 0.0 and [s["key"] for c in again.cells for s in c.samples] == keys
     assert res.to_dict()["cells"][0]["seed"] == [7, 150, 0]
+    assert agreement(res, res) == 1.0 and agreement(res, again) == 0.0
+    with pytest.raises(EvalError, match="grids differ"):
+        agreement(res, passkey_grid(wrong, tokenize, [150], [0.0], trials=3, seed=7))
 
 
 def test_multikey(tokenize, sp) -> None:
@@ -165,6 +170,8 @@ def test_sliding_equals_single_pass_when_window_covers() -> None:
     assert slide.perplexity == pytest.approx(single.perplexity, rel=1e-12)
     assert slide.bucket_nll == pytest.approx(single.bucket_nll, rel=1e-12)
     assert sorted(single.bucket_nll) == [0, 32, 64, 96] and single.bucket_count[0] == 3 * 31
+    sweep = perplexity_sweep(f, docs, [50, 100], bucket_size=32)
+    assert sweep[100].perplexity == single.perplexity and sweep[50].n_tokens == 3 * 49
 
 
 def test_sliding_scores_every_token_once() -> None:
@@ -233,7 +240,7 @@ def test_torch_and_llama_cpp_agree(tiny_pair: tuple[Path, Path]) -> None:
         gb = passkey_grid(cpp.generate, cpp.tokenize, [128, 200], [0.0, 1.0], trials=2, seed=3, max_new_tokens=6)
         outs_a = [s["output"] for c in ga.cells for s in c.samples]
         outs_b = [s["output"] for c in gb.cells for s in c.samples]
-        assert outs_a == outs_b
+        assert outs_a == outs_b and agreement(ga, gb) == 1.0
         assert any(o.strip() for o in outs_a)  # the random model says something
 
 
