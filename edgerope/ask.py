@@ -28,7 +28,7 @@ from typing import Any
 
 from edgerope import native as N
 from edgerope.doccache import DocCache, entry_key, model_identity, tokens_digest
-from edgerope.errors import EdgeropeError, OutputError, RuntimeConfigError
+from edgerope.errors import DocumentError, OutputError, RuntimeConfigError
 from edgerope.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -36,10 +36,6 @@ logger = logging.getLogger(__name__)
 PROMPT_FORMAT = "plain-v1"
 DOC_TEMPLATE = "Read the document and answer the question.\n\nDocument:\n{document}\n"
 QUESTION_TEMPLATE = "\nQuestion: {question}\nAnswer:"
-
-
-class DocumentError(EdgeropeError):
-    """A document cannot be used: missing, empty, binary or not UTF-8 text."""
 
 
 @dataclass(frozen=True)

@@ -34,14 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgerope.errors import ConfigError, EdgeropeError, TokenizerError
+from edgerope.errors import ConfigError, DataError, TokenizerError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".tex", ".py", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs")
 JSONL_SUFFIX = ".jsonl"
-
-
-class DataError(EdgeropeError):
-    """Training or evaluation data is missing, empty, malformed or too short."""
 
 
 @dataclass(frozen=True)

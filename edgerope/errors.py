@@ -61,3 +61,15 @@ class OutputError(EdgeropeError):
 
 class RuntimeConfigError(EdgeropeError):
     """A runtime request (context, cache types, backend) cannot be honoured."""
+
+
+class DocumentError(EdgeropeError):
+    """A document cannot be used: missing, empty, binary or not UTF-8 text."""
+
+
+class DataError(EdgeropeError):
+    """Training or evaluation data is missing, empty, malformed or too short."""
+
+
+class EvalError(EdgeropeError):
+    """An evaluation request cannot be built or run (lengths too short, bad settings, no documents)."""

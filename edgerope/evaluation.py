@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from edgerope.errors import ConfigError, EdgeropeError
+from edgerope.errors import ConfigError, EvalError
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -47,10 +47,6 @@ MAX_NEW_TOKENS = 10
 TokenizeFn = Callable[[str], list[int]]
 GenerateFn = Callable[[list[int], int], str]
 LogitsFn = Callable[[list[int]], np.ndarray]
-
-
-class EvalError(EdgeropeError):
-    """An evaluation request cannot be built or run (lengths too short, bad settings, no documents)."""
 
 
 # ---------------------------------------------------------------------------------------------------- prompts

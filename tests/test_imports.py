@@ -17,6 +17,11 @@ TORCH_FREE = [
     "edgerope.gguf_file",
     "edgerope.runtime",
     "edgerope.quantize",
+    "edgerope.plan",
+    "edgerope.doccache",
+    "edgerope.ask",
+    "edgerope.data",
+    "edgerope.evaluation",
     "edgerope.cli",
 ]
 
