@@ -1,0 +1,483 @@
+"""A small OpenAI-compatible HTTP server around one ``Runtime`` (stdlib ``http.server``, no web framework).
+
+What it does:
+
+* ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions``, non-streaming or streaming
+  (server-sent events: ``data: {chunk}`` lines, then ``data: [DONE]``);
+* chat prompts come from the GGUF's chat template rendered in the sandbox (``edgerope.chat_template``), or
+  the documented plain format when the GGUF has none; the prompt is tokenized with special tokens parsed;
+* ``max_tokens`` (default: the rest of the context), ``stop`` (a string or up to 4 strings; the text is cut
+  before the first match), ``temperature`` 0 or absent (greedy decoding with llama.cpp's sampler: the only
+  decoding this server does; other values are refused with 400), ``usage`` token counts;
+* a prompt that does not fit the context, or whose ``max_tokens`` would not fit after it, is a 400 error
+  saying the numbers -- never truncated; malformed JSON, missing or mistyped fields are 400 JSON errors;
+* one request runs at a time (a lock around the runtime); at most ``max_queue`` wait, more are answered 429;
+  an optional API key (``Authorization: Bearer``) is checked before anything else;
+* a client that disconnects mid-stream stops its generation; the server keeps serving;
+* ``close()`` stops accepting, lets the running request end, and closes the runtime.
+
+What it does not do: sample (top-p, seeds, penalties), batch requests, tool calls, logprobs, or reuse the
+KV cache between requests (every request evaluates its prompt from an empty cache).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from edgerope.chat_template import ChatTemplate, TemplateError, from_gguf, plain_prompt
+from edgerope.errors import EdgeropeError, RuntimeConfigError
+from edgerope.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 << 20
+MAX_STOP_STRINGS = 4
+DEFAULT_HOST = "127.0.0.1"
+
+
+class RequestError(EdgeropeError):
+    """A request the server refuses (answered with ``status``)."""
+
+    def __init__(self, what: str, *, status: int = 400, param: str | None = None, fix: str | None = None) -> None:
+        super().__init__(what, where=param, fix=fix)
+        self.status = status
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
+
+
+class _Stop(Exception):
+    """Ends a generation from inside ``on_token`` (a stop string matched, or the client went away)."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" or "length"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# request parsing
+
+
+def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise RequestError(f"the request has no {name!r} field", param=name)
+        return None
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise RequestError(f"{name!r} must not be a boolean", param=name)
+    if not isinstance(value, kind):
+        raise RequestError(f"{name!r} has the wrong type ({type(value).__name__})", param=name)
+    return value
+
+
+def _stops(body: Mapping[str, Any]) -> list[str]:
+    stop = _field(body, "stop", (str, list))
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError(f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS}", param="stop")
+    return list(stops)
+
+
+def _check_sampling(body: Mapping[str, Any]) -> None:
+    temperature = _field(body, "temperature", (int, float))
+    if temperature not in (None, 0):
+        raise RequestError(
+            f"temperature {temperature} asks for sampling; this server decodes greedily only",
+            param="temperature",
+            fix="send temperature 0 or leave it out",
+        )
+    n = _field(body, "n", int)
+    if n not in (None, 1):
+        raise RequestError("only n=1 is supported", param="n")
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    messages = _field(body, "messages", list, required=True)
+    if not messages:
+        raise RequestError("'messages' is empty", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RequestError(f"messages[{i}] must be an object with a 'role' string", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise RequestError(f"messages[{i}]: only text content parts are supported", param="messages")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if content is not None and not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string", param="messages")
+        out.append({"role": m["role"], "content": content or ""})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the engine: one runtime, one request at a time
+
+
+class Engine:
+    """Prompts to tokens, token counts checked against the context, greedy generation with stop strings."""
+
+    def __init__(self, runtime: Runtime, *, template: ChatTemplate | None, model_id: str, max_queue: int = 8):
+        self.runtime = runtime
+        self.template = template
+        self.model_id = model_id
+        self.max_queue = max_queue
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._count_lock = threading.Lock()
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        if self.template is None:
+            return plain_prompt(messages)
+        try:
+            return self.template.render(messages, add_generation_prompt=True)
+        except TemplateError as exc:
+            raise RequestError(f"the chat template could not render these messages: {exc.what}") from None
+
+    def tokens(self, prompt: str, *, special: bool) -> list[int]:
+        rt = self.runtime
+        bos = self.template.bos_token if self.template is not None else ""
+        add_bos = False if special and bos and prompt.startswith(bos) else None  # the template wrote BOS
+        return rt.tokenize(prompt, add_bos=add_bos, special=special)
+
+    def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
+        n_ctx = self.runtime.n_ctx
+        if n_prompt == 0:
+            raise RequestError("the prompt is empty", param="prompt")
+        if n_prompt >= n_ctx:
+            raise RequestError(
+                f"the prompt has {n_prompt} tokens; the context is {n_ctx} tokens and must hold the prompt and at "
+                "least one new token; nothing was truncated",
+                param="messages",
+                fix="send a shorter prompt, or start the server with a larger --ctx",
+            )
+        room = n_ctx - n_prompt
+        if max_tokens is None:
+            return room
+        if max_tokens < 1:
+            raise RequestError("'max_tokens' must be >= 1", param="max_tokens")
+        if max_tokens > room:
+            raise RequestError(
+                f"max_tokens {max_tokens} does not fit: the prompt has {n_prompt} tokens and the context is {n_ctx}",
+                param="max_tokens",
+                fix=f"ask for at most {room} tokens",
+            )
+        return max_tokens
+
+    def _enter(self) -> None:
+        with self._count_lock:
+            if self._waiting >= self.max_queue + 1:
+                raise RequestError("the server is busy; too many requests are waiting", status=429)
+            self._waiting += 1
+
+    def _leave(self) -> None:
+        with self._count_lock:
+            self._waiting -= 1
+
+    def run(
+        self,
+        tokens: list[int],
+        *,
+        max_tokens: int | None,
+        stops: list[str],
+        emit: Callable[[str], None] | None = None,
+    ) -> Completion:
+        """Generate after ``tokens``; ``emit(text)`` gets each new piece of text that can no longer be cut by a
+        stop string (an exception it raises ends the generation and propagates)."""
+        budget = self._budget(len(tokens), max_tokens)
+        self._enter()
+        try:
+            with self._lock:
+                return self._generate(tokens, budget, stops, emit)
+        finally:
+            self._leave()
+
+    def _generate(
+        self, tokens: list[int], budget: int, stops: list[str], emit: Callable[[str], None] | None
+    ) -> Completion:
+        rt = self.runtime
+        out: list[int] = []
+        state = {"sent": 0, "text": "", "stopped": False}
+        hold = max((len(s) for s in stops), default=1) - 1
+
+        def on_token(tok: int) -> None:
+            out.append(tok)
+            text = rt.detokenize(out)
+            state["text"] = text
+            cut = _first_stop(text, stops)
+            if cut is not None:
+                state["text"], state["stopped"] = text[:cut], True
+                raise _Stop
+            if emit is not None:
+                safe = len(text) - hold
+                while safe > state["sent"] and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 character
+                    safe -= 1
+                if safe > state["sent"]:
+                    emit(text[state["sent"] : safe])
+                    state["sent"] = safe
+
+        try:
+            gen = rt.generate(tokens, max_tokens=budget, on_token=on_token)
+            text = rt.detokenize(gen.tokens)
+            n_out = len(gen.tokens)
+            reason = "stop" if gen.stop_reason in ("eog", "stop") else "length"
+        except _Stop:
+            text, n_out, reason = str(state["text"]), len(out), "stop"
+        if emit is not None and len(text) > int(state["sent"]):
+            emit(text[int(state["sent"]) :])
+        return Completion(text, len(tokens), n_out, reason)
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HTTP
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: EdgeropeServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (http.server's signature)
+        logger.debug("%s " + format, self.address_string(), *args)
+
+    def _send_json(self, status: int, payload: Mapping[str, Any]) -> None:
+        data = json.dumps(payload).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorised(self) -> bool:
+        key = self.server.api_key
+        if key is None or self.headers.get("Authorization") == f"Bearer {key}":
+            return True
+        self._send_json(401, RequestError("missing or wrong API key", status=401).body())
+        return False
+
+    def do_GET(self) -> None:  # noqa: N802
+        if not self._authorised():
+            return
+        if self.path.rstrip("/") == "/v1/models":
+            info = self.server.engine.runtime.info
+            model = {"id": self.server.engine.model_id, "object": "model", "created": 0, "owned_by": "edgerope"}
+            model["n_ctx"] = info.n_ctx  # type: ignore[assignment]
+            self._send_json(200, {"object": "list", "data": [model]})
+        else:
+            self._send_json(404, RequestError(f"no route {self.path}", status=404).body())
+
+    def do_POST(self) -> None:  # noqa: N802
+        if not self._authorised():
+            return
+        route = self.path.rstrip("/")
+        t0 = time.perf_counter()
+        status, usage = 200, None
+        try:
+            body = self._body()
+            if route == "/v1/chat/completions":
+                usage = self._complete(body, chat=True)
+            elif route == "/v1/completions":
+                usage = self._complete(body, chat=False)
+            else:
+                raise RequestError(f"no route {self.path}", status=404)
+        except RequestError as exc:
+            status = exc.status
+            self._send_json(exc.status, exc.body())
+        except (BrokenPipeError, ConnectionResetError):
+            status = 499  # the client went away
+        except EdgeropeError as exc:
+            status = 400
+            self._send_json(400, RequestError(exc.message).body())
+        logger.info(
+            "%s %s %d",
+            self.command,
+            route,
+            status,
+            extra={
+                "request": {"method": self.command, "path": route, "status": status, "usage": usage}
+                | {"seconds": round(time.perf_counter() - t0, 4)}
+            },
+        )
+
+    def _body(self) -> dict[str, Any]:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise RequestError("the request needs a Content-Length header", status=411) from None
+        if length > MAX_BODY_BYTES:
+            raise RequestError(f"the request body is {length} bytes, above {MAX_BODY_BYTES}", status=413)
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RequestError(f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        return body
+
+    def _complete(self, body: dict[str, Any], *, chat: bool) -> dict[str, int]:
+        engine = self.server.engine
+        _check_sampling(body)
+        stops = _stops(body)
+        max_tokens = _field(body, "max_tokens", int)
+        if chat and max_tokens is None:
+            max_tokens = _field(body, "max_completion_tokens", int)
+        stream = bool(_field(body, "stream", bool))
+        if chat:
+            tokens = engine.tokens(engine.chat_prompt(_messages(body)), special=True)
+        else:
+            prompt = _field(body, "prompt", (str, list), required=True)
+            if isinstance(prompt, list):
+                if len(prompt) != 1 or not isinstance(prompt[0], str):
+                    raise RequestError("'prompt' must be a string (or a list of one string)", param="prompt")
+                prompt = prompt[0]
+            tokens = engine.tokens(prompt, special=False)
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        base = {"id": ident, "created": created, "model": engine.model_id}
+        if not stream:
+            c = engine.run(tokens, max_tokens=max_tokens, stops=stops)
+            usage = _usage(c)
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": c.text}}
+                obj = "chat.completion"
+            else:
+                choice = {"index": 0, "text": c.text, "logprobs": None}
+                obj = "text_completion"
+            choice["finish_reason"] = c.finish_reason
+            self._send_json(200, {**base, "object": obj, "choices": [choice], "usage": usage})
+            return usage
+        return self._stream(tokens, base, chat=chat, max_tokens=max_tokens, stops=stops)
+
+    def _stream(
+        self, tokens: list[int], base: dict[str, Any], *, chat: bool, max_tokens: int | None, stops: list[str]
+    ) -> dict[str, int]:
+        engine = self.server.engine
+        engine._budget(len(tokens), max_tokens)  # refuse before the 200 header goes out
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+        def event(payload: Mapping[str, Any] | str) -> None:
+            data = payload if isinstance(payload, str) else json.dumps(payload)
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+
+        def choice(text: str | None, finish: str | None, *, first: bool = False) -> dict[str, Any]:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+                if text is not None:
+                    delta["content"] = text
+                return {"index": 0, "delta": delta, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+        if chat:
+            event({**base, "object": obj, "choices": [choice(None, None, first=True)]})
+        c = engine.run(
+            tokens,
+            max_tokens=max_tokens,
+            stops=stops,
+            emit=lambda piece: event({**base, "object": obj, "choices": [choice(piece, None)]}),
+        )
+        usage = _usage(c)
+        event({**base, "object": obj, "choices": [choice(None if chat else "", c.finish_reason)], "usage": usage})
+        event("[DONE]")
+        return usage
+
+
+def _usage(c: Completion) -> dict[str, int]:
+    return {
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "total_tokens": c.prompt_tokens + c.completion_tokens,
+    }
+
+
+class EdgeropeServer(ThreadingHTTPServer):
+    """The HTTP server; ``serve_forever()`` in some thread, ``close()`` to stop and free the runtime."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, engine: Engine, *, host: str = DEFAULT_HOST, port: int = 8080, api_key: str | None = None):
+        self.engine = engine
+        self.api_key = api_key
+        super().__init__((host, port), _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._running = True
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            self._running = False
+
+    def close(self) -> None:
+        """Stop ``serve_forever`` (running in another thread), stop listening, let the running request end, close
+        the runtime.  Safe to call twice."""
+        if getattr(self, "_running", False):
+            self.shutdown()
+        self.server_close()
+        with self.engine._lock:
+            self.engine.runtime.close()
+
+
+def open_server(
+    model_path: str | os.PathLike[str],
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = 8080,
+    api_key: str | None = None,
+    max_queue: int = 8,
+    model_id: str | None = None,
+    **runtime_request: Any,
+) -> EdgeropeServer:
+    """Open the GGUF (``Runtime.open(model_path, **runtime_request)``, validated) and its chat template, and bind
+    the server (``port`` 0: any free port; see ``server.url``).  Raises ``TemplateError`` for a template that does
+    not compile and the runtime's errors for a bad model or request; the runtime is closed on failure."""
+    if max_queue < 0:
+        raise RuntimeConfigError(f"max_queue must be >= 0, got {max_queue}")
+    template = from_gguf(model_path)
+    rt = Runtime.open(model_path, **runtime_request)
+    try:
+        engine = Engine(rt, template=template, model_id=model_id or Path(model_path).stem, max_queue=max_queue)
+        return EdgeropeServer(engine, host=host, port=port, api_key=api_key)
+    except OSError as exc:
+        rt.close()
+        raise RuntimeConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}", fix="choose another --port (0: any free one)"
+        ) from None
+    except BaseException:
+        rt.close()
+        raise
