@@ -73,3 +73,7 @@ class DataError(EdgeropeError):
 
 class EvalError(EdgeropeError):
     """An evaluation request cannot be built or run (lengths too short, bad settings, no documents)."""
+
+
+class TrainingError(EdgeropeError):
+    """A fine-tuning run cannot start or continue (would not fit, bad resume, inconsistent settings)."""

@@ -1,0 +1,88 @@
+"""``edgerope finetune``: fine-tune a checkpoint at a scaled rope (full length or PoSE); DDP under torchrun."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+
+from edgerope.cli._common import echo_json, handle_errors, progress_enabled
+
+
+@contextlib.contextmanager
+def _step_progress(enabled: bool) -> Iterator[Callable[[Any], None] | None]:
+    """A tqdm bar of optimizer steps on stderr (tty only) showing loss, tokens/s and the ETA."""
+    if not enabled or not progress_enabled():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="step", desc="finetune", file=click.get_text_stream("stderr"))
+
+    def progress(p: Any) -> None:
+        bar.total = p.steps
+        bar.set_postfix(loss=f"{p.loss:.4f}", tok_s=f"{p.tokens_per_s:.0f}", refresh=False)
+        bar.update(p.step - bar.n)
+
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
+@click.command("finetune")
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.option("--rope", type=click.Choice(["yarn", "linear", "ntk"]), default="yarn", show_default=True)
+@click.option("--factor", type=float, default=None, help="Context multiplier (default: target / original).")
+@click.option("--target-context", type=int, default=None, help="Target context (default: factor x original).")
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(), help="Text files, folders, JSONL.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--pose", is_flag=True, help="PoSE: train in the original window with skipped position ids.")
+@click.option("--pose-chunks", type=int, default=2, show_default=True)
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Rows per micro-step per process.")
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default: YaRN's, scaled to the model).")
+@click.option("--schedule", type=click.Choice(["cosine", "linear"]), default="cosine", show_default=True)
+@click.option("--seq-len", type=int, default=None, help="Training row length (default: target, or original with PoSE).")
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute layers in backward (less memory).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--holdout", type=float, default=0.05, show_default=True, help="Fraction of documents held out.")
+@click.option("--save-every", type=int, default=None, help="Save a resumable checkpoint every N steps.")
+@click.option("--eval-every", type=int, default=None, help="Held-out loss every N steps (always at the end).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the output folder.")
+@click.option("--force", is_flag=True, help="Start over in an output folder that holds another run.")
+@click.option("--rescale", is_flag=True, help="Allow scaling an already scaled checkpoint again.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def finetune(checkpoint: str, data: tuple[str, ...], out_dir: str, as_json: bool, **options: Any) -> None:
+    """Fine-tune CHECKPOINT (an HF folder) with a scaled rope; the output's config carries the rope."""
+    from edgerope.finetune import finetune as run_finetune
+
+    with _step_progress(not as_json) as progress:
+        report = run_finetune(checkpoint, out_dir, data=list(data), progress=progress, **options)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    held = report.heldout_losses[-1][1] if report.heldout_losses else None
+    click.echo(f"rope:        {report.rope}, context {report.original_context} -> {report.target_context}")
+    click.echo(
+        f"trained:     {report.steps} steps, seq_len {report.seq_len}{' (PoSE)' if report.pose else ''}, "
+        f"{report.tokens} tokens, {report.seconds:.1f} s, {report.tokens_per_s:.0f} tok/s"
+    )
+    click.echo(
+        f"loss:        {report.losses[0]:.4f} -> {report.losses[-1]:.4f}"
+        + (f", held-out {held:.4f}" if held is not None else "")
+    )
+    click.echo(
+        f"memory:      peak {report.peak_memory_bytes / 2**20:.0f} MiB "
+        f"(estimate {report.memory_estimate_bytes / 2**20:.0f} MiB), {report.device}, {report.precision}"
+    )
+    click.echo(f"output:      {report.output_dir}")

@@ -1,0 +1,265 @@
+"""Fine-tuning: loss goes down, the output carries its rope, resume is exact, PoSE is flat, DDP matches one process.
+
+References: the output is re-read with ``LlamaModel.from_pretrained`` and converted by ``edgerope.export``
+and its GGUF keys read with ``gguf.GGUFReader``; the 2-process run is launched with torch's own launcher
+(``python -m torch.distributed.run``) and compared with a single-process run of the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgerope import rope as R
+from edgerope.cli import cli
+from edgerope.config import ModelConfig
+from edgerope.errors import ConfigError, DataError, OutputError, RopeConfigError, TrainingError
+from edgerope.finetune import estimate_memory, finetune, lr_multiplier
+from edgerope.model import LlamaModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~60 KB of English text from CPython's own pydoc_data, one document per topic."""
+    from pydoc_data.topics import topics
+
+    d = tmp_path_factory.mktemp("corpus")
+    for i, key in enumerate(sorted(topics)[:24]):
+        (d / f"{i:02d}.txt").write_text(topics[key], encoding="utf-8")
+    return d
+
+
+def small(**kw):
+    """Fast settings for the tiny model: factor 2 (256 -> 512), 64-token rows, lr high enough to move in 10 steps."""
+    base = dict(rope="yarn", factor=2, steps=6, batch_size=2, seq_len=64, lr=3e-3, seed=0, device="cpu")
+    base.update(kw)
+    return base
+
+
+def test_loss_decreases_and_output_carries_the_rope(make_tiny, corpus, tmp_path):
+    ck = make_tiny()
+    seen = []
+    rep = finetune(ck, tmp_path / "out", data=[corpus], **small(steps=12, eval_every=6, lr=1e-2), progress=seen.append)
+    assert [p.step for p in seen] == list(range(1, 13))
+    assert all(p.tokens_per_s > 0 and p.eta_s >= 0 for p in seen)
+    first, last = np.mean(rep.losses[:3]), np.mean(rep.losses[-3:])
+    assert last < first - 0.3, rep.losses
+    assert [s for s, _ in rep.heldout_losses] == [6, 12]
+    assert rep.peak_memory_bytes > 0 and rep.memory_estimate_bytes > 0
+
+    cfg = ModelConfig.load(tmp_path / "out")
+    assert cfg.rope == R.Yarn(theta=10000.0, factor=2.0, original_max_position_embeddings=256)
+    assert cfg.max_position_embeddings == 512 and cfg.rope_finetuned is True
+    model = LlamaModel.from_pretrained(tmp_path / "out")
+    src = LlamaModel.from_pretrained(ck)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, src.state_dict()[k])]
+    assert changed, "the weights did not change"
+    assert (tmp_path / "out" / "tokenizer.model").is_file()
+
+    from edgerope.export import convert
+
+    gg = tmp_path / "out.gguf"
+    convert(tmp_path / "out", gg, outtype="f32")  # no rope flags: the config carries it
+    kv = {k: f.contents() for k, f in gguf.GGUFReader(gg).fields.items()}
+    assert kv["llama.rope.scaling.type"] == "yarn"
+    assert kv["llama.rope.scaling.factor"] == pytest.approx(2.0)
+    assert kv["llama.rope.scaling.original_context_length"] == 256
+    assert kv["llama.context_length"] == 512
+    assert kv["llama.rope.scaling.finetuned"] is True
+
+
+@pytest.mark.parametrize(
+    ("rope", "want"),
+    [("linear", R.Linear(theta=10000.0, factor=4.0)), ("ntk", R.Default(theta=R.ntk_theta(10000.0, 4.0, 64)))],
+)
+def test_linear_and_ntk_outputs(make_tiny, corpus, tmp_path, rope, want):
+    finetune(make_tiny(), tmp_path / "o", data=[corpus], **small(rope=rope, factor=4, steps=1))
+    cfg = ModelConfig.load(tmp_path / "o")
+    assert cfg.rope == want and cfg.max_position_embeddings == 1024 and cfg.rope_finetuned
+
+
+def test_resume_is_bit_exact(make_tiny, corpus, tmp_path):
+    ck = make_tiny()
+    straight = finetune(ck, tmp_path / "a", data=[corpus], **small(grad_accum=2, save_every=3))
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(p):
+        if p.step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(ck, tmp_path / "b", data=[corpus], **small(grad_accum=2, save_every=3), progress=interrupt)
+    assert not (tmp_path / "b" / "config.json").exists()  # no output from an interrupted run
+    resumed = finetune(ck, tmp_path / "b", data=[corpus], **small(grad_accum=2, save_every=3), resume=True)
+    assert resumed.resumed_from_step == 3
+    assert resumed.losses == straight.losses  # bit-exact on CPU fp32
+    a, b = (LlamaModel.from_pretrained(tmp_path / p).state_dict() for p in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_settings_is_refused(make_tiny, corpus, tmp_path):
+    ck = make_tiny()
+    with pytest.raises(RuntimeError):
+        finetune(ck, tmp_path / "o", data=[corpus], **small(save_every=2), progress=lambda p: _raise(p.step == 2))
+    with pytest.raises(TrainingError) as e:
+        finetune(ck, tmp_path / "o", data=[corpus], **small(save_every=2, lr=1e-3, batch_size=4), resume=True)
+    assert "lr: 0.003 -> 0.001" in e.value.what and "global_batch: 2 -> 4" in e.value.what
+    with pytest.raises(OutputError):  # neither resume nor force: the old run is not silently replaced
+        finetune(ck, tmp_path / "o", data=[corpus], **small())
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        finetune(ck, tmp_path / "fresh", data=[corpus], **small(), resume=True)
+
+
+def _raise(cond: bool) -> None:
+    if cond:
+        raise RuntimeError("interrupted")
+
+
+def test_pose_shapes_and_memory_are_flat_in_the_target(make_tiny, corpus, tmp_path):
+    ck = make_tiny()
+    cfg = ModelConfig.load(ck)
+    shapes: dict[int, list] = {}
+    for factor in (4, 16):
+        seen = shapes.setdefault(factor, [])
+
+        def hook(module, args, output, seen=seen):
+            if isinstance(module, LlamaModel) and module.training:
+                seen.append((tuple(args[0].shape), tuple(args[1].shape), int(args[1].max())))
+
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        try:
+            rep = finetune(ck, tmp_path / f"p{factor}", data=[corpus], **small(factor=factor, pose=True, seq_len=None))
+        finally:
+            handle.remove()
+        assert rep.seq_len == 256 and rep.target_context == 256 * factor
+    assert [s[:2] for s in shapes[4]] == [s[:2] for s in shapes[16]] == [((2, 256), (2, 256))] * 6
+    assert max(s[2] for s in shapes[16]) > 1024  # positions reach far past the 4x target's range
+    assert all(s[2] < 256 * f for f in shapes for s in shapes[f])
+    est = [estimate_memory(cfg.replace(max_position_embeddings=256 * f), batch_size=2, seq_len=256,
+                           grad_checkpointing=False) for f in (4, 16)]  # fmt: skip
+    assert est[0] == est[1]
+    full = estimate_memory(cfg, batch_size=2, seq_len=4096, grad_checkpointing=False)
+    assert full > 4 * est[0]
+
+
+def test_grad_checkpointing_same_result_less_memory(make_tiny, corpus, tmp_path):
+    ck = make_tiny()
+    a = finetune(ck, tmp_path / "a", data=[corpus], **small(steps=2))
+    b = finetune(ck, tmp_path / "b", data=[corpus], **small(steps=2), grad_checkpointing=True)
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-5)
+    assert b.memory_estimate_bytes < a.memory_estimate_bytes
+
+
+@pytest.mark.parametrize(
+    ("kw", "err", "match"),
+    [
+        (dict(factor=1), RopeConfigError, "must exceed the original"),
+        (dict(factor=None, target_context=200), RopeConfigError, "must exceed the original"),
+        (dict(factor=4, target_context=2048), RopeConfigError, "inconsistent"),
+        (dict(rope="dynamic"), RopeConfigError, "unknown rope type"),
+        (dict(memory_limit=1 << 20), TrainingError, "PoSE"),
+        (dict(precision="fp8"), ConfigError, "unknown precision"),
+    ],
+)
+def test_refusals(make_tiny, corpus, tmp_path, kw, err, match):
+    with pytest.raises(err) as e:
+        finetune(make_tiny(), tmp_path / "o", data=[corpus], **small(**kw))
+    assert match in e.value.message
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_refusals(make_tiny, tmp_path):
+    ck = make_tiny()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("   \n")
+    with pytest.raises(DataError, match="no training text"):
+        finetune(ck, tmp_path / "o", data=[tmp_path / "empty"], **small())
+    short = tmp_path / "short"
+    short.mkdir()
+    for i in range(3):
+        (short / f"{i}.txt").write_text("a few words only")
+    with pytest.raises(DataError, match="fewer than one sequence"):
+        finetune(ck, tmp_path / "o", data=[short], **small(seq_len=256))
+    assert not (tmp_path / "o" / "config.json").exists()
+
+
+def test_already_scaled_checkpoint_is_refused(make_tiny, corpus, tmp_path):
+    ck = make_tiny(
+        rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256},
+        max_position_embeddings=512,
+    )
+    with pytest.raises(RopeConfigError, match="already scaled"):
+        finetune(ck, tmp_path / "o", data=[corpus], **small(factor=4))
+    rep = finetune(ck, tmp_path / "o", data=[corpus], **small(factor=4, steps=1), rescale=True)
+    assert rep.original_context == 256 and rep.target_context == 1024
+
+
+def test_lr_schedule_warmup_then_decay():
+    m = [lr_multiplier(s, steps=100, warmup=10, schedule="cosine") for s in range(100)]
+    assert m[0] < m[5] < m[9] < m[10] == 1.0
+    assert all(a >= b for a, b in zip(m[10:], m[11:], strict=False)) and m[-1] >= 0.1
+
+
+def test_cli_json(make_tiny, corpus, tmp_path):
+    ck = make_tiny()
+    args = ["finetune", str(ck), "--rope", "yarn", "--factor", "2", "--data", str(corpus), "-o", str(tmp_path / "o")]
+    args += ["--steps", "2", "--batch-size", "1", "--seq-len", "32", "--device", "cpu", "--json"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert len(out["losses"]) == 2 and out["target_context"] == 512
+    r = CliRunner().invoke(cli, [*args[:-1], "--factor", "0.5"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_SCRIPT = """
+import json, sys
+from edgerope.finetune import finetune
+ck, data, out, bs = sys.argv[1:5]
+r = finetune(ck, out, rope="yarn", factor=2, data=[data], steps=3, batch_size=int(bs), grad_accum=2, seq_len=64,
+             lr=3e-3, seed=0, device="cpu", pose=True, save_every=2)
+if r.world_size == 1 or __import__("os").environ["RANK"] == "0":
+    open(out + ".json", "w").write(json.dumps(r.to_dict()))
+"""
+
+
+def test_ddp_two_processes_match_one(make_tiny, corpus, tmp_path):
+    ck = make_tiny()
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, str(script), str(ck), str(corpus), str(one), "4"], env=env, check=True)
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1"]
+    launch += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    subprocess.run([*launch, str(script), str(ck), str(corpus), str(two), "2"], env=env, check=True, timeout=120)
+    r1, r2 = (json.loads(Path(f"{p}.json").read_text()) for p in (one, two))
+    assert r2["world_size"] == 2 and r1["world_size"] == 1
+    np.testing.assert_allclose(r2["losses"], r1["losses"], atol=1e-5, rtol=0)
+    w0, a, b = (LlamaModel.from_pretrained(p).state_dict() for p in (ck, one, two))
+    # Adam divides by sqrt(v): float-rounding differences of the all-reduced gradients are amplified where
+    # gradients are tiny, so weights are compared relative to how far training moved them
+    err = max(float((a[k] - b[k]).abs().max()) for k in a)
+    moved = max(float((a[k] - w0[k]).abs().max()) for k in a)
+    assert err < 0.02 * moved, f"weights differ by {err} (training moved them by {moved})"
