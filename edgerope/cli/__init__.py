@@ -20,8 +20,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "set-rope": ("edgerope.cli.set_rope", "set_rope", "Rewrite the rope scaling metadata of an existing GGUF."),
     "demo": ("edgerope.cli.demo", "demo", "Make the built-in tiny model, convert it and check it in llama.cpp."),
     "ask": ("edgerope.cli.ask", "ask", "Answer a question about a long document; its KV state is cached on disk."),
+    "eval": ("edgerope.cli.eval", "eval_", "Passkey, multi-key or perplexity on a checkpoint or GGUF; table and plot."),
     "finetune": ("edgerope.cli.finetune", "finetune", "Fine-tune a checkpoint at a scaled rope (full or PoSE)."),
     "plan": ("edgerope.cli.plan", "plan", "Plan the memory llama.cpp needs for a GGUF; the largest context that fits."),
+    "serve": ("edgerope.cli.serve", "serve", "Serve a GGUF over an OpenAI-compatible HTTP API on 127.0.0.1."),
 }
 
 
