@@ -24,7 +24,8 @@ from edgerope import rope as R
 from edgerope.cli import cli
 from edgerope.config import ModelConfig
 from edgerope.errors import ConfigError, DataError, OutputError, RopeConfigError, TrainingError
-from edgerope.finetune import estimate_memory, finetune, lr_multiplier
+from edgerope.finetune import finetune
+from edgerope.finetune_recipe import estimate_memory, lr_multiplier
 from edgerope.model import LlamaModel
 
 ROOT = Path(__file__).resolve().parents[1]
