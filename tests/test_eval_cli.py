@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from edgerope.cli import cli
 
-SMALL = ["--lengths", "128,256", "--depths", "0,1", "--trials", "2", "--threads", "1"]
+SMALL = ["--lengths", "128,256", "--depths", "0,1", "--trials", "2", "--threads", "1", "--max-new-tokens", "6"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -59,7 +59,7 @@ def test_passkey_json_table_and_heatmap(pair, which: int, tmp_path: Path) -> Non
     assert all(s["n_tokens"] <= c["length"] for c in cells for s in c["samples"])
     assert sum(c["correct"] for c in cells) / 8 == m["accuracy"]
     if which:
-        assert m["plan"]["n_ctx"] == 256 + 10 and m["plan"]["kv"] == "f32"
+        assert m["plan"]["n_ctx"] == 256 + 6 and m["plan"]["kv"] == "f32"
         assert m["plan"]["allow_extrapolation"]  # the answer runs past position 256: said in the notes
         assert any("past the context length 256" in n for n in d["notes"])
     assert d["plot"]["cells"] == 4
@@ -112,7 +112,20 @@ def test_compare_torch_and_gguf_agree(pair, tmp_path: Path) -> None:
 @pytest.mark.llama
 @pytest.mark.parametrize("which", [0, 1], ids=["torch", "gguf"])
 def test_multikey(pair, which: int) -> None:
-    args = ["--task", "multikey", "--keys", "3", "--lengths", "192,256", "--trials", "2", "--threads", "1"]
+    args = [
+        "--task",
+        "multikey",
+        "--keys",
+        "3",
+        "--lengths",
+        "192,256",
+        "--trials",
+        "2",
+        "--threads",
+        "1",
+        "--max-new-tokens",
+        "6",
+    ]
     d = _json(str(pair[which]), *args)
     cells = d["models"][0]["grid"]["cells"]
     assert [(c["length"], c["depth"], c["trials"]) for c in cells] == [(192, None, 2), (256, None, 2)]

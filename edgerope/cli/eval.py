@@ -73,6 +73,7 @@ def _write_json(out: Path, data: dict) -> None:
 @click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="Passkey depths (fractions).")
 @click.option("--trials", type=int, default=50, show_default=True, help="Trials per cell (passkey) or length.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the keys (recorded in the JSON).")
+@click.option("--max-new-tokens", type=int, default=10, show_default=True, help="Greedy answer tokens.")
 @click.option("--keys", "n_keys", type=int, default=4, show_default=True, help="Needles per multi-key prompt.")
 @click.option("--data", default=None, type=click.Path(), help="Perplexity documents (default: pydoc_data text).")
 @click.option("--max-docs", type=int, default=16, show_default=True, help="Most documents scored for perplexity.")
@@ -96,6 +97,7 @@ def eval_(
     depths: str,
     trials: int,
     seed: int,
+    max_new_tokens: int,
     n_keys: int,
     data: str | None,
     max_docs: int,
@@ -127,6 +129,7 @@ def eval_(
         window=window,
         stride=stride,
         n_keys=n_keys,
+        max_new_tokens=max_new_tokens,
         bucket_size=bucket_size,
         max_docs=max_docs,
     )
