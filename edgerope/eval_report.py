@@ -414,7 +414,7 @@ def format_report(report: EvalReport) -> str:
             rows.append(
                 f"length  perplexity  tokens  | perplexity by position bucket of {size} ({r.n_documents} documents)"
             )
-            rows.append(" " * 32 + "".join(f"{f'@{k}':>9}" for k in starts))
+            rows.append(" " * 31 + "".join(f"{f'@{k}':>9}" for k in starts))
             for n, p in r.perplexity.items():
                 buckets = "".join(
                     f"{math.exp(p.bucket_nll[k]):9.2f}" if k in p.bucket_nll else f"{'-':>9}" for k in starts
