@@ -53,6 +53,7 @@ from edgerope.finetune_recipe import (
     default_lr,
     estimate_memory,
     lr_multiplier,
+    memory_in_use,
     original_context_of,
     peak_memory,
     pick_device,
@@ -103,7 +104,8 @@ class FinetuneReport:
     tokens: int
     seconds: float
     tokens_per_s: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # CUDA: max allocated during training; CPU: the process's peak RSS
+    memory_before_training_bytes: int  # in use when the training loop started (CPU: RSS incl. torch, data)
     memory_estimate_bytes: int
     device: str
     precision: str
@@ -280,6 +282,7 @@ def finetune(
             idx.append(epochs[e][k % n_rows])
         return np.asarray(idx)
 
+    mem_before = memory_in_use(dev)
     t_start, tokens_run = time.perf_counter(), 0
     model.train()
     while state.step < steps:
@@ -342,6 +345,7 @@ def finetune(
         seconds=seconds,
         tokens_per_s=tokens_run / max(seconds, 1e-9),
         peak_memory_bytes=peak_memory(dev),
+        memory_before_training_bytes=mem_before,
         memory_estimate_bytes=need,
         device=str(dev),
         precision="bf16" if amp is not None else "fp32",

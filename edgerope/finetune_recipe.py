@@ -17,6 +17,7 @@ What it does not do: train (``edgerope.finetune``), save state (``edgerope.train
 from __future__ import annotations
 
 import math
+import os
 import resource
 from pathlib import Path
 
@@ -117,6 +118,18 @@ def available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 1 << 62  # unknown: do not refuse
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes in use now (CUDA: allocated, and its peak counter is reset; CPU: resident set size)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        resident = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return resident * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_memory(device: torch.device) -> int:
