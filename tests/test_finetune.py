@@ -266,3 +266,23 @@ def test_ddp_two_processes_match_one(make_tiny, corpus, tmp_path):
     err = max(float((a[k] - b[k]).abs().max()) for k in a)
     moved = max(float((a[k] - w0[k]).abs().max()) for k in a)
     assert err < 0.02 * moved, f"weights differ by {err} (training moved them by {moved})"
+
+
+def test_cli_summary_and_stale_temp_checkpoint_ignored(make_tiny, corpus, tmp_path):
+    ck, out = make_tiny(), tmp_path / "o"
+    args = ["finetune", str(ck), "--factor", "2", "--data", str(corpus), "-o", str(out), "--steps", "3"]
+    args += ["--batch-size", "1", "--seq-len", "32", "--device", "cpu", "--save-every", "2"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "yarn x2 from 256" in r.output and "output:" in r.output
+    stale = out / "checkpoints" / ".step-0000003.tmp-999"  # what a crash mid-save leaves behind
+    stale.mkdir()
+    r = CliRunner().invoke(cli, [*args, "--resume", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["resumed_from_step"] == 2
+
+
+def test_bf16_autocast_on_cpu(make_tiny, corpus, tmp_path):
+    rep = finetune(make_tiny(), tmp_path / "o", data=[corpus], **small(steps=2, precision="bf16"))
+    assert rep.precision == "bf16" and all(np.isfinite(rep.losses))
+    assert ModelConfig.load(tmp_path / "o").torch_dtype == "float32"  # master weights stay in the source dtype
