@@ -281,13 +281,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         if not self._authorised():
             return
-        if self.path.rstrip("/") == "/v1/models":
+        route = self.path.rstrip("/")
+        if route == "/v1/models":
             info = self.server.engine.runtime.info
             model = {"id": self.server.engine.model_id, "object": "model", "created": 0, "owned_by": "edgerope"}
             model["n_ctx"] = info.n_ctx  # type: ignore[assignment]
-            self._send_json(200, {"object": "list", "data": [model]})
+            status, payload = 200, {"object": "list", "data": [model]}
         else:
-            self._send_json(404, RequestError(f"no route {self.path}", status=404).body())
+            status, payload = 404, RequestError(f"no route {self.path}", status=404).body()
+        self._send_json(status, payload)
+        self._log(route, status, None, 0.0)
 
     def do_POST(self) -> None:  # noqa: N802
         if not self._authorised():
@@ -311,16 +314,11 @@ class _Handler(BaseHTTPRequestHandler):
         except EdgeropeError as exc:
             status = 400
             self._send_json(400, RequestError(exc.message).body())
-        logger.info(
-            "%s %s %d",
-            self.command,
-            route,
-            status,
-            extra={
-                "request": {"method": self.command, "path": route, "status": status, "usage": usage}
-                | {"seconds": round(time.perf_counter() - t0, 4)}
-            },
-        )
+        self._log(route, status, usage, time.perf_counter() - t0)
+
+    def _log(self, route: str, status: int, usage: dict[str, int] | None, seconds: float) -> None:
+        fields = {"method": self.command, "path": route, "status": status, "usage": usage, "seconds": round(seconds, 4)}
+        logger.info("%s %s %d", self.command, route, status, extra={"request": fields})
 
     def _body(self) -> dict[str, Any]:
         try:

@@ -206,3 +206,46 @@ def test_runtime_request_is_validated_before_binding(gguf: Path) -> None:
 
     with pytest.raises(RuntimeConfigError):
         open_server(gguf, port=0, n_ctx=10**7, backend="cpu")
+
+
+def test_cli_serve_json_logs_and_sigterm(gguf: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", "from edgerope.cli import main; main()", "serve", str(gguf), "--port", "0"]
+    cmd += ["--ctx", str(N_CTX), "--threads", "2", "--backend", "cpu", "--json-logs", "--model-id", "cli"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        first = json.loads(proc.stderr.readline())
+        assert first["event"] == "listening" and first["url"].startswith("http://127.0.0.1:")
+        client = openai.OpenAI(base_url=first["url"] + "/v1", api_key="x", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == ["cli"]
+        client.completions.create(model="cli", prompt="Hi", max_tokens=3)
+        logged = [json.loads(proc.stderr.readline()) for _ in range(2)]
+        assert [(r["method"], r["path"], r["status"]) for r in logged] == [
+            ("GET", "/v1/models", 200),
+            ("POST", "/v1/completions", 200),
+        ]
+        assert logged[-1]["usage"]["completion_tokens"] <= 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert json.loads(proc.stderr.readlines()[-1])["event"] == "stopped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_serve_bad_model_exit_2(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgerope.cli import cli
+
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    result = CliRunner().invoke(cli, ["serve", str(bad), "--port", "0"])
+    assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("edgerope.cli.eval", "eval_", "Passkey, multi-key or perplexity on a checkpoint or GGUF; table and plot."),
     "finetune": ("edgerope.cli.finetune", "finetune", "Fine-tune a checkpoint at a scaled rope (full or PoSE)."),
     "plan": ("edgerope.cli.plan", "plan", "Plan the memory llama.cpp needs for a GGUF; the largest context that fits."),
+    "serve": ("edgerope.cli.serve", "serve", "Serve a GGUF over an OpenAI-compatible HTTP API on 127.0.0.1."),
 }
 
 
