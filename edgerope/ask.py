@@ -11,13 +11,18 @@ What it does:
   with llama.cpp's sampler.  Timings: document prefill (or state restore), time to first token, decode
   tokens/s.
 
-What it does not do: use the GGUF's chat template (the prompt is plain text for every model; rendering
-templates safely needs a sandboxed Jinja environment, not built yet), truncate or summarise a document
-that does not fit, sample other than greedily, or stream to a caller other than through ``on_token``.
+With ``prompt_format="auto"`` (the default) a GGUF that carries a chat template gets the same text as one
+user message rendered by that template in the sandbox (``edgerope.chat_template``; the rendered text is
+split where the question starts, so the document prefix still tokenizes the same for every question, and
+special tokens in the template are parsed); ``"plain"`` forces the plain prompt.
+
+What it does not do: truncate or summarise a document that does not fit, sample other than greedily, or
+stream to a caller other than through ``on_token``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from edgerope import native as N
+from edgerope.chat_template import ChatTemplate, from_gguf
 from edgerope.doccache import DocCache, entry_key, model_identity, tokens_digest
 from edgerope.errors import DocumentError, OutputError, RuntimeConfigError
 from edgerope.runtime import Runtime
@@ -36,6 +42,8 @@ logger = logging.getLogger(__name__)
 PROMPT_FORMAT = "plain-v1"
 DOC_TEMPLATE = "Read the document and answer the question.\n\nDocument:\n{document}\n"
 QUESTION_TEMPLATE = "\nQuestion: {question}\nAnswer:"
+PROMPT_FORMATS = ("auto", "chat", "plain")
+_SPLIT = "\ue000edgerope-question\ue000"  # a private-use marker where the question goes
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,27 @@ def _fit_error(rt: Runtime, n_doc: int, n_q: int, where: str) -> RuntimeConfigEr
     )
 
 
+def chat_parts(template: ChatTemplate, document: str, question: str) -> tuple[str, str]:
+    """The chat-templated prompt for one user message (document block, then question) split into the document
+    prefix and the question part; ``RuntimeConfigError`` when the template does not keep the message intact."""
+    doc_block = DOC_TEMPLATE.format(document=document)
+    q_block = QUESTION_TEMPLATE.format(question=question)
+    marked = template.render([{"role": "user", "content": doc_block + _SPLIT}])
+    full = template.render([{"role": "user", "content": doc_block + q_block}])
+    if marked.count(_SPLIT) != 1:
+        raise RuntimeConfigError(
+            "the chat template changes the message text, so the document prefix cannot be split from the question",
+            fix="use prompt_format='plain'",
+        )
+    prefix, rest = marked.split(_SPLIT)
+    if prefix + q_block + rest != full:
+        raise RuntimeConfigError(
+            "the chat template renders the question differently from the marker text",
+            fix="use prompt_format='plain'",
+        )
+    return prefix, q_block + rest
+
+
 def ask(
     model_path: str | os.PathLike[str],
     document_text: str,
@@ -136,6 +165,7 @@ def ask(
     progress: Callable[[int, int], None] | None = None,
     on_token: Callable[[int], None] | None = None,
     runtime: Runtime | None = None,
+    prompt_format: str = "auto",
     **runtime_request: Any,
 ) -> Answer:
     """Answer ``question`` about ``document_text`` with the GGUF at ``model_path`` (greedy).
@@ -144,20 +174,38 @@ def ask(
     open the runtime; an open ``runtime`` for the same model may be passed instead (it is not closed).
     ``cache_dir`` None is ``edgerope.doccache.default_cache_dir()``; ``use_cache=False`` neither reads nor
     writes it.  Raises ``DocumentError`` for bad documents and ``RuntimeConfigError`` when the prompt does
-    not fit the context (nothing is ever truncated).
+    not fit the context (nothing is ever truncated).  ``prompt_format`` "auto" uses the GGUF's chat template
+    when it has one (``"chat"`` requires one, ``"plain"`` never uses it); ``Answer.prompt_format`` says which.
     """
     text = check_document(document_text)
     if not question.strip():
         raise RuntimeConfigError("the question is empty", fix="ask something")
     if max_tokens < 1:
         raise RuntimeConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise RuntimeConfigError(f"unknown prompt_format {prompt_format!r}", fix=f"use one of {PROMPT_FORMATS}")
     where = str(model_path)
+    template = from_gguf(model_path) if prompt_format != "plain" else None
+    if prompt_format == "chat" and template is None:
+        raise RuntimeConfigError(
+            "prompt_format 'chat' needs a chat template, and the GGUF has none",
+            where=where,
+            fix="use 'auto' or 'plain'",
+        )
     identity = model_identity(model_path) if use_cache else None  # before loading: the file as it is now
     owned = runtime is None
     rt = runtime or Runtime.open(model_path, n_ctx=n_ctx, type_k=type_k, type_v=type_v, **runtime_request)
     try:
-        doc = rt.tokenize(DOC_TEMPLATE.format(document=text))
-        q = rt.tokenize(QUESTION_TEMPLATE.format(question=question.strip()), add_bos=False)
+        if template is None:
+            fmt = PROMPT_FORMAT
+            doc = rt.tokenize(DOC_TEMPLATE.format(document=text))
+            q = rt.tokenize(QUESTION_TEMPLATE.format(question=question.strip()), add_bos=False)
+        else:
+            fmt = f"chat-{hashlib.sha256(template.source.encode()).hexdigest()[:16]}"
+            prefix, q_text = chat_parts(template, text, question.strip())
+            has_bos = bool(template.bos_token) and prefix.startswith(template.bos_token)
+            doc = rt.tokenize(prefix, add_bos=False if has_bos else None, special=True)
+            q = rt.tokenize(q_text, add_bos=False, special=True)
         if len(q) + 1 > rt.plan.n_ctx:
             raise RuntimeConfigError(
                 f"the question alone has {len(q)} tokens, the context is {rt.plan.n_ctx}",
@@ -171,7 +219,7 @@ def ask(
         plan = rt.plan
         fields = {
             "model": identity,
-            "prompt_format": PROMPT_FORMAT,
+            "prompt_format": fmt,
             "tokens_sha256": tokens_digest(doc),
             "n_tokens": len(doc),
             "n_ctx": plan.n_ctx,
@@ -241,6 +289,7 @@ def ask(
             n_ctx=plan.n_ctx,
             type_k=plan.type_k.name,
             type_v=plan.type_v.name,
+            prompt_format=fmt,
             cache_file=cache_file,
         )
     finally:

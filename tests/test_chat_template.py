@@ -161,3 +161,85 @@ def test_from_gguf_reads_the_template_and_special_tokens(make_tiny, tmp_path: Pa
     assert t is not None and t.source == CHAT_TEMPLATE
     assert (t.bos_token, t.eos_token) == ("<s>", "</s>")
     assert t.render(MESSAGES[1:2]) == "<|user|>\nHi <b>&</b></s>\n<|assistant|>\n"
+
+
+# ask() with the chat template (edgerope.ask)
+
+
+@pytest.fixture
+def ask_models(make_tiny, tmp_path: Path) -> dict[str, Path]:
+    """The tiny Llama as GGUF with its chat template, and without one."""
+    import json
+
+    from edgerope.export import convert
+
+    with_t = make_tiny()
+    without = make_tiny()
+    cfg = json.loads((without / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (without / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return {
+        "chat": convert(with_t, tmp_path / "chat.gguf", outtype="f32").path,
+        "plain": convert(without, tmp_path / "plain.gguf", outtype="f32").path,
+    }
+
+
+@pytest.mark.llama
+def test_ask_uses_the_chat_template_and_caches_it(ask_models: dict[str, Path], tmp_path: Path) -> None:
+    from edgerope.ask import DOC_TEMPLATE, PROMPT_FORMAT, QUESTION_TEMPLATE, ask
+    from edgerope.runtime import Runtime
+    from edgerope.tiny import EOS_ID
+
+    doc, question = "The red box holds seven keys. " * 8, "What does the red box hold?"
+    model = ask_models["chat"]
+    with Runtime.open(model, n_ctx=256, n_threads=2, backend="cpu") as rt:
+        a = ask(model, doc, question, runtime=rt, cache_dir=tmp_path / "c", max_tokens=6)
+        b = ask(model, doc, question, runtime=rt, cache_dir=tmp_path / "c", max_tokens=6)
+        plain = ask(model, doc, question, runtime=rt, use_cache=False, max_tokens=6, prompt_format="plain")
+        # the independent reference: the template rendered by hand for one user message, split at the question
+        user = DOC_TEMPLATE.format(document=doc) + QUESTION_TEMPLATE.format(question=question)
+        want = f"<|user|>\n{user}</s>\n<|assistant|>\n"
+        prefix = want[: want.index("\nQuestion:")]
+        doc_ids = rt.tokenize(prefix, special=True)
+        q_ids = rt.tokenize(want[len(prefix) :], add_bos=False, special=True)
+        ref = rt.generate(doc_ids + q_ids, max_tokens=6)
+        as_text = rt.tokenize(want[len(prefix) :], add_bos=False)  # "</s>" as characters, not the EOS token
+    assert EOS_ID in q_ids and len(q_ids) < len(as_text)
+    assert a.prompt_format.startswith("chat-") and a.prompt_format == b.prompt_format
+    assert plain.prompt_format == PROMPT_FORMAT
+    assert (a.document_tokens, a.question_tokens) == (len(doc_ids), len(q_ids))
+    assert a.tokens == ref.tokens == b.tokens and not a.cached and b.cached
+    assert plain.document_tokens != a.document_tokens
+
+
+@pytest.mark.llama
+def test_ask_without_a_template(ask_models: dict[str, Path]) -> None:
+    from edgerope.ask import PROMPT_FORMAT, ask
+    from edgerope.errors import RuntimeConfigError
+
+    opts = {"n_ctx": 256, "n_threads": 2, "backend": "cpu", "use_cache": False, "max_tokens": 2}
+    assert ask(ask_models["plain"], "Some text.", "Which?", **opts).prompt_format == PROMPT_FORMAT
+    with pytest.raises(RuntimeConfigError, match="needs a chat template"):
+        ask(ask_models["plain"], "Some text.", "Which?", prompt_format="chat", **opts)
+    with pytest.raises(RuntimeConfigError, match="unknown prompt_format"):
+        ask(ask_models["chat"], "Some text.", "Which?", prompt_format="jinja", **opts)
+
+
+@pytest.mark.llama
+def test_ask_cli_prompt_format(ask_models: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from edgerope.cli import cli
+
+    doc = tmp_path / "d.txt"
+    doc.write_text("Some text about boxes.")
+    args = ["ask", str(ask_models["chat"]), "--doc", str(doc), "-q", "Which?", "--ctx", "256", "--no-cache"]
+    args += ["--threads", "2", "--max-tokens", "2", "--json"]
+    formats = []
+    for fmt in ("auto", "plain"):
+        r = CliRunner().invoke(cli, [*args, "--prompt-format", fmt])
+        assert r.exit_code == 0, r.output
+        formats.append(json.loads(r.output)["prompt_format"])
+    assert formats[0].startswith("chat-") and formats[1] == "plain-v1"

@@ -20,6 +20,8 @@ TORCH_FREE = [
     "edgerope.plan",
     "edgerope.doccache",
     "edgerope.ask",
+    "edgerope.chat_template",
+    "edgerope.server",
     "edgerope.data",
     "edgerope.evaluation",
     "edgerope.cli",

@@ -40,6 +40,13 @@ def _token_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the document cache.")
 @click.option("--max-tokens", type=int, default=128, show_default=True, help="Longest answer in tokens.")
 @click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: all usable).")
+@click.option(
+    "--prompt-format",
+    type=click.Choice(["auto", "chat", "plain"]),
+    default="auto",
+    show_default=True,
+    help="auto: the GGUF's chat template when it has one, else a plain prompt.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def ask(
@@ -52,6 +59,7 @@ def ask(
     no_cache: bool,
     max_tokens: int,
     n_threads: int | None,
+    prompt_format: str,
     as_json: bool,
 ) -> None:
     """Answer QUESTION about the document DOC with MODEL (a GGUF); a second question on the same document
@@ -73,6 +81,7 @@ def ask(
             max_tokens=max_tokens,
             progress=progress,
             n_threads=n_threads,
+            prompt_format=prompt_format,
         )
     if as_json:
         echo_json(a.to_dict())
