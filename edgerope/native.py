@@ -613,6 +613,19 @@ class NativeSampler(_Handle):
         _llama().llama_sampler_chain_add(chain.handle(), _llama().llama_sampler_init_greedy())  # chain owns it
         return chain
 
+    @classmethod
+    def random(cls, *, temperature: float, top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> NativeSampler:
+        """llama.cpp's chain: top-k (0: off), top-p (1: off), temperature, then a draw seeded with ``seed``."""
+        lib = _llama()
+        chain = cls()
+        if top_k > 0:
+            lib.llama_sampler_chain_add(chain.handle(), lib.llama_sampler_init_top_k(int(top_k)))
+        if top_p < 1.0:
+            lib.llama_sampler_chain_add(chain.handle(), lib.llama_sampler_init_top_p(float(top_p), 1))
+        lib.llama_sampler_chain_add(chain.handle(), lib.llama_sampler_init_temp(float(temperature)))
+        lib.llama_sampler_chain_add(chain.handle(), lib.llama_sampler_init_dist(int(seed)))
+        return chain
+
     _what = "sampler"
 
     def _free(self, lib: Any, ptr: Any) -> None:

@@ -22,8 +22,9 @@ What it does:
 ``logits``/``generate`` let a caller keep a prefix in the cache (``edgerope.ask``
 saves it on disk with ``edgerope.doccache``).
 
-What it does not do (yet): serve requests, plan memory, sample
-other than greedily, or shift the KV cache (a shift is wrong whenever the rope
+``generate(sampling=Sampling(...))`` samples with llama.cpp's chain (top-k, top-p, temperature, seeded draw).
+
+What it does not do (yet): serve requests, plan memory, or shift the KV cache (a shift is wrong whenever the rope
 magnitude is not 1, pitfall 15; ``info.kv_shift_exact`` says which case a model is).
 A ``Runtime`` is not thread-safe.
 """
@@ -144,6 +145,27 @@ class Generation:
     text: str
     stop_reason: Literal["eog", "stop", "length", "context"]
     stop_token: int | None = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Random sampling by llama.cpp's sampler chain (``generate(sampling=...)``): top-k (0: off), top-p (1: off),
+    temperature (> 0), then a draw seeded with ``seed`` (same seed, same settings, same prompt: same tokens)."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature <= 100):
+            raise RuntimeConfigError(f"temperature must be in (0, 100], got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise RuntimeConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise RuntimeConfigError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise RuntimeConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -524,17 +546,36 @@ class Runtime:
         stop_at_eog: bool = True,
         clear: bool = True,
         on_token: Callable[[int], None] | None = None,
+        sampling: Sampling | None = None,
     ) -> Generation:
         """Greedy continuation of ``prompt_tokens`` (from an empty cache, or after the cached positions with
         ``clear=False``) by llama.cpp's sampler chain; ``on_token(token)`` is called as each one is picked.
+        ``sampling`` draws tokens at random instead (a chain built for this call).
 
         Stops after ``max_tokens`` new tokens, at a token in ``stop``, at an end-of-generation token
         (EOS/EOT) unless ``stop_at_eog`` is False, or when the context is full.
         """
-        model, ctx, sampler = self._open()
+        model, ctx, greedy = self._open()
         self._check_length(len(prompt_tokens), "the prompt")
         if max_tokens < 0:
             raise RuntimeConfigError(f"max_tokens must be >= 0, got {max_tokens}")
+        if sampling is None:
+            return self._generate(model, ctx, greedy, prompt_tokens, max_tokens, stop, stop_at_eog, clear, on_token)
+        with N.NativeSampler.random(**asdict(sampling)) as chain:
+            return self._generate(model, ctx, chain, prompt_tokens, max_tokens, stop, stop_at_eog, clear, on_token)
+
+    def _generate(
+        self,
+        model: N.NativeModel,
+        ctx: N.NativeContext,
+        sampler: N.NativeSampler,
+        prompt_tokens: Sequence[int] | np.ndarray,
+        max_tokens: int,
+        stop: Iterable[int],
+        stop_at_eog: bool,
+        clear: bool,
+        on_token: Callable[[int], None] | None,
+    ) -> Generation:
         stops = {int(t) for t in stop}
         if clear:
             ctx.clear()

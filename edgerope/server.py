@@ -7,8 +7,9 @@ What it does:
 * chat prompts come from the GGUF's chat template rendered in the sandbox (``edgerope.chat_template``), or
   the documented plain format when the GGUF has none; the prompt is tokenized with special tokens parsed;
 * ``max_tokens`` (default: the rest of the context), ``stop`` (a string or up to 4 strings; the text is cut
-  before the first match), ``temperature`` 0 or absent (greedy decoding with llama.cpp's sampler: the only
-  decoding this server does; other values are refused with 400), ``usage`` token counts;
+  before the first match), ``usage`` token counts; ``temperature`` 0 or absent decodes greedily, above 0
+  samples with llama.cpp's chain (``top_p``, then temperature, then a draw seeded by ``seed``, random when
+  absent); ``n`` must be 1;
 * a prompt that does not fit the context, or whose ``max_tokens`` would not fit after it, is a 400 error
   saying the numbers -- never truncated; malformed JSON, missing or mistyped fields are 400 JSON errors;
 * one request runs at a time (a lock around the runtime); at most ``max_queue`` wait, more are answered 429;
@@ -16,7 +17,7 @@ What it does:
 * a client that disconnects mid-stream stops its generation; the server keeps serving;
 * ``close()`` stops accepting, lets the running request end, and closes the runtime.
 
-What it does not do: sample (top-p, seeds, penalties), batch requests, tool calls, logprobs, or reuse the
+What it does not do: penalties, logit bias, batch requests, tool calls, logprobs, or reuse the
 KV cache between requests (every request evaluates its prompt from an empty cache).
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 import uuid
@@ -36,7 +38,7 @@ from typing import Any
 
 from edgerope.chat_template import ChatTemplate, TemplateError, from_gguf, plain_prompt
 from edgerope.errors import EdgeropeError, RuntimeConfigError
-from edgerope.runtime import Runtime
+from edgerope.runtime import Runtime, Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -97,17 +99,27 @@ def _stops(body: Mapping[str, Any]) -> list[str]:
     return list(stops)
 
 
-def _check_sampling(body: Mapping[str, Any]) -> None:
-    temperature = _field(body, "temperature", (int, float))
-    if temperature not in (None, 0):
-        raise RequestError(
-            f"temperature {temperature} asks for sampling; this server decodes greedily only",
-            param="temperature",
-            fix="send temperature 0 or leave it out",
-        )
+def _sampling(body: Mapping[str, Any]) -> Sampling | None:
+    """None (greedy) for temperature 0 or absent, else llama.cpp's chain with ``top_p`` and ``seed`` (random if
+    absent)."""
     n = _field(body, "n", int)
     if n not in (None, 1):
         raise RequestError("only n=1 is supported", param="n")
+    temperature = _field(body, "temperature", (int, float))
+    top_p = _field(body, "top_p", (int, float))
+    seed = _field(body, "seed", int)
+    if temperature is not None and temperature < 0:
+        raise RequestError(f"temperature must be >= 0, got {temperature}", param="temperature")
+    if not temperature:
+        return None
+    try:
+        return Sampling(
+            float(temperature),
+            top_p=1.0 if top_p is None else float(top_p),
+            seed=secrets.randbits(32) if seed is None else seed,
+        )
+    except RuntimeConfigError as exc:
+        raise RequestError(exc.what, param="temperature/top_p/seed") from None
 
 
 def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -199,6 +211,7 @@ class Engine:
         *,
         max_tokens: int | None,
         stops: list[str],
+        sampling: Sampling | None = None,
         emit: Callable[[str], None] | None = None,
     ) -> Completion:
         """Generate after ``tokens``; ``emit(text)`` gets each new piece of text that can no longer be cut by a
@@ -207,12 +220,17 @@ class Engine:
         self._enter()
         try:
             with self._lock:
-                return self._generate(tokens, budget, stops, emit)
+                return self._generate(tokens, budget, stops, sampling, emit)
         finally:
             self._leave()
 
     def _generate(
-        self, tokens: list[int], budget: int, stops: list[str], emit: Callable[[str], None] | None
+        self,
+        tokens: list[int],
+        budget: int,
+        stops: list[str],
+        sampling: Sampling | None,
+        emit: Callable[[str], None] | None,
     ) -> Completion:
         rt = self.runtime
         out: list[int] = []
@@ -236,7 +254,7 @@ class Engine:
                     state["sent"] = safe
 
         try:
-            gen = rt.generate(tokens, max_tokens=budget, on_token=on_token)
+            gen = rt.generate(tokens, max_tokens=budget, on_token=on_token, sampling=sampling)
             text = rt.detokenize(gen.tokens)
             n_out = len(gen.tokens)
             reason = "stop" if gen.stop_reason in ("eog", "stop") else "length"
@@ -338,7 +356,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _complete(self, body: dict[str, Any], *, chat: bool) -> dict[str, int]:
         engine = self.server.engine
-        _check_sampling(body)
+        sampling = _sampling(body)
         stops = _stops(body)
         max_tokens = _field(body, "max_tokens", int)
         if chat and max_tokens is None:
@@ -357,7 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
         created = int(time.time())
         base = {"id": ident, "created": created, "model": engine.model_id}
         if not stream:
-            c = engine.run(tokens, max_tokens=max_tokens, stops=stops)
+            c = engine.run(tokens, max_tokens=max_tokens, stops=stops, sampling=sampling)
             usage = _usage(c)
             if chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": c.text}}
@@ -368,10 +386,17 @@ class _Handler(BaseHTTPRequestHandler):
             choice["finish_reason"] = c.finish_reason
             self._send_json(200, {**base, "object": obj, "choices": [choice], "usage": usage})
             return usage
-        return self._stream(tokens, base, chat=chat, max_tokens=max_tokens, stops=stops)
+        return self._stream(tokens, base, chat=chat, max_tokens=max_tokens, stops=stops, sampling=sampling)
 
     def _stream(
-        self, tokens: list[int], base: dict[str, Any], *, chat: bool, max_tokens: int | None, stops: list[str]
+        self,
+        tokens: list[int],
+        base: dict[str, Any],
+        *,
+        chat: bool,
+        max_tokens: int | None,
+        stops: list[str],
+        sampling: Sampling | None,
     ) -> dict[str, int]:
         engine = self.server.engine
         engine._budget(len(tokens), max_tokens)  # refuse before the 200 header goes out
@@ -402,6 +427,7 @@ class _Handler(BaseHTTPRequestHandler):
             tokens,
             max_tokens=max_tokens,
             stops=stops,
+            sampling=sampling,
             emit=lambda piece: event({**base, "object": obj, "choices": [choice(piece, None)]}),
         )
         usage = _usage(c)

@@ -130,6 +130,25 @@ def test_text_completions_and_stop_strings(client: Any, server: EdgeropeServer) 
     assert cut_stream == cut.choices[0].text
 
 
+def test_sampling_seeded_and_top_p_tiny_is_greedy(client: Any) -> None:
+    def text(**kw: Any) -> str:
+        r = client.completions.create(model="tiny", prompt="The list", max_tokens=16, **kw)
+        return r.choices[0].text
+
+    greedy = text()
+    a, b, c = text(temperature=1.5, seed=7), text(temperature=1.5, seed=7), text(temperature=1.5, seed=8)
+    assert a == b and a != c and a != greedy  # same seed same text; the draw is random, not argmax
+    assert text(temperature=1.5, top_p=1e-6, seed=9) == greedy  # top-p keeps only the most likely token
+    streamed = "".join(
+        ch.choices[0].text
+        for ch in client.completions.create(
+            model="tiny", prompt="The list", max_tokens=16, temperature=1.5, seed=7, stream=True
+        )
+        if ch.choices
+    )
+    assert streamed == a
+
+
 def test_bad_requests_are_400_json(server: EdgeropeServer) -> None:
     status, body = _post(server, "/v1/chat/completions", b'{"model": "tiny", "messages": [')
     assert status == 400 and "not valid JSON" in body["error"]["message"]
@@ -139,8 +158,12 @@ def test_bad_requests_are_400_json(server: EdgeropeServer) -> None:
     assert status == 400 and "role" in body["error"]["message"]
     status, body = _post(server, "/v1/completions", {"prompt": "x", "max_tokens": "5"})
     assert status == 400 and body["error"]["param"] == "max_tokens"
-    status, body = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "temperature": 0.7})
-    assert status == 400 and "greedily" in body["error"]["message"]
+    status, body = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "temperature": -1})
+    assert status == 400 and body["error"]["param"] == "temperature"
+    status, body = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "temperature": 1, "top_p": 0})
+    assert status == 400 and "top_p" in body["error"]["message"]
+    status, body = _post(server, "/v1/chat/completions", {"messages": MESSAGES, "n": 2})
+    assert status == 400 and body["error"]["param"] == "n"
     status, body = _post(server, "/v1/nothing", {})
     assert status == 404
 
