@@ -327,11 +327,20 @@ class _Handler(BaseHTTPRequestHandler):
         except RequestError as exc:
             status = exc.status
             self._send_json(exc.status, exc.body())
-        except (BrokenPipeError, ConnectionResetError):
-            status = 499  # the client went away
+        except (ConnectionError, TimeoutError):
+            status = 499  # the client went away (broken pipe, reset): its generation has stopped
+            self.close_connection = True
         except EdgeropeError as exc:
             status = 400
             self._send_json(400, RequestError(exc.message).body())
+        except Exception:  # a bug: answer 500 and keep serving
+            logger.exception("error while answering %s %s", self.command, route)
+            status = 500
+            self.close_connection = True
+            try:
+                self._send_json(500, RequestError("internal error; see the server log", status=500).body())
+            except OSError:
+                pass
         self._log(route, status, usage, time.perf_counter() - t0)
 
     def _log(self, route: str, status: int, usage: dict[str, int] | None, seconds: float) -> None:

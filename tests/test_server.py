@@ -209,6 +209,32 @@ def test_client_disconnect_mid_stream_stops_generation(server: EdgeropeServer, c
     assert n_cut < n_full - 20, (n_cut, n_full)  # it stopped generating well before its end
 
 
+def test_bounded_queue_answers_429_and_requests_are_serialised(server: EdgeropeServer, client: Any) -> None:
+    engine = server.engine
+    want = client.completions.create(model="tiny", prompt="The list", max_tokens=8).choices[0].text
+    results: list[Any] = []
+    old = engine.max_queue
+    engine.max_queue = 0  # one request may wait while another runs
+    try:
+        with engine._lock:  # a running request holds the runtime
+            waiter = threading.Thread(
+                target=lambda: results.append(client.completions.create(model="tiny", prompt="The list", max_tokens=8))
+            )
+            waiter.start()
+            for _ in range(500):
+                if engine._waiting == 1:
+                    break
+                threading.Event().wait(0.01)
+            assert engine._waiting == 1
+            status, body = _post(server, "/v1/completions", {"prompt": "The list", "max_tokens": 8})
+            assert status == 429 and "busy" in body["error"]["message"]
+            assert not results  # the waiting request has not run
+        waiter.join(30)
+    finally:
+        engine.max_queue = old
+    assert results[0].choices[0].text == want and engine._waiting == 0
+
+
 def test_api_key(gguf: Path) -> None:
     srv = open_server(gguf, port=0, api_key="sekret", **OPTS)
     thread = _start(srv)
