@@ -130,6 +130,26 @@ def _fit_error(rt: Runtime, n_doc: int, n_q: int, where: str) -> RuntimeConfigEr
     )
 
 
+def state_fields(rt: Runtime, *, model: Any, prompt_format: str, tokens: list[int]) -> dict[str, Any]:
+    """Everything that decides the KV state after ``tokens`` in ``rt`` (the document cache's key fields)."""
+    plan = rt.plan
+    return {
+        "model": model,
+        "prompt_format": prompt_format,
+        "tokens_sha256": tokens_digest(tokens),
+        "n_tokens": len(tokens),
+        "n_ctx": plan.n_ctx,
+        "n_batch": plan.n_batch,
+        "type_k": plan.type_k.name,
+        "type_v": plan.type_v.name,
+        "flash_attn": rt.info.flash_attn,
+        "backend": rt.info.backend,
+        "rope": plan.rope_description,
+        "rope_overrides": plan.rope.explicit(),
+        "llama_cpp": N.bindings_version(),
+    }
+
+
 def chat_parts(template: ChatTemplate, document: str, question: str) -> tuple[str, str]:
     """The chat-templated prompt for one user message (document block, then question) split into the document
     prefix and the question part; ``RuntimeConfigError`` when the template does not keep the message intact."""
@@ -217,21 +237,7 @@ def ask(
 
         cache = DocCache(cache_dir) if use_cache else None
         plan = rt.plan
-        fields = {
-            "model": identity,
-            "prompt_format": fmt,
-            "tokens_sha256": tokens_digest(doc),
-            "n_tokens": len(doc),
-            "n_ctx": plan.n_ctx,
-            "n_batch": plan.n_batch,
-            "type_k": plan.type_k.name,
-            "type_v": plan.type_v.name,
-            "flash_attn": rt.info.flash_attn,
-            "backend": rt.info.backend,
-            "rope": plan.rope_description,
-            "rope_overrides": plan.rope.explicit(),
-            "llama_cpp": N.bindings_version(),
-        }
+        fields = state_fields(rt, model=identity, prompt_format=fmt, tokens=doc)
         key = entry_key(fields)
 
         t0 = time.perf_counter()

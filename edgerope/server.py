@@ -15,10 +15,16 @@ What it does:
 * one request runs at a time (a lock around the runtime); at most ``max_queue`` wait, more are answered 429;
   an optional API key (``Authorization: Bearer``) is checked before anything else;
 * a client that disconnects mid-stream stops its generation; the server keeps serving;
+* a long first system message (a document, say) has its KV state saved in the document cache
+  (``edgerope.doccache``, the same keys as ``edgerope.ask``) and restored by later requests that start with it;
+  ``usage.prompt_tokens_details.cached_tokens`` says how many prompt tokens were restored;
 * ``close()`` stops accepting, lets the running request end, and closes the runtime.
 
-What it does not do: penalties, logit bias, batch requests, tool calls, logprobs, or reuse the
-KV cache between requests (every request evaluates its prompt from an empty cache).
+The request logic (tokens, limits, the lock, stop strings, the cached prefix) is ``edgerope.engine``; this
+module is the HTTP and JSON layer.
+
+What it does not do: penalties, logit bias, batch requests, tool calls, logprobs, or reuse any other part of
+the KV cache between requests.
 """
 
 from __future__ import annotations
@@ -27,16 +33,16 @@ import json
 import logging
 import os
 import secrets
-import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from edgerope.chat_template import ChatTemplate, TemplateError, from_gguf, plain_prompt
+from edgerope.chat_template import from_gguf
+from edgerope.doccache import DocCache, model_identity
+from edgerope.engine import MIN_PREFIX_TOKENS, Completion, Engine, RequestError
 from edgerope.errors import EdgeropeError, RuntimeConfigError
 from edgerope.runtime import Runtime, Sampling
 
@@ -45,31 +51,6 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 << 20
 MAX_STOP_STRINGS = 4
 DEFAULT_HOST = "127.0.0.1"
-
-
-class RequestError(EdgeropeError):
-    """A request the server refuses (answered with ``status``)."""
-
-    def __init__(self, what: str, *, status: int = 400, param: str | None = None, fix: str | None = None) -> None:
-        super().__init__(what, where=param, fix=fix)
-        self.status = status
-        self.param = param
-
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
-
-
-class _Stop(Exception):
-    """Ends a generation from inside ``on_token`` (a stop string matched, or the client went away)."""
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" or "length"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -139,135 +120,6 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
             raise RequestError(f"messages[{i}].content must be a string", param="messages")
         out.append({"role": m["role"], "content": content or ""})
     return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the engine: one runtime, one request at a time
-
-
-class Engine:
-    """Prompts to tokens, token counts checked against the context, greedy generation with stop strings."""
-
-    def __init__(self, runtime: Runtime, *, template: ChatTemplate | None, model_id: str, max_queue: int = 8):
-        self.runtime = runtime
-        self.template = template
-        self.model_id = model_id
-        self.max_queue = max_queue
-        self._lock = threading.Lock()
-        self._waiting = 0
-        self._count_lock = threading.Lock()
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        if self.template is None:
-            return plain_prompt(messages)
-        try:
-            return self.template.render(messages, add_generation_prompt=True)
-        except TemplateError as exc:
-            raise RequestError(f"the chat template could not render these messages: {exc.what}") from None
-
-    def tokens(self, prompt: str, *, special: bool) -> list[int]:
-        rt = self.runtime
-        bos = self.template.bos_token if self.template is not None else ""
-        add_bos = False if special and bos and prompt.startswith(bos) else None  # the template wrote BOS
-        return rt.tokenize(prompt, add_bos=add_bos, special=special)
-
-    def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
-        n_ctx = self.runtime.n_ctx
-        if n_prompt == 0:
-            raise RequestError("the prompt is empty", param="prompt")
-        if n_prompt >= n_ctx:
-            raise RequestError(
-                f"the prompt has {n_prompt} tokens; the context is {n_ctx} tokens and must hold the prompt and at "
-                "least one new token; nothing was truncated",
-                param="messages",
-                fix="send a shorter prompt, or start the server with a larger --ctx",
-            )
-        room = n_ctx - n_prompt
-        if max_tokens is None:
-            return room
-        if max_tokens < 1:
-            raise RequestError("'max_tokens' must be >= 1", param="max_tokens")
-        if max_tokens > room:
-            raise RequestError(
-                f"max_tokens {max_tokens} does not fit: the prompt has {n_prompt} tokens and the context is {n_ctx}",
-                param="max_tokens",
-                fix=f"ask for at most {room} tokens",
-            )
-        return max_tokens
-
-    def _enter(self) -> None:
-        with self._count_lock:
-            if self._waiting >= self.max_queue + 1:
-                raise RequestError("the server is busy; too many requests are waiting", status=429)
-            self._waiting += 1
-
-    def _leave(self) -> None:
-        with self._count_lock:
-            self._waiting -= 1
-
-    def run(
-        self,
-        tokens: list[int],
-        *,
-        max_tokens: int | None,
-        stops: list[str],
-        sampling: Sampling | None = None,
-        emit: Callable[[str], None] | None = None,
-    ) -> Completion:
-        """Generate after ``tokens``; ``emit(text)`` gets each new piece of text that can no longer be cut by a
-        stop string (an exception it raises ends the generation and propagates)."""
-        budget = self._budget(len(tokens), max_tokens)
-        self._enter()
-        try:
-            with self._lock:
-                return self._generate(tokens, budget, stops, sampling, emit)
-        finally:
-            self._leave()
-
-    def _generate(
-        self,
-        tokens: list[int],
-        budget: int,
-        stops: list[str],
-        sampling: Sampling | None,
-        emit: Callable[[str], None] | None,
-    ) -> Completion:
-        rt = self.runtime
-        out: list[int] = []
-        state = {"sent": 0, "text": "", "stopped": False}
-        hold = max((len(s) for s in stops), default=1) - 1
-
-        def on_token(tok: int) -> None:
-            out.append(tok)
-            text = rt.detokenize(out)
-            state["text"] = text
-            cut = _first_stop(text, stops)
-            if cut is not None:
-                state["text"], state["stopped"] = text[:cut], True
-                raise _Stop
-            if emit is not None:
-                safe = len(text) - hold
-                while safe > state["sent"] and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 character
-                    safe -= 1
-                if safe > state["sent"]:
-                    emit(text[state["sent"] : safe])
-                    state["sent"] = safe
-
-        try:
-            gen = rt.generate(tokens, max_tokens=budget, on_token=on_token, sampling=sampling)
-            text = rt.detokenize(gen.tokens)
-            n_out = len(gen.tokens)
-            reason = "stop" if gen.stop_reason in ("eog", "stop") else "length"
-        except _Stop:
-            text, n_out, reason = str(state["text"]), len(out), "stop"
-        if emit is not None and len(text) > int(state["sent"]):
-            emit(text[int(state["sent"]) :])
-        return Completion(text, len(tokens), n_out, reason)
-
-
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -343,7 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
         self._log(route, status, usage, time.perf_counter() - t0)
 
-    def _log(self, route: str, status: int, usage: dict[str, int] | None, seconds: float) -> None:
+    def _log(self, route: str, status: int, usage: dict[str, Any] | None, seconds: float) -> None:
         fields = {"method": self.command, "path": route, "status": status, "usage": usage, "seconds": round(seconds, 4)}
         logger.info("%s %s %d", self.command, route, status, extra={"request": fields})
 
@@ -363,7 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError("the request body must be a JSON object")
         return body
 
-    def _complete(self, body: dict[str, Any], *, chat: bool) -> dict[str, int]:
+    def _complete(self, body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
         engine = self.server.engine
         sampling = _sampling(body)
         stops = _stops(body)
@@ -371,8 +223,9 @@ class _Handler(BaseHTTPRequestHandler):
         if chat and max_tokens is None:
             max_tokens = _field(body, "max_completion_tokens", int)
         stream = bool(_field(body, "stream", bool))
+        n_prefix = 0
         if chat:
-            tokens = engine.tokens(engine.chat_prompt(_messages(body)), special=True)
+            tokens, n_prefix = engine.chat_tokens(_messages(body))
         else:
             prompt = _field(body, "prompt", (str, list), required=True)
             if isinstance(prompt, list):
@@ -384,7 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
         created = int(time.time())
         base = {"id": ident, "created": created, "model": engine.model_id}
         if not stream:
-            c = engine.run(tokens, max_tokens=max_tokens, stops=stops, sampling=sampling)
+            c = engine.run(tokens, max_tokens=max_tokens, stops=stops, sampling=sampling, n_prefix=n_prefix)
             usage = _usage(c)
             if chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": c.text}}
@@ -395,7 +248,9 @@ class _Handler(BaseHTTPRequestHandler):
             choice["finish_reason"] = c.finish_reason
             self._send_json(200, {**base, "object": obj, "choices": [choice], "usage": usage})
             return usage
-        return self._stream(tokens, base, chat=chat, max_tokens=max_tokens, stops=stops, sampling=sampling)
+        return self._stream(
+            tokens, base, chat=chat, max_tokens=max_tokens, stops=stops, sampling=sampling, n_prefix=n_prefix
+        )
 
     def _stream(
         self,
@@ -406,7 +261,8 @@ class _Handler(BaseHTTPRequestHandler):
         max_tokens: int | None,
         stops: list[str],
         sampling: Sampling | None,
-    ) -> dict[str, int]:
+        n_prefix: int,
+    ) -> dict[str, Any]:
         engine = self.server.engine
         engine._budget(len(tokens), max_tokens)  # refuse before the 200 header goes out
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -437,6 +293,7 @@ class _Handler(BaseHTTPRequestHandler):
             max_tokens=max_tokens,
             stops=stops,
             sampling=sampling,
+            n_prefix=n_prefix,
             emit=lambda piece: event({**base, "object": obj, "choices": [choice(piece, None)]}),
         )
         usage = _usage(c)
@@ -445,11 +302,12 @@ class _Handler(BaseHTTPRequestHandler):
         return usage
 
 
-def _usage(c: Completion) -> dict[str, int]:
+def _usage(c: Completion) -> dict[str, Any]:
     return {
         "prompt_tokens": c.prompt_tokens,
         "completion_tokens": c.completion_tokens,
         "total_tokens": c.prompt_tokens + c.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": c.cached_tokens},
     }
 
 
@@ -494,17 +352,30 @@ def open_server(
     api_key: str | None = None,
     max_queue: int = 8,
     model_id: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    min_prefix_tokens: int = MIN_PREFIX_TOKENS,
     **runtime_request: Any,
 ) -> EdgeropeServer:
     """Open the GGUF (``Runtime.open(model_path, **runtime_request)``, validated) and its chat template, and bind
-    the server (``port`` 0: any free port; see ``server.url``).  Raises ``TemplateError`` for a template that does
+    the server (``port`` 0: any free port; see ``server.url``).  ``cache_dir``/``use_cache`` as in ``edgerope.ask``:
+    a long system message's KV state (``min_prefix_tokens`` or more) is kept in the document cache.  Raises ``TemplateError`` for a template that does
     not compile and the runtime's errors for a bad model or request; the runtime is closed on failure."""
     if max_queue < 0:
         raise RuntimeConfigError(f"max_queue must be >= 0, got {max_queue}")
     template = from_gguf(model_path)
+    identity = model_identity(model_path) if use_cache else None  # before loading: the file as it is now
     rt = Runtime.open(model_path, **runtime_request)
     try:
-        engine = Engine(rt, template=template, model_id=model_id or Path(model_path).stem, max_queue=max_queue)
+        engine = Engine(
+            rt,
+            template=template,
+            model_id=model_id or Path(model_path).stem,
+            max_queue=max_queue,
+            cache=DocCache(cache_dir) if use_cache else None,
+            model_identity=identity,
+            min_prefix_tokens=min_prefix_tokens,
+        )
         return EdgeropeServer(engine, host=host, port=port, api_key=api_key)
     except OSError as exc:
         rt.close()

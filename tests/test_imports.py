@@ -21,6 +21,7 @@ TORCH_FREE = [
     "edgerope.doccache",
     "edgerope.ask",
     "edgerope.chat_template",
+    "edgerope.engine",
     "edgerope.server",
     "edgerope.data",
     "edgerope.evaluation",

@@ -44,8 +44,9 @@ def _start(server: EdgeropeServer) -> threading.Thread:
 
 
 @pytest.fixture(scope="module")
-def server(gguf: Path) -> Iterator[EdgeropeServer]:
-    srv = open_server(gguf, port=0, model_id="tiny", **OPTS)
+def server(gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeropeServer]:
+    cache = tmp_path_factory.mktemp("server-cache")
+    srv = open_server(gguf, port=0, model_id="tiny", cache_dir=cache, min_prefix_tokens=32, **OPTS)
     assert srv.server_address[0] == "127.0.0.1"
     thread = _start(srv)
     yield srv
@@ -235,8 +236,39 @@ def test_bounded_queue_answers_429_and_requests_are_serialised(server: EdgeropeS
     assert results[0].choices[0].text == want and engine._waiting == 0
 
 
+def test_long_system_message_state_comes_from_the_document_cache(server: EdgeropeServer, client: Any) -> None:
+    doc = "The red box holds seven keys and the blue box holds three coins. " * 6
+    rt = server.engine.runtime
+    cache = server.engine.cache
+    assert cache is not None
+    files = set(cache.entries())
+
+    def ask(question: str) -> tuple[Any, int]:
+        before = rt.n_evaluated
+        messages = [{"role": "system", "content": doc}, {"role": "user", "content": question}]
+        r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8)
+        return r, rt.n_evaluated - before
+
+    miss, n_miss = ask("What is in the red box?")
+    hit, n_hit = ask("What is in the red box?")
+    other, n_other = ask("And the blue one?")
+    n_prefix = hit.usage.prompt_tokens_details.cached_tokens
+    assert miss.usage.prompt_tokens_details.cached_tokens == 0 and n_prefix > 32
+    assert other.usage.prompt_tokens_details.cached_tokens == n_prefix
+    assert hit.choices[0].message.content == miss.choices[0].message.content
+    assert hit.usage.prompt_tokens == miss.usage.prompt_tokens
+    decodes = hit.usage.completion_tokens - (hit.choices[0].finish_reason == "length")  # the last pick is not run
+    assert n_miss == miss.usage.prompt_tokens + decodes
+    assert n_hit == hit.usage.prompt_tokens - n_prefix + decodes  # the system message was restored, not evaluated
+    assert n_other < other.usage.prompt_tokens
+    assert len(set(cache.entries()) - files) == 1
+    # a short system message is not cached
+    short = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    assert short.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_api_key(gguf: Path) -> None:
-    srv = open_server(gguf, port=0, api_key="sekret", **OPTS)
+    srv = open_server(gguf, port=0, api_key="sekret", use_cache=False, **OPTS)
     thread = _start(srv)
     try:
         base = srv.url + "/v1"
@@ -265,6 +297,7 @@ def test_cli_serve_json_logs_and_sigterm(gguf: Path, tmp_path: Path) -> None:
 
     cmd = [sys.executable, "-c", "from edgerope.cli import main; main()", "serve", str(gguf), "--port", "0"]
     cmd += ["--ctx", str(N_CTX), "--threads", "2", "--backend", "cpu", "--json-logs", "--model-id", "cli"]
+    cmd += ["--cache-dir", str(tmp_path / "cache")]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     try:

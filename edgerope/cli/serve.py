@@ -46,6 +46,15 @@ def _log_setup(json_logs: bool) -> None:
 @click.option("--backend", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--api-key", envvar="EDGEROPE_API_KEY", default=None, help="Require 'Authorization: Bearer KEY'.")
 @click.option("--max-queue", type=int, default=8, show_default=True, help="Requests allowed to wait; more get 429.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Document cache folder.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the document cache.")
+@click.option(
+    "--min-prefix-tokens",
+    type=int,
+    default=512,
+    show_default=True,
+    help="A first system message this long keeps its KV state in the document cache.",
+)
 @click.option("--model-id", default=None, help="Model name reported by /v1/models (default: the file's stem).")
 @click.option("--json-logs", is_flag=True, help="Log one JSON object per request on stderr.")
 @handle_errors
@@ -59,6 +68,9 @@ def serve(
     backend: str,
     api_key: str | None,
     max_queue: int,
+    cache_dir: str | None,
+    no_cache: bool,
+    min_prefix_tokens: int,
     model_id: str | None,
     json_logs: bool,
 ) -> None:
@@ -76,6 +88,9 @@ def serve(
         api_key=api_key,
         max_queue=max_queue,
         model_id=model_id,
+        cache_dir=cache_dir,
+        use_cache=not no_cache,
+        min_prefix_tokens=min_prefix_tokens,
         n_ctx=n_ctx,
         type_k=kv,
         type_v=kv,
