@@ -11,10 +11,11 @@ What it does not do: HTTP (``edgerope.server``), batching, or any KV reuse beyon
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,8 @@ class Completion:
 
 
 class Engine:
-    """Prompts to tokens, token counts checked against the context, greedy generation with stop strings."""
+    """Prompts to tokens, token counts checked against the context, one request at a time (a bounded queue),
+    greedy or sampled generation with stop strings, a long system prefix restored from the document cache."""
 
     def __init__(
         self,
@@ -162,14 +164,25 @@ class Engine:
         sampling: Sampling | None = None,
         emit: Callable[[str], None] | None = None,
         n_prefix: int = 0,
+        admitted: bool = False,
     ) -> Completion:
         """Generate after ``tokens``; ``emit(text)`` gets each new piece of text that can no longer be cut by a
-        stop string (an exception it raises ends the generation and propagates)."""
-        budget = self._budget(len(tokens), max_tokens)
+        stop string (an exception it raises ends the generation and propagates).  ``admitted``: the caller
+        already holds a place in the queue (``admit()``)."""
+        budget = self.check(tokens, max_tokens)
+        with contextlib.nullcontext() if admitted else self.admit(), self._lock:
+            return self._generate(tokens, budget, stops, sampling, emit, n_prefix)
+
+    def check(self, tokens: list[int], max_tokens: int | None) -> int:
+        """The number of tokens to generate at most; ``RequestError`` when the prompt or max_tokens do not fit."""
+        return self._budget(len(tokens), max_tokens)
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """A place in the bounded queue, held while waiting and running; ``RequestError`` 429 when full."""
         self._enter()
         try:
-            with self._lock:
-                return self._generate(tokens, budget, stops, sampling, emit, n_prefix)
+            yield
         finally:
             self._leave()
 

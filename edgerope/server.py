@@ -264,7 +264,24 @@ class _Handler(BaseHTTPRequestHandler):
         n_prefix: int,
     ) -> dict[str, Any]:
         engine = self.server.engine
-        engine._budget(len(tokens), max_tokens)  # refuse before the 200 header goes out
+        engine.check(tokens, max_tokens)  # refuse before the 200 header goes out
+        with engine.admit():  # a full queue is a 429, also before the header
+            return self._stream_admitted(
+                tokens, base, chat=chat, max_tokens=max_tokens, stops=stops, sampling=sampling, n_prefix=n_prefix
+            )
+
+    def _stream_admitted(
+        self,
+        tokens: list[int],
+        base: dict[str, Any],
+        *,
+        chat: bool,
+        max_tokens: int | None,
+        stops: list[str],
+        sampling: Sampling | None,
+        n_prefix: int,
+    ) -> dict[str, Any]:
+        engine = self.server.engine
         obj = "chat.completion.chunk" if chat else "text_completion"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -288,14 +305,21 @@ class _Handler(BaseHTTPRequestHandler):
 
         if chat:
             event({**base, "object": obj, "choices": [choice(None, None, first=True)]})
-        c = engine.run(
-            tokens,
-            max_tokens=max_tokens,
-            stops=stops,
-            sampling=sampling,
-            n_prefix=n_prefix,
-            emit=lambda piece: event({**base, "object": obj, "choices": [choice(piece, None)]}),
-        )
+        try:
+            c = engine.run(
+                tokens,
+                max_tokens=max_tokens,
+                stops=stops,
+                sampling=sampling,
+                n_prefix=n_prefix,
+                admitted=True,
+                emit=lambda piece: event({**base, "object": obj, "choices": [choice(piece, None)]}),
+            )
+        except EdgeropeError as exc:  # after the 200 header: the error goes in the stream
+            body = exc.body() if isinstance(exc, RequestError) else RequestError(exc.message).body()
+            event(body)
+            event("[DONE]")
+            return {"error": body["error"]["message"]}
         usage = _usage(c)
         event({**base, "object": obj, "choices": [choice(None if chat else "", c.finish_reason)], "usage": usage})
         event("[DONE]")

@@ -229,6 +229,9 @@ def test_bounded_queue_answers_429_and_requests_are_serialised(server: EdgeropeS
             assert engine._waiting == 1
             status, body = _post(server, "/v1/completions", {"prompt": "The list", "max_tokens": 8})
             assert status == 429 and "busy" in body["error"]["message"]
+            stream = {"prompt": "The list", "max_tokens": 8, "stream": True}
+            status, body = _post(server, "/v1/completions", stream)  # refused before any event is sent
+            assert status == 429 and "busy" in body["error"]["message"]
             assert not results  # the waiting request has not run
         waiter.join(30)
     finally:
