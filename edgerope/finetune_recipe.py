@@ -25,7 +25,7 @@ import torch
 
 from edgerope import rope as R
 from edgerope.config import ModelConfig
-from edgerope.errors import ConfigError, RopeConfigError
+from edgerope.errors import ConfigError, EdgeropeError, RopeConfigError
 
 ROPE_TYPES = ("yarn", "linear", "ntk")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -108,16 +108,15 @@ def estimate_memory(
 
 
 def available_memory(device: torch.device) -> int:
-    """Free bytes on ``device``: CUDA free memory, else MemAvailable from /proc/meminfo."""
+    """Free bytes on ``device``: CUDA free memory, else the planner's MemAvailable (unknown: do not refuse)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    from edgerope.plan import available_memory as system_available
+
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62  # unknown: do not refuse
+        return system_available()
+    except EdgeropeError:
+        return 1 << 62
 
 
 def memory_in_use(device: torch.device) -> int:
