@@ -556,6 +556,25 @@ class NativeContext(_Handle):
                 flags[-1] = 1
             self._decode_chunk(chunk, output=flags)
 
+    def shift(self, *, n_keep: int, n_discard: int) -> None:
+        """Drop the cached positions [n_keep, n_keep + n_discard) and move the later ones down by n_discard
+        (``llama_memory_seq_rm`` + ``llama_memory_seq_add``; llama.cpp re-ropes the moved keys at the next
+        decode).  The caller decides whether the rope allows it (ROPE_GGUF.md pitfall 15)."""
+        lib = _llama()
+        self.handle()
+        if not (0 <= n_keep and 0 < n_discard and n_keep + n_discard <= self.n_past):
+            raise RuntimeConfigError(
+                f"cannot discard {n_discard} positions after {n_keep} kept ones from {self.n_past} cached",
+                fix="n_keep >= 0, n_discard >= 1, n_keep + n_discard <= the cached positions",
+            )
+        if not lib.llama_memory_can_shift(self._memory):
+            raise RuntimeConfigError("this model's KV memory cannot be shifted", fix="evaluate the kept tokens again")
+        if not lib.llama_memory_seq_rm(self._memory, 0, n_keep, n_keep + n_discard):
+            self.clear()
+            raise RuntimeConfigError("llama.cpp could not remove the positions; the cache was cleared")
+        lib.llama_memory_seq_add(self._memory, 0, n_keep + n_discard, -1, -n_discard)
+        self.n_past -= n_discard
+
     def state_bytes(self) -> bytes:
         """llama.cpp's saved state of the sequence (its KV cells, ``llama_state_seq_get_data``)."""
         lib = _llama()

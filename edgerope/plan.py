@@ -313,10 +313,11 @@ def plan_memory(
     fa = _flash(tv, flash_attn)
     opts = dict(flash_attn=flash_attn, n_batch=n_batch, n_ubatch=n_ubatch)
     largest = {t: largest_context(m, budget, type_k=t, type_v=t, **opts) for t in PLAN_CACHE_TYPES}
-    if (tk, tv) not in {(t, t) for t in PLAN_CACHE_TYPES}:
-        largest[f"{tk}/{tv}"] = largest_context(m, budget, type_k=tk, type_v=tv, **opts)
+    pair = tk if tk == tv else f"{tk}/{tv}"  # f32/f32 is keyed "f32", like the listed types
+    if pair not in largest:
+        largest[pair] = largest_context(m, budget, type_k=tk, type_v=tv, **opts)
     if n_ctx is None:
-        n_ctx = largest[tk if tk == tv else f"{tk}/{tv}"]["n_ctx"] or KV_PAD
+        n_ctx = largest[pair]["n_ctx"] or KV_PAD
         notes.append(f"n_ctx {n_ctx}: the largest that fits")
     if not isinstance(n_ctx, int) or n_ctx < 1:
         raise RuntimeConfigError(f"n_ctx must be a positive integer, got {n_ctx!r}")

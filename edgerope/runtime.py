@@ -24,8 +24,17 @@ saves it on disk with ``edgerope.doccache``).
 
 ``generate(sampling=Sampling(...))`` samples with llama.cpp's chain (top-k, top-p, temperature, seeded draw).
 
-What it does not do (yet): serve requests, plan memory, or shift the KV cache (a shift is wrong whenever the rope
-magnitude is not 1, pitfall 15; ``info.kv_shift_exact`` says which case a model is).
+The default context is the largest whose memory (``edgerope.plan``) fits the budget, capped at the model's
+context_length; a requested context over the budget is refused with the planner's suggestion
+(``info.n_ctx_source`` says how n_ctx was chosen).
+
+KV shift: ``Runtime.shift`` drops cached positions and moves the rest down, only for models whose rope
+magnitude is 1 (plain, linear, llama3).  For YaRN, LongRoPE or any ``attn_factor`` llama.cpp's shift
+multiplies the cached keys by the magnitude a second time (pitfall 15), so ``shift`` refuses and edgerope
+never shifts such a model implicitly: nothing here or in ``ask``/``serve`` shifts on its own; callers
+re-evaluate the kept tokens.  ``info.kv_shift_exact`` says which case a model is.
+
+What it does not do: serve requests (``edgerope.server``), plan GPU memory.
 A ``Runtime`` is not thread-safe.
 """
 
@@ -46,10 +55,12 @@ from edgerope.errors import GGUFError, RuntimeConfigError
 from edgerope.ggml_rope import ARCHS_READING_YARN_BETAS, ROPE_TENSORS, LlamaCppRope, key
 from edgerope.gguf_file import GGUFFile, ModelHparams, model_hparams, open_gguf
 from edgerope.kv import KVType, kv_bytes, kv_type, padded_ctx
+from edgerope.plan import MemoryPlan, format_bytes, plan_memory
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_CTX = 4096  # default n_ctx: the model's context_length, capped here
+DEFAULT_MAX_CTX = 4096  # default n_ctx cap only when memory is not planned (GPU offload)
+SUGGEST_CACHE_TYPES = ("q8_0", "q4_0")  # a refusal for memory also says how far these caches reach
 DEFAULT_N_BATCH = 512
 Backend = Literal["auto", "cpu", "gpu"]
 BACKENDS = ("auto", "cpu", "gpu")
@@ -76,6 +87,8 @@ class RuntimePlan:
     rope_function: LlamaCppRope  # what llama.cpp will compute with these settings
     rope_description: str
     notes: tuple[str, ...] = ()
+    n_ctx_source: str = "requested"  # how n_ctx was chosen, in words
+    memory_plan: MemoryPlan | None = None  # None when not planned (GPU offload)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -130,7 +143,10 @@ class RuntimeInfo:
     flash_attn_requested: str
     rope: str  # the rope function llama.cpp computes, in words
     rope_overrides: dict[str, float] = field(default_factory=dict)  # runtime rope parameters passed
-    kv_shift_exact: bool = True  # False when the rope magnitude is not 1 (pitfall 15)
+    kv_shift_exact: bool = True  # False when the rope magnitude is not 1 (pitfall 15): shift() refuses
+    n_ctx_source: str = "requested"  # how n_ctx was chosen: requested, or the memory budget / model limit
+    memory_planned_bytes: int | None = None  # edgerope.plan's total for these settings (None: not planned)
+    memory_budget_bytes: int | None = None
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -235,6 +251,65 @@ def _describe(fn: LlamaCppRope, stype: str, hp: ModelHparams) -> str:
     return ", ".join(words)
 
 
+def _planner_flash(fa: N.FlashAttn) -> bool | None:
+    return {N.FlashAttn.ON: True, N.FlashAttn.OFF: False}.get(fa)  # AUTO: planned off, the larger buffer
+
+
+def _plan_context(
+    path: str | Path,
+    hp: ModelHparams,
+    *,
+    n_ctx: int | None,
+    tk: KVType,
+    tv: KVType,
+    fa: N.FlashAttn,
+    n_batch: int,
+    memory_budget: int | str | None,
+    gpu: bool,
+) -> tuple[int, str, MemoryPlan | None]:
+    """(n_ctx, how it was chosen, the memory plan); refuses a context whose planned memory exceeds the budget."""
+    where = str(path)
+    if gpu:  # edgerope.plan models the CPU backend only
+        if n_ctx is not None:
+            return n_ctx, "requested (memory not planned: GPU offload)", None
+        n = min(hp.n_ctx_train, DEFAULT_MAX_CTX)
+        return n, f"context_length {hp.n_ctx_train} capped at {DEFAULT_MAX_CTX} (memory not planned: GPU offload)", None
+    opts = dict(type_k=tk.name, type_v=tv.name, n_batch=n_batch, n_ubatch=n_batch, flash_attn=_planner_flash(fa))
+    if memory_budget is None:
+        try:
+            mem = plan_memory(path, n_ctx=n_ctx, **opts)
+        except RuntimeConfigError as exc:  # no /proc/meminfo: run without a plan rather than refuse
+            if n_ctx is not None:
+                return n_ctx, f"requested (memory not planned: {exc.what})", None
+            n = min(hp.n_ctx_train, DEFAULT_MAX_CTX)
+            return n, f"context_length capped at {DEFAULT_MAX_CTX} (memory not planned: {exc.what})", None
+    else:
+        mem = plan_memory(path, n_ctx=n_ctx, memory_budget=memory_budget, **opts)
+    pair = tk.name if tk.name == tv.name else f"{tk.name}/{tv.name}"
+    budget = f"{format_bytes(mem.budget_bytes)} ({mem.budget_source})"
+    if not mem.fits:
+        sugg = [f"n_ctx <= {mem.largest_ctx[pair]['n_ctx']} with the {pair} cache"]
+        sugg += [f"{t} cache: n_ctx <= {mem.largest_ctx[t]['n_ctx']}" for t in SUGGEST_CACHE_TYPES if t != pair]
+        asked = "n_ctx " + (str(n_ctx) if n_ctx is not None else f"{mem.n_ctx} (the smallest)")
+        raise RuntimeConfigError(
+            f"{asked} needs about {format_bytes(mem.total_bytes)} (weights {format_bytes(mem.weights_bytes)}, "
+            f"KV cache {format_bytes(mem.kv_bytes)}, compute {format_bytes(mem.compute_bytes)}), over the memory "
+            f"budget of {budget}",
+            where=where,
+            fix="use " + "; or ".join(sugg) + "; or give a larger memory_budget (--memory)",
+        )
+    if n_ctx is not None:
+        return n_ctx, f"requested (planned {format_bytes(mem.total_bytes)} of a {budget} budget)", mem
+    if mem.largest_ctx[pair]["limited_by"] == "model":
+        how = f"the model's context_length {hp.n_ctx_train}, which fits the memory budget of {budget}"
+    else:
+        how = (
+            f"the largest that fits the memory budget of {budget} (planned {format_bytes(mem.total_bytes)}); "
+            f"the model's context_length is {hp.n_ctx_train}"
+        )
+    return mem.n_ctx, how, mem
+
+
 def plan_runtime(
     path: str | Path,
     *,
@@ -247,11 +322,16 @@ def plan_runtime(
     n_batch: int = DEFAULT_N_BATCH,
     rope_overrides: Mapping[str, float] | None = None,
     allow_extrapolation: bool = False,
+    memory_budget: int | str | None = None,
 ) -> RuntimePlan:
     """Check a run request against the GGUF and decide every llama.cpp setting (what ``Runtime.open`` loads).
 
-    ``n_ctx`` defaults to the model's context_length capped at 4096; beyond context_length only with
-    ``allow_extrapolation``.  ``type_k``/``type_v`` are cache type names (``edgerope.kv``).
+    ``n_ctx`` defaults to the largest context whose planned memory (``edgerope.plan``, for these cache
+    types and flash attention) fits ``memory_budget`` (bytes or "8GiB"; default: MemAvailable less 10%),
+    capped at the model's context_length (the rope-extended length); ``RuntimePlan.n_ctx_source`` says
+    which limit chose it.  A requested ``n_ctx`` whose planned memory exceeds the budget is refused with
+    the planner's suggestion.  With GPU offload memory is not planned (the default is context_length
+    capped at 4096, noted).  Beyond context_length only with ``allow_extrapolation``.  ``type_k``/``type_v`` are cache type names (``edgerope.kv``).
     ``flash_attn`` is "auto" (on for a quantized V cache, off for an f32 cache, else llama.cpp's
     choice), "on" or "off".  ``backend`` "auto" offloads every layer when the build can.
     ``rope_overrides`` takes llama_context_params rope fields (``RopeOverrides``); unset ones come
@@ -267,12 +347,10 @@ def plan_runtime(
     where = str(path)
     notes: list[str] = []
 
-    # context
-    if n_ctx is None:
-        n_ctx = min(hp.n_ctx_train, DEFAULT_MAX_CTX)
-    if not isinstance(n_ctx, int) or n_ctx < 1:
+    # context (the default is decided below, once caches and backend are known)
+    if n_ctx is not None and (not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1):
         raise RuntimeConfigError(f"n_ctx must be a positive integer, got {n_ctx!r}")
-    if n_ctx > hp.n_ctx_train and not allow_extrapolation:
+    if n_ctx is not None and n_ctx > hp.n_ctx_train and not allow_extrapolation:
         raise RuntimeConfigError(
             f"n_ctx {n_ctx} is beyond the model's context_length {hp.n_ctx_train}: positions past it were never "
             "trained (or extended by rope scaling)",
@@ -310,6 +388,24 @@ def plan_runtime(
     elif fa is N.FlashAttn.ON and "f32" in (tk.name, tv.name):
         notes.append("flash attention casts the f32 cache to f16 while attending: f16 precision")
 
+    # backend
+    if backend not in BACKENDS:
+        raise RuntimeConfigError(f"unknown backend {backend!r}", fix=f"use one of: {', '.join(BACKENDS)}")
+    gpu = N.supports_gpu_offload() if backend != "cpu" else False
+    if backend == "gpu" and not gpu:
+        raise RuntimeConfigError(
+            "backend 'gpu' was requested, but this llama.cpp build has no GPU support",
+            fix="reinstall llama-cpp-python with a GPU backend (e.g. CMAKE_ARGS='-DGGML_CUDA=on'), or use "
+            "backend='cpu'",
+        )
+
+    # memory (edgerope.plan): the default context is the largest that fits; a requested one must fit
+    n_ctx, n_ctx_source, mem = _plan_context(
+        path, hp, n_ctx=n_ctx, tk=tk, tv=tv, fa=fa, n_batch=n_batch, memory_budget=memory_budget, gpu=gpu
+    )
+    if mem is not None and mem.notes:
+        notes.extend(n for n in mem.notes if not n.startswith("n_ctx "))
+
     # rope: caller overrides, plus what the GGUF records but this arch does not read (pitfall 2)
     given = dict(rope_overrides or {})
     stype = kv.get(key(Keys.Rope.SCALING_TYPE, arch), "linear")
@@ -334,16 +430,6 @@ def plan_runtime(
         )
         logger.warning("%s", msg)
         notes.append(msg)
-    # backend
-    if backend not in BACKENDS:
-        raise RuntimeConfigError(f"unknown backend {backend!r}", fix=f"use one of: {', '.join(BACKENDS)}")
-    gpu = N.supports_gpu_offload() if backend != "cpu" else False
-    if backend == "gpu" and not gpu:
-        raise RuntimeConfigError(
-            "backend 'gpu' was requested, but this llama.cpp build has no GPU support",
-            fix="reinstall llama-cpp-python with a GPU backend (e.g. CMAKE_ARGS='-DGGML_CUDA=on'), or use "
-            "backend='cpu'",
-        )
 
     return RuntimePlan(
         path=Path(path),
@@ -361,6 +447,8 @@ def plan_runtime(
         rope_function=fn,
         rope_description=_describe(fn, stype, hp),
         notes=tuple(notes),
+        n_ctx_source=n_ctx_source,
+        memory_plan=mem,
     )
 
 
@@ -404,6 +492,9 @@ class Runtime:
             rope=plan.rope_description,
             rope_overrides=plan.rope.explicit(),
             kv_shift_exact=math.isclose(fn.magnitude, 1.0, rel_tol=1e-9),
+            n_ctx_source=plan.n_ctx_source,
+            memory_planned_bytes=plan.memory_plan.total_bytes if plan.memory_plan else None,
+            memory_budget_bytes=plan.memory_plan.budget_bytes if plan.memory_plan else None,
             notes=plan.notes,
         )
         logger.info("opened %s: %s", plan.path, plan.rope_description)
@@ -528,6 +619,34 @@ class Runtime:
             ctx.decode(ids[start : start + step], outputs="none")
             if progress is not None:
                 progress(min(start + step, len(ids)), len(ids))
+
+    def shift(self, n_discard: int, *, n_keep: int = 0) -> None:
+        """Drop ``n_discard`` cached positions after the first ``n_keep`` and move the later ones down, so that
+        a conversation can go on past the context without evaluating the kept tokens again.
+
+        Refused (``RuntimeConfigError``) when the rope magnitude is not 1 (YaRN's default attention factor,
+        LongRoPE, any ``rope.scaling.attn_factor``): llama.cpp re-ropes the moved keys and multiplies them by
+        the magnitude a second time (ROPE_GGUF.md section 7, pitfall 15); evaluate the kept tokens again
+        instead.  ``info.kv_shift_exact`` tells in advance.
+
+        Even an exact shift is not a re-evaluation: the kept positions keep the keys and values they were
+        computed with, and past the first layer those saw the dropped tokens.  The rope part is exact (the
+        first layer matches re-evaluation to float precision); the rest is llama.cpp's usual context shift.
+        """
+        _, ctx, _ = self._open()
+        m = self.plan.rope_function.magnitude
+        if not self._info.kv_shift_exact:
+            raise RuntimeConfigError(
+                f"this model's rope magnitude is {m:.6g}, not 1: llama.cpp's KV shift would multiply the cached "
+                "keys by it a second time and change the logits (pitfall 15)",
+                where=str(self.plan.path),
+                fix="re-evaluate the kept tokens instead: logits(kept_tokens) or prefill(kept_tokens) from an empty "
+                "cache",
+            )
+        for name, value in (("n_discard", n_discard), ("n_keep", n_keep)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise RuntimeConfigError(f"{name} must be an integer, got {value!r}")
+        ctx.shift(n_keep=n_keep, n_discard=n_discard)
 
     def state_bytes(self) -> bytes:
         """llama.cpp's saved state of the cached positions (restore it with ``restore_state``)."""

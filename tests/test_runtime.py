@@ -21,7 +21,8 @@ from test_native import write_tiny_gguf
 
 from edgerope import native as N
 from edgerope.errors import GGUFError, RuntimeConfigError
-from edgerope.runtime import DEFAULT_MAX_CTX, Runtime, plan_runtime
+from edgerope.plan import plan_memory
+from edgerope.runtime import Runtime, plan_runtime
 
 pytestmark = pytest.mark.llama
 
@@ -105,6 +106,7 @@ def refusal_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[s
         "unknown flash_attn": (s(good), {"flash_attn": "maybe"}, "RuntimeConfigError", "auto, on, off"),
         "unknown backend": (s(good), {"backend": "tpu"}, "RuntimeConfigError", "auto, cpu, gpu"),
         "unknown rope override": (s(good), {"rope_overrides": {"yarn_beta": 2}}, "RuntimeConfigError", "yarn_beta"),
+        "n_ctx over the memory budget": (s(good), {"memory_budget": "1MiB"}, "RuntimeConfigError", "memory budget"),
     }
 
 
@@ -112,7 +114,7 @@ CASES = [
     "missing file", "not a GGUF", "truncated", "n_ctx beyond context_length", "unknown cache type",
     "quantized V without flash attention", "head_dim 24 with q8_0 K", "head_dim 24 with q4_0 V", "F16 rope_freqs",
     "SentencePiece without byte pieces", "unknown rope scaling type", "unknown flash_attn", "unknown backend",
-    "unknown rope override",
+    "unknown rope override", "n_ctx over the memory budget",
 ]  # fmt: skip
 
 
@@ -153,12 +155,35 @@ def test_refusals_happen_before_llama_cpp_is_even_imported(refusal_cases):
     assert out.stderr == ""
 
 
-def test_default_n_ctx_is_context_length_capped(tmp_path):
+def test_default_n_ctx_is_the_largest_that_fits_the_memory_budget(tmp_path):
     long = write_tiny_gguf(tmp_path / "long.gguf", context_length=8192)
-    assert plan_runtime(long, backend="cpu").n_ctx == DEFAULT_MAX_CTX
+    roomy = plan_runtime(long, backend="cpu", memory_budget="64GiB")
+    assert roomy.n_ctx == 8192 and "context_length 8192" in roomy.n_ctx_source  # capped by the model
+    budget = plan_memory(long, n_ctx=2048, memory_budget="64GiB").total_bytes  # exactly what 2048 needs
+    tight = plan_runtime(long, backend="cpu", memory_budget=budget)
+    assert tight.n_ctx == 2048 and "largest that fits" in tight.n_ctx_source
+    assert tight.memory_plan is not None and tight.memory_plan.fits
+    assert plan_runtime(long, backend="cpu", memory_budget=budget - 1).n_ctx == 1792
+    q8 = plan_runtime(long, backend="cpu", memory_budget=budget, type_k="q8_0", type_v="q8_0")
+    assert q8.n_ctx > 2048  # a smaller cache reaches further in the same budget
     short = write_tiny_gguf(tmp_path / "short.gguf", context_length=300)
     assert plan_runtime(short, backend="cpu").n_ctx == 300
     assert plan_runtime(short, backend="cpu", n_ctx=900, allow_extrapolation=True).n_ctx == 900
+
+
+def test_requested_n_ctx_over_the_memory_budget_is_refused_with_the_planners_suggestion(tmp_path):
+    long = write_tiny_gguf(tmp_path / "long.gguf", context_length=8192)
+    budget = plan_memory(long, n_ctx=2048, memory_budget="64GiB").total_bytes
+    largest = plan_memory(long, memory_budget=budget).largest_ctx
+    with pytest.raises(RuntimeConfigError, match="over the memory budget") as info:
+        plan_runtime(long, backend="cpu", n_ctx=4096, memory_budget=budget)
+    fix = info.value.fix
+    assert "n_ctx <= 2048 with the f16 cache" in fix
+    assert f"q8_0 cache: n_ctx <= {largest['q8_0']['n_ctx']}" in fix
+    assert f"q4_0 cache: n_ctx <= {largest['q4_0']['n_ctx']}" in fix
+    assert plan_runtime(long, backend="cpu", n_ctx=2048, memory_budget=budget).n_ctx == 2048
+    with pytest.raises(RuntimeConfigError, match="the smallest"):  # not even 256 fits: refused, not opened
+        plan_runtime(long, backend="cpu", memory_budget="1MiB")
 
 
 def test_gpu_backend_on_cpu_only_build_is_refused(converted):
@@ -204,6 +229,8 @@ def test_info_describes_what_runs(converted):
     assert (info.type_k, info.type_v) == ("f16", "f16")
     assert info.rope.startswith("plain rope, base 10000")
     assert info.kv_shift_exact and info.rope_overrides == {}
+    assert "context_length 256" in info.n_ctx_source  # the default: the model's length fits the memory
+    assert info.memory_planned_bytes is not None and info.memory_planned_bytes <= info.memory_budget_bytes
     assert info.kv_cache_bytes == 2 * 256 * (64 * 2 + 64 * 2)  # 2 layers x 256 cells x (K + V) of 1 head x 64, f16
     assert json.loads(json.dumps(info.to_dict()))["n_vocab"] == 1000
 
@@ -307,3 +334,48 @@ def test_yarn_betas_recorded_in_gguf_are_applied_at_run_time(converted):
         default_betas = rt.logits(ids)
     assert np.array_equal(auto, explicit)
     assert np.abs(default_betas - auto).max() > 1e-2  # the betas change the function
+
+
+def test_shift_equals_reevaluation_on_linear_rope(tmp_path):
+    """Magnitude 1 (linear x4): dropping cached positions and moving the rest down gives the logits of
+    evaluating the kept tokens again (f32 KV).  One layer, so that the kept keys never saw the dropped
+    tokens (in deeper layers they did, and a shift is then only close to re-evaluation); the same shift on
+    a model with magnitude 1.5 is visibly wrong (pitfall 15), so the comparison can fail."""
+    linear = {
+        "llama.rope.scaling.type": ("linear", GGUFValueType.STRING),
+        "llama.rope.scaling.factor": (4.0, GGUFValueType.FLOAT32),
+    }
+    scaled = {**linear, "llama.rope.scaling.attn_factor": (1.5, GGUFValueType.FLOAT32)}
+    errors = {}
+    for name, kv in (("m=1", linear), ("m=1.5", scaled)):
+        path = write_tiny_gguf(tmp_path / f"{name}.gguf", n_layer=1, context_length=1024, extra_kv=kv)
+        with open_rt(path, n_ctx=256, type_k="f32", type_v="f32") as rt:
+            ids = random_tokens(200, rt.n_vocab, seed=7)
+            keep, drop, rest, new = ids[:20], ids[20:100], ids[100:160], ids[160:]
+            ref = rt.logits(keep + rest + new)[-len(new) :]
+            unshifted = rt.logits(keep + drop + rest + new)[-len(new) :]
+            rt.logits(keep + drop + rest)
+            if name == "m=1":
+                assert rt.info.kv_shift_exact and "linear rope" in rt.info.rope and "factor 4" in rt.info.rope
+                rt.shift(len(drop), n_keep=len(keep))
+            else:
+                assert not rt.info.kv_shift_exact
+                rt._ctx.shift(n_keep=len(keep), n_discard=len(drop))  # what Runtime.shift refuses to do
+            assert rt.n_past == len(keep) + len(rest)
+            shifted = rt.logits(new, clear=False)
+            with pytest.raises(RuntimeConfigError, match="cannot discard"):
+                rt.shift(rt.n_past + 1) if name == "m=1" else rt._ctx.shift(n_keep=0, n_discard=rt.n_past + 1)
+        errors[name] = float(np.abs(shifted - ref).max())
+        assert np.abs(unshifted - ref).max() > 1e-3  # the dropped tokens mattered
+    assert errors["m=1"] <= 1e-4, errors
+    assert errors["m=1.5"] > 1e-2, errors
+
+
+def test_shift_is_refused_for_yarn(converted):
+    """YaRN's magnitude != 1: llama.cpp's shift would scale the cached keys twice (pitfall 15)."""
+    with open_rt(converted["yarn"], n_ctx=512) as rt:
+        rt.logits(random_tokens(100, 1000))
+        with pytest.raises(RuntimeConfigError, match="magnitude") as info:
+            rt.shift(50, n_keep=1)
+        assert "re-evaluate" in info.value.fix
+        assert rt.n_past == 100  # the cache is untouched
