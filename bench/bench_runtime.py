@@ -119,6 +119,44 @@ print(json.dumps({"prefill_tps": pre, "decode_tps": dec}))
 """
 
 
+_TTFT_CODE = """
+import json, shutil, sys, tempfile, time
+from pathlib import Path
+from pydoc_data.topics import topics
+from edgerope.ask import ask
+from edgerope.runtime import Runtime
+model, n_doc, runs, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+rt = Runtime.open(model, n_ctx=4096, n_threads=2, flash_attn="on")
+text = "\\n\\n".join(topics[k] for k in sorted(topics))
+lo, hi = 0, len(text)  # cut the text to about n_doc tokens
+while hi - lo > 200:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if len(rt.tokenize(text[:mid])) < n_doc else (lo, mid)
+doc = text[:lo]
+first, second, doc_tokens = [], [], 0
+for i in range(runs + 1):
+    cache = Path(tempfile.mkdtemp(dir=work))
+    a = ask(model, doc, "What does the document say about loops?", runtime=rt, cache_dir=cache, max_tokens=4)
+    b = ask(model, doc, "Which keywords are mentioned first?", runtime=rt, cache_dir=cache, max_tokens=4)
+    shutil.rmtree(cache)
+    assert not a.cached and b.cached, (a.cached, b.cached)
+    doc_tokens = a.document_tokens
+    if i:
+        first.append(a.timings.time_to_first_token_s); second.append(b.timings.time_to_first_token_s)
+print(json.dumps({"document_tokens": doc_tokens, "first_ttft_s": first, "cached_ttft_s": second}))
+"""
+
+
+def run_ttft(runs: int, n_doc: int = 3000) -> dict[str, Any]:
+    log = C.WORK_DIR / "runtime_ttft.log"
+    cmd = [sys.executable, "-c", _TTFT_CODE, str(MODEL), str(n_doc), str(runs), str(C.WORK_DIR)]
+    data, _ = _child_json(cmd, log)
+    data["median_first_ttft_s"] = statistics.median(data["first_ttft_s"])
+    data["median_cached_ttft_s"] = statistics.median(data["cached_ttft_s"])
+    data["speedup"] = data["median_first_ttft_s"] / data["median_cached_ttft_s"]
+    return data
+
+
 def build_model() -> None:
     spec_file = MODEL_DIR / "spec.json"
     if MODEL.is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == SPEC:
@@ -185,6 +223,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--kv", nargs="+", default=list(KV_TYPES))
     ap.add_argument("--no-llama-bench", action="store_true")
+    ap.add_argument("--no-ttft", action="store_true")
+    ap.add_argument("--only-ttft", action="store_true")
     args = ap.parse_args()
 
     build_model()
@@ -193,7 +233,7 @@ def main() -> None:
     load_before = C.load_average()
     t_start = time.perf_counter()
     cases: dict[str, dict[str, Any]] = {}
-    for n in args.lengths:
+    for n in [] if args.only_ttft else args.lengths:
         for kv in args.kv:
             key = f"{kv}/{n}"
             cases[key] = {"kv": kv, "n_prompt": n, "n_gen": N_GEN}
@@ -223,6 +263,18 @@ def main() -> None:
         rows.append(row)
     table = C.format_table(headers, rows)
     print(table)
+    ttft = None
+    if not args.no_ttft:
+        print("time to first token, ask ...", file=sys.stderr, flush=True)
+        try:
+            ttft = run_ttft(args.runs)
+            print(
+                f"ask TTFT, {ttft['document_tokens']}-token document (f16 KV): first {ttft['median_first_ttft_s']:.2f} s,"
+                f" cached {ttft['median_cached_ttft_s']:.3f} s, {ttft['speedup']:.1f}x"
+            )
+        except (C.CommandFailed, ValueError, KeyError, IndexError) as e:
+            ttft = {"error": str(e)[-2000:]}
+            print(f"  failed: {str(e)[-500:]}", file=sys.stderr)
 
     C.write_json(
         RESULT,
@@ -234,13 +286,21 @@ def main() -> None:
             "load_average_after": C.load_average(),
             "total_s": time.perf_counter() - t_start,
             "model": {"path": str(MODEL.relative_to(C.REPO_ROOT)), "bytes": MODEL.stat().st_size, "spec": SPEC},
-            "settings": {"threads": THREADS, "flash_attn": True, "n_batch": N_BATCH, "n_ubatch": N_BATCH,
-                         "n_gen": N_GEN, "runs": args.runs, "llama_bench": str(LLAMA_BENCH) if use_lb else None},
+            "settings": {
+                "threads": THREADS,
+                "flash_attn": True,
+                "n_batch": N_BATCH,
+                "n_ubatch": N_BATCH,
+                "n_gen": N_GEN,
+                "runs": args.runs,
+                "llama_bench": str(LLAMA_BENCH) if use_lb else None,
+            },
             "targets": {"prefill_vs_llama_bench": 0.97, "decode_vs_llama_bench": 0.95},
             "units": "tokens/s; pp = prefill of n_prompt tokens from an empty cache, tg = 64 single-token "
             "decodes after n_prompt cached positions",
             "cases": cases,
             "table": table,
+            "ask_time_to_first_token": ttft,
         },
     )
     print(f"wrote {RESULT}", file=sys.stderr)
