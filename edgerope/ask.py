@@ -5,7 +5,7 @@ What it does:
 * ``read_document`` reads UTF-8 text, refusing empty, binary (NUL bytes) or undecodable files;
 * ``ask`` builds a plain completion prompt -- ``DOC_TEMPLATE`` with the document, then
   ``QUESTION_TEMPLATE`` with the question, tokenized separately so the document prefix is the same
-  token sequence for every question -- checks that it fits the context (never truncating), then
+  token sequence for every question -- checks that it fits the context (truncating only when asked, below), then
   restores the document's saved KV state from ``edgerope.doccache`` or evaluates it in n_batch chunks
   (reporting ``progress(done, total)``) and saves it, evaluates only the question, and answers greedily
   with llama.cpp's sampler.  Timings: document prefill (or state restore), time to first token, decode
@@ -16,8 +16,15 @@ user message rendered by that template in the sandbox (``edgerope.chat_template`
 split where the question starts, so the document prefix still tokenizes the same for every question, and
 special tokens in the template are parsed); ``"plain"`` forces the plain prompt.
 
-What it does not do: truncate or summarise a document that does not fit, sample other than greedily, or
-stream to a caller other than through ``on_token``.
+A document that does not fit is refused, unless ``truncate=True``: then its **tail** is cut (the beginning is
+kept in order, so the answer rests on an unbroken leading part of the document and its cached state is a
+prefix of the whole document's), at a word boundary, leaving room for the question and ``max_tokens``
+answer tokens (at most half the free context); ``Answer.truncation`` says exactly what was cut (tokens,
+character offset, the cut part's first and last words).
+
+The answer streams through ``on_token(token)`` and ``on_text(text_so_far)``.
+
+What it does not do: summarise a document, cut its middle, or sample other than greedily.
 """
 
 from __future__ import annotations
@@ -55,6 +62,24 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class Truncation:
+    """The document's tail cut by ``truncate=True``: ``document[chars_kept:]`` was not used."""
+
+    document_tokens_before: int  # the document prefix's tokens with the whole document
+    tokens_cut: int  # how many fewer the kept part has
+    chars_kept: int  # character offset where the cut starts
+    chars_cut: int  # characters cut (to the document's end)
+    first_words: str  # the start of the cut part
+    last_words: str  # the end of the cut part (the document's end)
+
+    def describe(self) -> str:
+        return (
+            f"cut the document's last {self.tokens_cut} of {self.document_tokens_before} tokens (characters "
+            f'{self.chars_kept}..{self.chars_kept + self.chars_cut}): from "{self.first_words}" to "{self.last_words}"'
+        )
+
+
+@dataclass(frozen=True)
 class Answer:
     text: str
     tokens: list[int]
@@ -69,6 +94,8 @@ class Answer:
     type_v: str
     prompt_format: str = PROMPT_FORMAT
     cache_file: str | None = None
+    truncation: Truncation | None = None  # what truncate=True cut; None: the whole document was used
+    n_ctx_source: str = ""  # how the runtime chose n_ctx
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,17 +143,61 @@ def _fit_error(rt: Runtime, n_doc: int, n_q: int, where: str) -> RuntimeConfigEr
     need = n_doc + n_q + 1
     n_ctx, n_train = rt.plan.n_ctx, rt.plan.hparams.n_ctx_train
     if need <= n_train:
-        fix = f"run with --ctx {need} or more (the model's rope supports up to {n_train}), or a smaller document"
+        fix = (
+            f"run with --ctx {need} or more (the model's rope supports up to {n_train}), a smaller document, or "
+            "--truncate (truncate=True) to cut the document's tail"
+        )
     else:
         fix = (
             f"use a smaller document: the model's context_length (rope-extended) is {n_train}, so the "
-            f"document and question must stay under {n_train} tokens"
+            f"document and question must stay under {n_train} tokens, or use --truncate (truncate=True) to cut "
+            "the document's tail"
         )
     return RuntimeConfigError(
         f"the prompt does not fit: document {n_doc} + question {n_q} tokens (+1 for the answer) = {need}, "
         f"the context is {n_ctx}; nothing was truncated",
         where=where,
         fix=fix,
+    )
+
+
+CUT_WORDS = 8  # words of the cut part shown at each end
+_SNAP_CHARS = 200  # how far back a cut may move to land on whitespace
+
+
+def _truncate(
+    text: str, encode: Callable[[str], list[int]], *, target: int, n_before: int, where: str
+) -> tuple[str, Truncation]:
+    """The longest leading part of ``text`` (ending at whitespace when one is near) whose prompt prefix
+    ``encode(part)`` has at most ``target`` tokens, and what was cut."""
+    if len(encode("")) > target:
+        raise RuntimeConfigError(
+            f"even without the document the prompt needs more than the {target} tokens left for it",
+            where=where,
+            fix="raise --ctx, or ask a shorter question / fewer --max-tokens",
+        )
+    lo, hi = 0, len(text)  # encode(text[:lo]) fits, encode(text) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if len(encode(text[:mid])) <= target:
+            lo = mid
+        else:
+            hi = mid
+    cut_at = lo
+    space = max(text.rfind(c, max(0, lo - _SNAP_CHARS), lo + 1) for c in (" ", "\n", "\t"))
+    if space > 0 and len(encode(text[:space])) <= target:
+        cut_at = space
+    kept = text[:cut_at].rstrip()
+    cut_at = len(kept)
+    words = text[cut_at:].split()
+    n_kept = len(encode(kept))
+    return kept, Truncation(
+        document_tokens_before=n_before,
+        tokens_cut=n_before - n_kept,
+        chars_kept=cut_at,
+        chars_cut=len(text) - cut_at,
+        first_words=" ".join(words[:CUT_WORDS]),
+        last_words=" ".join(words[-CUT_WORDS:]),
     )
 
 
@@ -186,6 +257,8 @@ def ask(
     on_token: Callable[[int], None] | None = None,
     runtime: Runtime | None = None,
     prompt_format: str = "auto",
+    truncate: bool = False,
+    on_text: Callable[[str], None] | None = None,
     **runtime_request: Any,
 ) -> Answer:
     """Answer ``question`` about ``document_text`` with the GGUF at ``model_path`` (greedy).
@@ -196,6 +269,10 @@ def ask(
     writes it.  Raises ``DocumentError`` for bad documents and ``RuntimeConfigError`` when the prompt does
     not fit the context (nothing is ever truncated).  ``prompt_format`` "auto" uses the GGUF's chat template
     when it has one (``"chat"`` requires one, ``"plain"`` never uses it); ``Answer.prompt_format`` says which.
+    ``truncate=True`` cuts the tail of a document that does not fit instead of refusing (module docstring);
+    ``Answer.truncation`` reports the cut.  ``on_text(text_so_far)`` is called after each answer token whose
+    text is complete (not in the middle of a multi-byte character).  ``n_ctx`` None: the runtime's default
+    (the largest context that fits the memory budget, capped at the model's context_length).
     """
     text = check_document(document_text)
     if not question.strip():
@@ -218,22 +295,35 @@ def ask(
     try:
         if template is None:
             fmt = PROMPT_FORMAT
-            doc = rt.tokenize(DOC_TEMPLATE.format(document=text))
             q = rt.tokenize(QUESTION_TEMPLATE.format(question=question.strip()), add_bos=False)
+
+            def encode(doc_text: str) -> list[int]:
+                return rt.tokenize(DOC_TEMPLATE.format(document=doc_text))
         else:
             fmt = f"chat-{hashlib.sha256(template.source.encode()).hexdigest()[:16]}"
-            prefix, q_text = chat_parts(template, text, question.strip())
-            has_bos = bool(template.bos_token) and prefix.startswith(template.bos_token)
-            doc = rt.tokenize(prefix, add_bos=False if has_bos else None, special=True)
-            q = rt.tokenize(q_text, add_bos=False, special=True)
+            q = rt.tokenize(chat_parts(template, text, question.strip())[1], add_bos=False, special=True)
+
+            def encode(doc_text: str) -> list[int]:
+                prefix = chat_parts(template, doc_text, question.strip())[0]
+                has_bos = bool(template.bos_token) and prefix.startswith(template.bos_token)
+                return rt.tokenize(prefix, add_bos=False if has_bos else None, special=True)
+
+        doc = encode(text)
         if len(q) + 1 > rt.plan.n_ctx:
             raise RuntimeConfigError(
                 f"the question alone has {len(q)} tokens, the context is {rt.plan.n_ctx}",
                 where=where,
                 fix="ask a shorter question",
             )
+        truncation = None
         if len(doc) + len(q) + 1 > rt.plan.n_ctx:
-            raise _fit_error(rt, len(doc), len(q), where)
+            if not truncate:
+                raise _fit_error(rt, len(doc), len(q), where)
+            free = rt.plan.n_ctx - len(q)
+            target = free - max(1, min(max_tokens, free // 2))
+            text, truncation = _truncate(text, encode, target=target, n_before=len(doc), where=where)
+            doc = encode(text)
+            logger.info("document truncated: %s", truncation.describe())
 
         cache = DocCache(cache_dir) if use_cache else None
         plan = rt.plan
@@ -265,12 +355,18 @@ def ask(
         t1 = time.perf_counter()
 
         first: list[float] = []
+        answer: list[int] = []
 
         def seen(tok: int) -> None:
             if not first:
                 first.append(time.perf_counter())
             if on_token is not None:
                 on_token(tok)
+            if on_text is not None:
+                answer.append(tok)
+                so_far = rt.detokenize(answer)  # an end-of-generation token adds no text
+                if not so_far.endswith("\ufffd"):
+                    on_text(so_far)
 
         room = rt.plan.n_ctx - len(doc) - len(q)
         gen = rt.generate(q, max_tokens=min(max_tokens, room), clear=False, on_token=seen)
@@ -297,6 +393,8 @@ def ask(
             type_v=plan.type_v.name,
             prompt_format=fmt,
             cache_file=cache_file,
+            truncation=truncation,
+            n_ctx_source=rt.info.n_ctx_source,
         )
     finally:
         if owned:

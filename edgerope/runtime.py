@@ -331,7 +331,8 @@ def plan_runtime(
     capped at the model's context_length (the rope-extended length); ``RuntimePlan.n_ctx_source`` says
     which limit chose it.  A requested ``n_ctx`` whose planned memory exceeds the budget is refused with
     the planner's suggestion.  With GPU offload memory is not planned (the default is context_length
-    capped at 4096, noted).  Beyond context_length only with ``allow_extrapolation``.  ``type_k``/``type_v`` are cache type names (``edgerope.kv``).
+    capped at 4096, noted).  Beyond context_length only with ``allow_extrapolation``.
+    ``type_k``/``type_v`` are cache type names (``edgerope.kv``).
     ``flash_attn`` is "auto" (on for a quantized V cache, off for an f32 cache, else llama.cpp's
     choice), "on" or "off".  ``backend`` "auto" offloads every layer when the build can.
     ``rope_overrides`` takes llama_context_params rope fields (``RopeOverrides``); unset ones come

@@ -184,3 +184,69 @@ def test_cli_json_and_errors(model: Path, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "cannot read" in r.stderr, r.output
     r = run_cli(*common, "--question", QUESTION, "--no-cache", "--ctx", "1024")
     assert r.exit_code == 0 and "evaluated" in r.stderr, r.output
+
+
+def test_truncate_cuts_the_tail_at_a_word_and_reports_exactly_what(model: Path, tmp_path: Path) -> None:
+    from edgerope.ask import DOC_TEMPLATE
+
+    doc = document(40)  # ~700 tokens, the context is 256
+    with Runtime.open(model, n_ctx=256, n_threads=2, backend="cpu") as rt:
+        streamed: list[str] = []
+        a = ask(
+            model,
+            doc,
+            QUESTION,
+            runtime=rt,
+            max_tokens=4,
+            truncate=True,
+            use_cache=False,
+            on_text=streamed.append,
+            prompt_format="plain",  # the prefix is DOC_TEMPLATE, tokenized below as the reference
+        )
+        t = a.truncation
+        assert t is not None
+        target = 256 - a.question_tokens - 4  # room left for the 4 answer tokens
+        assert a.document_tokens <= target and len(a.tokens) >= 1
+        whole = rt.tokenize(DOC_TEMPLATE.format(document=doc))
+        assert t.document_tokens_before == len(whole) and t.tokens_cut == len(whole) - a.document_tokens
+        kept = doc[: t.chars_kept]
+        assert len(rt.tokenize(DOC_TEMPLATE.format(document=kept))) == a.document_tokens
+        next_word_end = doc.index(" ", t.chars_kept + 1)  # one more word would not have fitted
+        assert len(rt.tokenize(DOC_TEMPLATE.format(document=doc[:next_word_end]))) > target
+        cut = doc[t.chars_kept :]
+        assert t.chars_cut == len(cut) and cut[0] == " "  # cut at a word boundary
+        assert t.first_words == " ".join(cut.split()[:8]) and t.last_words == " ".join(doc.split()[-8:])
+        assert f"last {t.tokens_cut} of {len(whole)} tokens" in t.describe()
+        assert streamed and streamed[-1] == a.text
+        assert all(b.startswith(x) for x, b in zip(streamed, streamed[1:], strict=False))
+        with pytest.raises(RuntimeConfigError, match="does not fit") as e:  # not asked: still refused
+            ask(model, doc, QUESTION, runtime=rt, max_tokens=4, use_cache=False)
+        assert "--truncate" in e.value.fix
+        whole_fits = ask(model, document(3), QUESTION, runtime=rt, max_tokens=2, truncate=True, use_cache=False)
+        assert whole_fits.truncation is None
+
+
+def test_cli_truncate_streams_and_ctx_auto(model: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "doc.txt"
+    doc.write_text(document(40))
+    common = [str(model), "--doc", str(doc), "--question", QUESTION, "--no-cache", "--max-tokens", "4"]
+    r = run_cli(*common, "--ctx", "256")
+    assert r.exit_code == 2 and "--truncate" in r.stderr, r.output
+    rj = run_cli(*common, "--ctx", "256", "--truncate", "--json")
+    assert rj.exit_code == 0, rj.output
+    a = json.loads(rj.stdout)
+    t = a["truncation"]
+    assert t["tokens_cut"] > 0 and a["document_tokens"] + t["tokens_cut"] == t["document_tokens_before"]
+    rs = run_cli(*common, "--ctx", "256", "--truncate")
+    assert rs.exit_code == 0, rs.output
+    assert rs.stdout == a["text"].strip() + "\n"  # streamed text, same answer
+    assert f"document truncated: cut the document's last {t['tokens_cut']} of" in rs.stderr
+    assert f'"{t["first_words"]}"' in rs.stderr
+    ra = run_cli(*common, "--ctx", "auto", "--memory", "64GiB", "--json")
+    assert ra.exit_code == 0, ra.output
+    auto = json.loads(ra.stdout)
+    assert auto["n_ctx"] == 4096 and "context_length 4096" in auto["n_ctx_source"] and auto["truncation"] is None
+    r = run_cli(*common, "--ctx", "lots")
+    assert r.exit_code == 2 and "auto" in r.output
+    r = run_cli(*common, "--ctx", "auto", "--memory", "1MiB")
+    assert r.exit_code == 2 and "memory budget" in r.stderr and "Traceback" not in r.output, r.output

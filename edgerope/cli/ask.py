@@ -1,9 +1,14 @@
-"""``edgerope ask``: answer a question about a long document; the document's KV state is cached on disk."""
+"""``edgerope ask``: answer a question about a long document; the document's KV state is cached on disk.
+
+The answer streams to stdout as it is generated (``--json`` prints one object at the end instead); the
+document's prefill shows a progress bar with an ETA on stderr (tty only).
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import click
 
@@ -12,30 +17,81 @@ from edgerope.cli._common import echo_json, handle_errors, progress_enabled
 
 @contextlib.contextmanager
 def _token_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A tqdm bar of prompt tokens on stderr (tty only), fed by ``progress(done, total)``."""
+    """A tqdm bar of prompt tokens on stderr (tty only), fed by ``progress(done, total)``; it is created with
+    its total on the first call, so it shows the rate and the time left (ETA) from the start."""
     if not enabled or not progress_enabled():
         yield None
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="tok", desc="document", file=click.get_text_stream("stderr"))
+    bars: list[Any] = []
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
+        if not bars:
+            bars.append(tqdm(total=total, unit="tok", desc="document", file=click.get_text_stream("stderr")))
+        bar = bars[0]
+        if bar.total != total:
+            bar.total = total
         bar.update(done - bar.n)
 
     try:
         yield progress
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
+
+
+class _Stream:
+    """Prints the answer's text to stdout as it grows (leading whitespace dropped)."""
+
+    def __init__(self) -> None:
+        self.shown = ""
+
+    def __call__(self, so_far: str) -> None:
+        text = so_far.lstrip()
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            click.echo(text[len(self.shown) :], nl=False)
+            self.shown = text
+
+    def finish(self, final: str) -> None:
+        text = final.strip()
+        if text.startswith(self.shown):
+            click.echo(text[len(self.shown) :])
+        else:  # the streamed pieces and the final decoding disagree: show the final text on its own line
+            click.echo()
+            click.echo(text)
+
+
+def _ctx(value: str | None) -> int | None:
+    if value is None or value.strip().lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither 'auto' nor a number of tokens", param_hint="--ctx") from None
+    if n < 1:
+        raise click.BadParameter(f"{n} is not a positive number of tokens", param_hint="--ctx")
+    return n
 
 
 @click.command("ask")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--doc", "doc", required=True, type=click.Path(dir_okay=False), help="UTF-8 text/markdown document.")
 @click.option("--question", "-q", required=True, help="The question about the document.")
-@click.option("--ctx", "n_ctx", type=int, default=None, help="Context length (default: the model's, capped at 4096).")
+@click.option(
+    "--ctx",
+    "ctx",
+    default="auto",
+    show_default=True,
+    help="Context length in tokens, or auto: the largest that fits --memory, capped at the model's context_length.",
+)
+@click.option("--memory", default=None, help="Memory budget, e.g. 8GiB (default: available memory less 10%).")
 @click.option("--kv", "kv", default="f16", show_default=True, help="Cache type for K and V (f16, q8_0, q4_0, ...).")
+@click.option(
+    "--truncate",
+    is_flag=True,
+    help="When the document does not fit, cut its tail (reported) instead of refusing.",
+)
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Document cache folder.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the document cache.")
 @click.option("--max-tokens", type=int, default=128, show_default=True, help="Longest answer in tokens.")
@@ -47,14 +103,16 @@ def _token_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None
     show_default=True,
     help="auto: the GGUF's chat template when it has one, else a plain prompt.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (no streaming).")
 @handle_errors
 def ask(
     model: str,
     doc: str,
     question: str,
-    n_ctx: int | None,
+    ctx: str | None,
+    memory: str | None,
     kv: str,
+    truncate: bool,
     cache_dir: str | None,
     no_cache: bool,
     max_tokens: int,
@@ -67,7 +125,10 @@ def ask(
     from edgerope.ask import ask as run_ask
     from edgerope.ask import read_document
 
+    n_ctx = _ctx(ctx)
     text = read_document(doc)
+    stream = None if as_json else _Stream()
+    request: dict[str, Any] = {"memory_budget": memory} if memory is not None else {}
     with _token_progress(not as_json) as progress:
         a = run_ask(
             model,
@@ -82,16 +143,22 @@ def ask(
             progress=progress,
             n_threads=n_threads,
             prompt_format=prompt_format,
+            truncate=truncate,
+            on_text=stream,
+            **request,
         )
     if as_json:
         echo_json(a.to_dict())
         return
-    click.echo(a.text.strip())
+    assert stream is not None
+    stream.finish(a.text)
     t = a.timings
     source = "restored from cache" if a.cached else "evaluated"
+    if a.truncation is not None:
+        click.echo(f"[document truncated: {a.truncation.describe()}]", err=True)
     click.echo(
         f"[document {a.document_tokens} tokens {source} in {t.prefill_s:.2f}s; question {a.question_tokens} tokens; "
         f"first token after {t.time_to_first_token_s:.2f}s; {len(a.tokens)} tokens at {t.decode_tokens_per_s:.1f}/s; "
-        f"n_ctx {a.n_ctx}, KV {a.type_k}/{a.type_v}]",
+        f"n_ctx {a.n_ctx} ({a.n_ctx_source}), KV {a.type_k}/{a.type_v}]",
         err=True,
     )
