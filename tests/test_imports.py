@@ -16,6 +16,7 @@ TORCH_FREE = [
     "edgerope.set_rope",
     "edgerope.gguf_file",
     "edgerope.runtime",
+    "edgerope.preflight",
     "edgerope.quantize",
     "edgerope.plan",
     "edgerope.doccache",

@@ -207,11 +207,11 @@ def test_longrope_beyond_original_context_warns(tmp_path, caplog):
         "rope_factors_short.weight": np.ones(16, dtype=np.float32),
     }
     path = write_tiny_gguf(tmp_path / "longrope.gguf", context_length=1024, extra_kv=kv, extra_tensors=tensors)
-    with caplog.at_level(logging.WARNING, logger="edgerope.runtime"):
+    with caplog.at_level(logging.WARNING, logger="edgerope.preflight"):
         inside = plan_runtime(path, backend="cpu", n_ctx=256)
     assert not caplog.records and not inside.notes
     assert inside.rope_function.freq_factors == tuple(np.ones(16))
-    with caplog.at_level(logging.WARNING, logger="edgerope.runtime"):
+    with caplog.at_level(logging.WARNING, logger="edgerope.preflight"):
         beyond = plan_runtime(path, backend="cpu", n_ctx=257)  # allocated as 512 (pitfall 17)
     assert any("n_ctx 257 (allocated 512)" in r.getMessage() for r in caplog.records)
     assert any("pitfall 8" in note for note in beyond.notes)
