@@ -47,8 +47,9 @@ def progress_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def byte_progress(desc: str, *, enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
-    """A tqdm bar of bytes on stderr, fed by ``progress(done, total)`` calls; closed on exit.
+def progress_bar(desc: str, *, unit: str = "B", enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
+    """A tqdm bar on stderr fed by ``progress(done, total)`` calls, created with its total on the first call (so
+    it shows rate and ETA from the start); closed on exit. ``unit`` "B" scales to kB/MB.
 
     Yields None (no bar) when ``enabled`` is false (e.g. with --json) or stderr is not a terminal.
     """
@@ -57,13 +58,20 @@ def byte_progress(desc: str, *, enabled: bool = True) -> Iterator[Callable[[int,
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, desc=desc, file=click.get_text_stream("stderr"))
+    bars: list[Any] = []
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
+        if not bars:
+            bars.append(
+                tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc, file=click.get_text_stream("stderr"))
+            )
+        bar = bars[0]
+        if bar.total != total:
+            bar.total = total
         bar.update(done - bar.n)
 
     try:
         yield progress
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()

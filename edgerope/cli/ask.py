@@ -6,39 +6,11 @@ document's prefill shows a progress bar with an ETA on stderr (tty only).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
-from edgerope.cli._common import echo_json, handle_errors, progress_enabled
-
-
-@contextlib.contextmanager
-def _token_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A tqdm bar of prompt tokens on stderr (tty only), fed by ``progress(done, total)``; it is created with
-    its total on the first call, so it shows the rate and the time left (ETA) from the start."""
-    if not enabled or not progress_enabled():
-        yield None
-        return
-    from tqdm import tqdm
-
-    bars: list[Any] = []
-
-    def progress(done: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, unit="tok", desc="document", file=click.get_text_stream("stderr")))
-        bar = bars[0]
-        if bar.total != total:
-            bar.total = total
-        bar.update(done - bar.n)
-
-    try:
-        yield progress
-    finally:
-        for bar in bars:
-            bar.close()
+from edgerope.cli._common import echo_json, handle_errors, progress_bar
 
 
 class _Stream:
@@ -129,7 +101,7 @@ def ask(
     text = read_document(doc)
     stream = None if as_json else _Stream()
     request: dict[str, Any] = {"memory_budget": memory} if memory is not None else {}
-    with _token_progress(not as_json) as progress:
+    with progress_bar("document", unit="tok", enabled=not as_json) as progress:
         a = run_ask(
             model,
             text,

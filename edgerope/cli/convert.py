@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edgerope.cli._common import byte_progress, echo_json, handle_errors
+from edgerope.cli._common import echo_json, handle_errors, progress_bar
 
 # Outtypes written directly by edgerope.export; any other llama.cpp quantization name (Q4_K_M, Q6_K, ...)
 # is chained: convert to f16 in a hidden temp file, then llama.cpp's quantizer (edgerope.quantize).
@@ -64,7 +64,7 @@ def convert(
     from edgerope.export import convert as run_convert
 
     quant = None
-    with byte_progress("writing", enabled=not as_json) as progress:
+    with progress_bar("writing", enabled=not as_json) as progress:
         options = {"bake_dynamic": bake_dynamic, "allow_runtime_rope": allow_runtime_rope, "progress": progress}
         if outtype in DIRECT_OUTTYPES:
             report = run_convert(hf_dir, output, outtype=outtype, force=force, **options)

@@ -40,7 +40,13 @@ def _log_setup(json_logs: bool) -> None:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", type=int, default=8080, show_default=True, help="Port (0: any free port).")
-@click.option("--ctx", "n_ctx", type=int, default=None, help="Context length (default: the model's, capped at 4096).")
+@click.option(
+    "--ctx",
+    "n_ctx",
+    type=int,
+    default=None,
+    help="Context length (default: the largest that fits memory, capped at the model's).",
+)
 @click.option("--kv", "kv", default="f16", show_default=True, help="Cache type for K and V (f16, q8_0, q4_0, ...).")
 @click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: all usable).")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)

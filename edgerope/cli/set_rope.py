@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from edgerope.cli._common import byte_progress, echo_json, handle_errors
+from edgerope.cli._common import echo_json, handle_errors, progress_bar
 
 ROPE_TYPES = ("none", "linear", "yarn", "ntk")  # edgerope.set_rope.ROPE_TYPES (not imported: --help stays light)
 
@@ -45,7 +45,7 @@ def set_rope(input_file: str, output: str | None, as_json: bool, **options: Any)
     """
     from edgerope.set_rope import set_rope as run_set_rope
 
-    with byte_progress("copying", enabled=not as_json) as progress:
+    with progress_bar("copying", enabled=not as_json) as progress:
         # the option names are edgerope.set_rope.set_rope's keyword arguments; an unknown one raises TypeError
         report = run_set_rope(input_file, output, progress=progress, **options)
     if as_json:
