@@ -42,6 +42,11 @@ MODEL = MODEL_DIR / "model-q4_k_m.gguf"
 LLAMA_BENCH = (
     C.WORK_DIR / "lcbuild" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "build" / "bin" / "llama-bench"
 )
+LLAMA_BENCH_CMAKE = (
+    "cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF "
+    "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON && "
+    "cmake --build build --target llama-bench -j2  (in vendor/llama.cpp of the unpacked sdist)"
+)
 RESULT = C.RESULTS_DIR / "runtime.json"
 KV_TYPES = ("f16", "q8_0", "q4_0")
 N_GEN = 64
@@ -193,7 +198,8 @@ def _llama_bench(args: list[str], kv: str, runs: int, log: Path) -> tuple[list[f
     text = log.read_text()
     data = json.loads(text[text.index("[") : text.rindex("]") + 1])
     rec = data[0]
-    return [1e9 * (rec["n_prompt"] + rec["n_gen"]) / ns for ns in rec["samples_ns"]], rec
+    samples = rec.get("samples_ns") or [rec["avg_ns"]]
+    return [1e9 * (rec["n_prompt"] + rec["n_gen"]) / ns for ns in samples], rec
 
 
 def run_llama_bench(n: int, kv: str, runs: int) -> dict[str, Any]:
@@ -293,7 +299,8 @@ def main() -> None:
                 "n_ubatch": N_BATCH,
                 "n_gen": N_GEN,
                 "runs": args.runs,
-                "llama_bench": str(LLAMA_BENCH) if use_lb else None,
+                "llama_bench": str(LLAMA_BENCH.relative_to(C.REPO_ROOT)) if use_lb else None,
+                "llama_bench_build": LLAMA_BENCH_CMAKE,
             },
             "targets": {"prefill_vs_llama_bench": 0.97, "decode_vs_llama_bench": 0.95},
             "units": "tokens/s; pp = prefill of n_prompt tokens from an empty cache, tg = 64 single-token "
