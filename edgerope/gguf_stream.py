@@ -199,12 +199,24 @@ class _Producer:
             else:  # bf16 from f32/f16, q8_0: gguf's numpy quantizers
                 q = gguf.quantize(to_float32(rows, dtype), qtype)
                 value = q.view(np.uint16) if qtype == QT.BF16 else q
-            if inv is not None:
-                out[inv[start:stop]] = value  # scatter the rows to their permuted places, casting as needed
-            else:
-                np.copyto(out[start:stop], value, casting="unsafe")
+            with np.errstate(over="ignore"):  # f16 overflow is checked once the tensor is done
+                if inv is not None:
+                    out[inv[start:stop]] = value  # scatter the rows to their permuted places, casting as needed
+                else:
+                    np.copyto(out[start:stop], value, casting="unsafe")
 
         list(self.pool.map(work, range(0, n_rows, step)))
+        if qtype == QT.F16 and dtype != "F16":
+            # a weight beyond float16's range would silently become inf: refuse instead
+            def overflow(start: int) -> bool:
+                return bool(np.isinf(out[start : start + step]).any())
+
+            if any(self.pool.map(overflow, range(0, n_rows, step))):
+                raise CheckpointError(
+                    f"tensor {entry.name} has values beyond the float16 range (|x| > 65504): an f16 GGUF would hold inf",
+                    where=str(entry.file),
+                    fix="convert with --outtype bf16 or f32",
+                )
         return ArrayBytes(out)
 
 

@@ -207,6 +207,22 @@ def test_bf16_checkpoint_written_by_torch(make_tiny):
         np.testing.assert_array_equal(values(tensors["output_norm.weight"]), norm)
 
 
+def test_f16_output_refuses_weights_beyond_the_f16_range(make_tiny, tmp_path):
+    """A bf16/f32 weight above 65504 would become inf in f16 (llama.cpp's converter writes it anyway): refused,
+    with no output; bf16 and f32 outputs keep the value."""
+    hf = make_tiny()
+    tensors = load_file(hf / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"][3, 5] = 1.0e5
+    save_file(tensors, hf / "model.safetensors")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(CheckpointError, match="float16 range") as err:
+        convert(hf, out_dir / "m.f16.gguf", outtype="f16")
+    assert "bf16 or f32" in err.value.fix and not list(out_dir.iterdir())
+    _, _, out = read_gguf(convert(hf, out_dir / "m.f32.gguf", outtype="f32").path)
+    assert np.nanmax(values(out["blk.0.ffn_down.weight"])) == np.float32(1.0e5)
+
+
 def test_sharded_checkpoint_equals_single_file(make_tiny):
     hf = make_tiny(model_type="qwen2")
     single = convert(hf, hf.parent / "single.gguf", outtype="f16").path
