@@ -191,6 +191,13 @@ class Cell:
     def accuracy(self) -> float:
         return self.correct / self.trials if self.trials else 0.0
 
+    def record(self, output: str, expected: int, **details: Any) -> None:
+        """Score one trial's output against the expected integer and keep it as a sample."""
+        ok = score_answer(output, expected)
+        self.trials += 1
+        self.correct += ok
+        self.samples.append({**details, "output": output, "correct": ok})
+
 
 @dataclass
 class GridResult:
@@ -243,11 +250,7 @@ def passkey_grid(
             cell = Cell(int(length), float(depth), cell_seed)
             for _ in range(trials):
                 p = passkey_prompt(tokenize, length=length, depth=depth, key=random_key(rng))
-                out = generate(p.tokens, max_new_tokens)
-                ok = score_answer(out, p.key)
-                cell.trials += 1
-                cell.correct += ok
-                cell.samples.append({"key": p.key, "n_tokens": len(p.tokens), "output": out, "correct": ok})
+                cell.record(generate(p.tokens, max_new_tokens), p.key, key=p.key, n_tokens=len(p.tokens))
             cells.append(cell)
     return GridResult("passkey", seed, trials, cells)
 
@@ -272,11 +275,7 @@ def multikey_grid(
         cell = Cell(int(length), None, cell_seed)
         for _ in range(trials):
             p = multikey_prompt(tokenize, length=length, n_keys=n_keys, rng=rng)
-            out = generate(p.tokens, max_new_tokens)
-            ok = score_answer(out, p.answer)
-            cell.trials += 1
-            cell.correct += ok
-            cell.samples.append({"keys": p.keys, "values": p.values, "asked": p.asked, "output": out, "correct": ok})
+            cell.record(generate(p.tokens, max_new_tokens), p.answer, keys=p.keys, values=p.values, asked=p.asked)
         cells.append(cell)
     return GridResult("multikey", seed, trials, cells)
 
