@@ -151,7 +151,9 @@ class LlamaCppRope:
                 f"rope scaling type {stype!r} is not one llama.cpp knows (it aborts on load)",
                 fix=f"set {key(Keys.Rope.SCALING_TYPE, arch)} to one of {', '.join(SCALING_TYPES)}",
             )
-        factor = get(Keys.Rope.SCALING_FACTOR) or kv.get(f"{arch}.rope.scale_linear") or 0.0
+        factor = get(Keys.Rope.SCALING_FACTOR)
+        if factor is None:  # the legacy key counts only when the new one is absent; 0 means "no scaling"
+            factor = kv.get(f"{arch}.rope.scale_linear")
         scale_train = 1.0 / factor if factor else 1.0
         base_train = get(Keys.Rope.FREQ_BASE, 10000.0)
         n_ctx_orig = get(Keys.Rope.SCALING_ORIG_CTX_LEN) or ctx_train

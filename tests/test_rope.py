@@ -543,3 +543,13 @@ def test_from_gguf_rejects_unknown_type_and_missing_context():
         LlamaCppRope.from_gguf(ARCH, gguf_kv(type="dynamic"))
     with pytest.raises(GGUFError, match="context_length"):
         LlamaCppRope.from_gguf(ARCH, {k(Keys.Rope.FREQ_BASE): 10000.0})
+
+
+def test_from_gguf_zero_factor_means_no_scaling_even_with_the_legacy_key():
+    """ROPE_GGUF.md §1: rope.scale_linear is read only when rope.scaling.factor is absent; factor 0 gives scale 1."""
+    from edgerope.ggml_rope import LlamaCppRope
+
+    kv = {"llama.context_length": 2048, "llama.rope.scaling.factor": 0.0, "llama.rope.scale_linear": 4.0}
+    assert LlamaCppRope.from_gguf("llama", kv).freq_scale == 1.0
+    del kv["llama.rope.scaling.factor"]
+    assert LlamaCppRope.from_gguf("llama", kv).freq_scale == 0.25
