@@ -150,17 +150,41 @@ def save_heatmaps(out: str | Path, panels: Sequence[Heatmap], *, title: str) -> 
     return PlotInfo(Path(out), size, len(panels), cells, 0)
 
 
-def save_lines(out: str | Path, lines: Sequence[Line], *, title: str, xlabel: str, ylabel: str) -> PlotInfo:
-    """A PNG with one marked line per ``Line``."""
+@dataclass(frozen=True)
+class Panel:
+    """One axes of a multi-panel figure: its lines, labels and log axes."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    lines: Sequence[Line]
+    log_x: bool = False
+    log_y: bool = False
+
+
+def save_panels(out: str | Path, panels: Sequence[Panel], *, title: str = "") -> PlotInfo:
+    """A PNG with the panels side by side, one marked line per ``Line`` (log axes in base 2 / 10)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for line in lines:
-        ax.plot(line.x, line.y, marker="o", markersize=3, label=line.label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(panels), figsize=(0.4 + 5.6 * len(panels), 4.0), squeeze=False)
+    for ax, p in zip(axes[0], panels, strict=True):
+        for line in p.lines:
+            ax.plot(line.x, line.y, marker="o", markersize=3, label=line.label)
+        if p.log_x:
+            ax.set_xscale("log", base=2)
+        if p.log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel(p.xlabel)
+        ax.set_ylabel(p.ylabel)
+        ax.set_title(p.title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     size = _save(fig, Path(out))
-    return PlotInfo(Path(out), size, 1, 0, len(lines))
+    return PlotInfo(Path(out), size, len(panels), 0, sum(len(p.lines) for p in panels))
+
+
+def save_lines(out: str | Path, lines: Sequence[Line], *, title: str, xlabel: str, ylabel: str) -> PlotInfo:
+    """A PNG with one marked line per ``Line``."""
+    return save_panels(out, [Panel(title, xlabel, ylabel, lines)])

@@ -173,8 +173,9 @@ def tiny_weights(cfg: ModelConfig, *, weight_std: float = 0.15, seed: int = 0) -
     return out
 
 
-def write_tokenizer_files(out_dir: Path, *, model_file: Path) -> None:
-    """Copy ``tokenizer.model`` and write tokenizer_config.json / special_tokens_map.json beside it."""
+def write_tokenizer_files(out_dir: Path, *, model_file: Path, chat_template: bool = True) -> None:
+    """Copy ``tokenizer.model`` and write tokenizer_config.json / special_tokens_map.json beside it
+    (with the tiny chat template unless ``chat_template`` is False)."""
     if model_file.resolve() != (out_dir / TOKENIZER_FILE).resolve():
         shutil.copyfile(model_file, out_dir / TOKENIZER_FILE)
     tok_cfg = {
@@ -187,8 +188,9 @@ def write_tokenizer_files(out_dir: Path, *, model_file: Path) -> None:
         "add_eos_token": False,
         "legacy": False,
         "model_max_length": 1_000_000,
-        "chat_template": CHAT_TEMPLATE,
     }
+    if chat_template:
+        tok_cfg["chat_template"] = CHAT_TEMPLATE
     _write_json(out_dir / "tokenizer_config.json", tok_cfg)
     _write_json(out_dir / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK})
 

@@ -18,10 +18,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "quantize": ("edgerope.cli.quantize", "quantize", "Quantize a GGUF with llama.cpp's own quantizer."),
     "inspect": ("edgerope.cli.inspect", "inspect", "Show what llama.cpp will compute from a GGUF, and lint it."),
     "set-rope": ("edgerope.cli.set_rope", "set_rope", "Rewrite the rope scaling metadata of an existing GGUF."),
-    "demo": ("edgerope.cli.demo", "demo", "Make the built-in tiny model, convert it and check it in llama.cpp."),
+    "demo": ("edgerope.cli.demo", "demo", "Stretch the built-in tiny model from 256 to 2048 tokens: table, plot, Q&A."),
     "ask": ("edgerope.cli.ask", "ask", "Answer a question about a long document; its KV state is cached on disk."),
     "eval": ("edgerope.cli.eval", "eval_", "Passkey, multi-key or perplexity on a checkpoint or GGUF; table and plot."),
     "finetune": ("edgerope.cli.finetune", "finetune", "Fine-tune a checkpoint at a scaled rope (full or PoSE)."),
+    "pretrain": ("edgerope.cli.pretrain", "pretrain", "Rebuild the built-in tiny model from its recipe."),
     "plan": ("edgerope.cli.plan", "plan", "Plan the memory llama.cpp needs for a GGUF; the largest context that fits."),
     "serve": ("edgerope.cli.serve", "serve", "Serve a GGUF over an OpenAI-compatible HTTP API on 127.0.0.1."),
 }

@@ -1,9 +1,10 @@
-"""``edgerope demo``: the built-in tiny model through every rope method, PyTorch vs llama.cpp."""
+"""``edgerope demo``: the built-in tiny model stretched from 256 to 2048 tokens (and ``--parity``: PyTorch vs llama.cpp)."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -17,20 +18,65 @@ from edgerope.cli._common import echo_json, handle_errors
     default=None,
     help="Keep the models and GGUFs here (default: a temporary folder, removed afterwards).",
 )
-@click.option("--positions", type=int, default=2048, show_default=True, help="Positions compared (8x the 256 trained).")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("edgerope-demo.png"),
+    show_default=True,
+    help="Where to save the plot (passkey accuracy and perplexity by length).",
+)
+@click.option("--trials", type=int, default=4, show_default=True, help="Passkey trials per (length, depth) cell.")
+@click.option("--steps", type=int, default=150, show_default=True, help="Fine-tuning steps (full and PoSE).")
+@click.option(
+    "--parity", is_flag=True, help="Instead: every rope method, logits in PyTorch vs llama.cpp at 8x context."
+)
+@click.option("--positions", type=int, default=2048, show_default=True, help="--parity: positions compared.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
-def demo(workdir: Path | None, positions: int, as_json: bool) -> None:
-    """Make the built-in tiny model (trained context 256) with each rope scaling method, convert it
-    to GGUF and compare its logits in PyTorch and in llama.cpp at every position up to 8x its context."""
-    from edgerope.demo import run_demo
+def demo(
+    workdir: Path | None, plot: Path, trials: int, steps: int, parity: bool, positions: int, as_json: bool
+) -> None:
+    """The built-in tiny model (trained at 256 tokens) read at up to 2048: no scaling, linear x8, YaRN x8,
+    YaRN x8 + fine-tune and YaRN x8 + PoSE, each a Q8_0 GGUF run in llama.cpp with a q8_0 KV cache;
+    a table, a plot, and a question about a long document."""
 
     def step(msg: str) -> None:
         if not as_json:
             click.secho(f"- {msg}", fg="cyan", err=True)
 
     with tempfile.TemporaryDirectory(prefix="edgerope-demo-") as tmp:
-        report = run_demo(workdir or tmp, n_positions=positions, on_step=step)
+        if parity:
+            from edgerope.parity_demo import run_demo as run_parity
+
+            _print_parity(run_parity(workdir or tmp, n_positions=positions, on_step=step), as_json, workdir)
+            return
+        from dataclasses import replace
+
+        from edgerope.demo import DEMO_SETTINGS, run_demo
+        from edgerope.extend import format_table
+
+        settings = replace(DEMO_SETTINGS, trials=trials, ft_steps=steps, pose_steps=steps)
+        report = run_demo(workdir or tmp, settings=settings, plot=plot, on_step=step)
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    ext = report.extension
+    click.echo(
+        f"\n{Path(ext.base).name}: trained at {ext.original_context} tokens, read at up to {max(ext.settings['lengths'])}\n"
+    )
+    click.echo(format_table(ext))
+    click.echo(f'\nlong document, then "{report.question}" (the key is {report.expected}):')
+    for a in report.answers:
+        mark = "correct" if a.correct else "wrong"
+        click.echo(
+            f"  {a.variant:<24} {a.answer!r:<16} {mark}  ({a.document_tokens} document tokens, prefill {a.prefill_s:.2f} s)"
+        )
+    if report.plot:
+        click.echo(f"\nplot: {report.plot}")
+    click.echo(f"done in {report.seconds:.0f} s" + (f"; files in {workdir}" if workdir else ""))
+
+
+def _print_parity(report: Any, as_json: bool, workdir: Path | None) -> None:
     if as_json:
         echo_json(report.to_dict())
         return

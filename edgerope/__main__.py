@@ -1,0 +1,3 @@
+from edgerope.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""The built-in tiny model that ships with edgerope (``edgerope/models/tiny``): where it is, and that it is intact.
+
+The model is a small Llama pretrained by ``edgerope.pretrain`` (recipe and loss curve in its
+``recipe.json``; rebuild it with ``edgerope pretrain -o DIR``).  Its files are listed with their sha256 in
+``MANIFEST``, so a damaged or half-copied install is reported, not run.
+
+What it does not do: train, import torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from edgerope.errors import CheckpointError
+
+TINY_DIR = Path(__file__).parent / "models" / "tiny"
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_manifest(model_dir: str | Path) -> Path:
+    """Record every file of ``model_dir`` (but the manifest) with its size and sha256."""
+    d = Path(model_dir)
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(d.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    path = d / MANIFEST
+    path.write_text(json.dumps({"files": files}, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    """``model_dir`` if every file its manifest lists is present and unchanged; else ``CheckpointError``."""
+    d = Path(model_dir)
+    fix = "reinstall edgerope, or rebuild the model with `edgerope pretrain -o DIR` and pass DIR"
+    try:
+        files = json.loads((d / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"the built-in model's manifest is missing or unreadable ({exc})", where=str(d), fix=fix
+        ) from None
+    for name, meta in files.items():
+        p = d / name
+        if not p.is_file():
+            raise CheckpointError(f"the built-in model is missing {name}", where=str(d), fix=fix)
+        if p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+            raise CheckpointError(f"{name} of the built-in model does not match its manifest", where=str(p), fix=fix)
+    return d
+
+
+def tiny_model() -> Path:
+    """The checked folder of the built-in tiny model (a Hugging Face checkpoint)."""
+    return check_model_dir(TINY_DIR)
+
+
+def recipe(model_dir: str | Path = TINY_DIR) -> dict:
+    """The ``recipe.json`` written by ``edgerope.pretrain``: settings, loss curve, time, machine."""
+    return json.loads((Path(model_dir) / "recipe.json").read_text(encoding="utf-8"))

@@ -1,0 +1,418 @@
+"""The context-extension experiment: every way to stretch a model's context, converted to GGUF, measured in llama.cpp.
+
+What it does, from one base checkpoint (by default the built-in tiny model, trained at context 256):
+
+* makes each ``Variant``: the base as is (no scaling: positions past the trained context are extrapolated),
+  rope scaling without training (``edgerope set-rope`` on the base GGUF: linear, YaRN, NTK), and rope scaling
+  plus a fine-tune (``edgerope finetune`` at the target length, or PoSE inside the original window), each
+  fine-tune run as its own ``python -m edgerope finetune`` process so that its peak memory is its own;
+* converts every checkpoint to a GGUF (Q8_0 weights by default) with ``edgerope.export.convert``;
+* evaluates each GGUF in llama.cpp (``edgerope.runtime``; q8_0 KV cache by default): passkey accuracy per
+  length x depth, multi-key accuracy, perplexity of held-out documentation text per length (truncated
+  single pass), all through ``edgerope.evaluation``;
+* optionally checks that PyTorch and llama.cpp give the same passkey answers for one fine-tuned variant.
+
+``run_extension`` returns an ``ExtensionReport`` (JSON-able) that the demo and ``bench/quality`` print and plot.
+
+What it does not do: pretrain (``edgerope.pretrain``), print, or choose hyper-parameters beyond ``Settings``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgerope import evaluation as E
+from edgerope.errors import ConfigError, TrainingError
+from edgerope.synthetic import heldout_documents, write_jsonl
+
+ROPE_TYPES = ("none", "linear", "yarn", "ntk")
+TUNES = (None, "full", "pose")
+CTX_ROUND = 256
+CHARS_PER_TOKEN = 3.0  # rough size of the tiny tokenizer's tokens, only to size the fine-tuning samples
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to reach ``factor`` x the base context: a rope type, and no, full-length or PoSE fine-tuning."""
+
+    name: str
+    rope: str = "none"
+    factor: float = 1.0
+    tune: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.rope not in ROPE_TYPES:
+            raise ConfigError(f"unknown rope type {self.rope!r}", fix=f"use one of {', '.join(ROPE_TYPES)}")
+        if self.tune not in TUNES:
+            raise ConfigError(f"unknown fine-tune {self.tune!r}", fix="use None, 'full' or 'pose'")
+        if self.rope == "none" and (self.tune or self.factor != 1.0):
+            raise ConfigError(f"{self.name}: no scaling means factor 1 and no fine-tune")
+        if self.rope != "none" and self.factor <= 1.0:
+            raise ConfigError(f"{self.name}: a scaled rope needs a factor > 1, got {self.factor}")
+
+
+def demo_variants(factor: int = 8) -> tuple[Variant, ...]:
+    """The story in five rows: no scaling, linear, YaRN, YaRN + fine-tune, YaRN + PoSE fine-tune."""
+    return (
+        Variant("no scaling", "none"),
+        Variant(f"linear x{factor}", "linear", factor),
+        Variant(f"yarn x{factor}", "yarn", factor),
+        Variant(f"yarn x{factor} + fine-tune", "yarn", factor, "full"),
+        Variant(f"yarn x{factor} + PoSE", "yarn", factor, "pose"),
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What is trained and measured.  Lengths are in tokens; ``trials`` is per (length, depth) cell."""
+
+    lengths: tuple[int, ...] = (256, 512, 1024, 2048)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    trials: int = 4
+    multikey_trials: int = 0  # per length; 0 skips multi-key
+    ppl_lengths: tuple[int, ...] = (256, 2048)
+    weights: str = "q8_0"
+    kv: str = "q8_0"
+    ft_steps: int = 150
+    ft_batch: int = 1
+    pose_steps: int = 150
+    pose_batch: int = 8
+    lr: float = 1e-3
+    seed: int = 0
+    eval_seed: int = 1234
+    n_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lengths or min(self.lengths) < 64:
+            raise ConfigError(f"lengths must be >= 64 tokens, got {self.lengths}")
+        if self.trials < 1 or self.ft_steps < 1 or self.pose_steps < 1:
+            raise ConfigError("trials and fine-tuning steps must be >= 1")
+
+
+@dataclass
+class VariantResult:
+    """One variant's files and measurements (grids as ``GridResult.to_dict``, perplexity per length)."""
+
+    name: str
+    rope: str
+    factor: float
+    tune: str | None
+    gguf: str
+    gguf_bytes: int
+    context_length: int
+    passkey: dict[str, Any]
+    passkey_by_length: dict[int, float]
+    multikey_by_length: dict[int, float] = field(default_factory=dict)
+    perplexity: dict[int, float] = field(default_factory=dict)
+    perplexity_detail: dict[int, dict[str, Any]] = field(default_factory=dict)
+    finetune: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+    @property
+    def passkey_accuracy(self) -> float:
+        return float(self.passkey.get("accuracy", 0.0))
+
+
+@dataclass
+class ExtensionReport:
+    base: str
+    original_context: int
+    settings: dict[str, Any]
+    results: list[VariantResult]
+    agreement: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def result(self, name: str) -> VariantResult:
+        for r in self.results:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+StepFn = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def _finetune_process(base: Path, out: Path, data: Path, variant: Variant, s: Settings, target: int) -> dict[str, Any]:
+    """``python -m edgerope finetune ... --json`` in its own process; its report (peak memory is that run's)."""
+    pose = variant.tune == "pose"
+    cmd = [
+        sys.executable, "-m", "edgerope", "finetune", str(base), "--data", str(data), "-o", str(out),
+        "--rope", variant.rope, "--target-context", str(target),
+        "--steps", str(s.pose_steps if pose else s.ft_steps),
+        "--batch-size", str(s.pose_batch if pose else s.ft_batch),
+        "--lr", str(s.lr), "--seed", str(s.seed), "--holdout", "0.02", "--device", "cpu", "--force", "--json",
+    ]  # fmt: skip
+    if pose:
+        cmd.append("--pose")
+    env = dict(os.environ)
+    if s.n_threads:
+        env["OMP_NUM_THREADS"] = str(s.n_threads)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise TrainingError(
+            f"fine-tuning {variant.name} failed (exit {proc.returncode})",
+            where=" ".join(cmd[:6]) + " ...",
+            fix="see its message: " + (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:400],
+        )
+    report = json.loads(proc.stdout)
+    keep = ("steps", "seq_len", "tokens", "seconds", "tokens_per_s", "peak_memory_bytes",
+            "memory_before_training_bytes", "precision", "pose", "heldout_losses")  # fmt: skip
+    out_report = {k: report[k] for k in keep}
+    out_report["final_loss"] = float(sum(report["losses"][-10:]) / len(report["losses"][-10:]))
+    out_report["training_memory_bytes"] = report["peak_memory_bytes"] - report["memory_before_training_bytes"]
+    return out_report
+
+
+def _gguf_for(
+    variant: Variant, *, base: Path, base_gguf: Path, work: Path, s: Settings, data: dict[str, Path], step: StepFn
+) -> tuple[Path, dict[str, Any] | None]:
+    from edgerope.config import ModelConfig
+    from edgerope.export import convert
+    from edgerope.set_rope import set_rope
+
+    original = ModelConfig.load(base).max_position_embeddings
+    target = int(round(original * variant.factor))
+    slug = variant.name.replace(" ", "_").replace("+", "").replace("__", "_")
+    if variant.rope == "none":
+        return base_gguf, None
+    if variant.tune is None:
+        out = work / f"{slug}.gguf"
+        step(f"{variant.name}: edgerope set-rope --type {variant.rope} --factor {variant.factor:g} (no training)")
+        set_rope(base_gguf, out, rope_type=variant.rope, factor=variant.factor, force=True)
+        return out, None
+    ckpt = work / slug
+    kind = "PoSE inside the 256 window" if variant.tune == "pose" else f"full length, {target} tokens"
+    step(f"{variant.name}: edgerope finetune --rope {variant.rope} ({kind})")
+    ft = _finetune_process(base, ckpt, data[variant.tune], variant, s, target)
+    out = work / f"{slug}.gguf"
+    convert(ckpt, out, outtype=s.weights, force=True)
+    return out, {**ft, "checkpoint": str(ckpt)}
+
+
+def _write_data(work: Path, base: Path, s: Settings, variants: Sequence[Variant]) -> dict[str, Path]:
+    """Fine-tuning data (JSONL): samples up to the target length (full) and up to the window (PoSE)."""
+    from edgerope.config import ModelConfig
+
+    original = ModelConfig.load(base).max_position_embeddings
+    out: dict[str, Path] = {}
+    for v in variants:
+        if v.tune is None or v.tune in out:
+            continue
+        if v.tune == "full":
+            target = int(original * v.factor)
+            n = max(64, math.ceil(s.ft_steps * s.ft_batch * 2.0))  # ~2 samples per row of `target` tokens
+            out["full"] = write_jsonl(
+                work / "finetune_full.jsonl", n_samples=n, max_chars=int(target * CHARS_PER_TOKEN), seed=s.seed + 1,
+                force=True,
+            )  # fmt: skip
+        else:
+            n = max(64, math.ceil(s.pose_steps * s.pose_batch * 2.0))
+            out["pose"] = write_jsonl(
+                work / "finetune_pose.jsonl", n_samples=n, max_chars=int(original * CHARS_PER_TOKEN), seed=s.seed + 2,
+                force=True,
+            )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+
+def _n_ctx(longest: int) -> int:
+    return math.ceil((longest + E.MAX_NEW_TOKENS + 8) / CTX_ROUND) * CTX_ROUND
+
+
+def evaluate_gguf(gguf: Path, s: Settings, *, lengths: Sequence[int] | None = None) -> dict[str, Any]:
+    """Passkey grid, multi-key and held-out perplexity of one GGUF in llama.cpp (``s.kv`` cache)."""
+    from edgerope.eval_report import model_context
+
+    lengths = tuple(lengths or s.lengths)
+    ctx = model_context(gguf)
+    longest = max(max(lengths), *s.ppl_lengths) if s.ppl_lengths else max(lengths)
+    options = dict(n_ctx=_n_ctx(longest), type_k=s.kv, type_v=s.kv, n_threads=s.n_threads)
+    with E.llama_backend(gguf, allow_extrapolation=_n_ctx(longest) > ctx, **options) as b:
+        grid = E.passkey_grid(b.generate, b.tokenize, lengths, s.depths, s.trials, s.eval_seed)
+        out: dict[str, Any] = {"context_length": ctx, "passkey": grid.to_dict(), "passkey_by_length": grid.by_length()}
+        if s.multikey_trials:
+            mk = E.multikey_grid(b.generate, b.tokenize, lengths, s.multikey_trials, s.eval_seed)
+            out["multikey_by_length"] = mk.by_length()
+        if s.ppl_lengths:
+            docs = [ids for ids in (b.tokenize(d.text) for d in heldout_documents()) if len(ids) >= max(s.ppl_lengths)]
+            if not docs:
+                raise ConfigError(
+                    f"no held-out document has {max(s.ppl_lengths)} tokens", fix="use shorter ppl_lengths"
+                )
+            ppl = E.perplexity_sweep(b.logits, docs, s.ppl_lengths, bucket_size=256)
+            out["perplexity"] = {n: p.perplexity for n, p in ppl.items()}
+            out["perplexity_detail"] = {n: p.to_dict() for n, p in ppl.items()}
+    return out
+
+
+def passkey_agreement(checkpoint: Path, gguf: Path, s: Settings, *, lengths: Sequence[int]) -> dict[str, Any]:
+    """The same passkey grid in PyTorch (fp32) and in llama.cpp (f16 KV): the fraction of equal answers."""
+    with E.torch_backend(checkpoint) as tb:
+        a = E.passkey_grid(tb.generate, tb.tokenize, lengths, s.depths, s.trials, s.eval_seed)
+    n_ctx = _n_ctx(max(lengths))
+    with E.llama_backend(gguf, n_ctx=n_ctx, type_k="f16", type_v="f16", n_threads=s.n_threads) as lb:
+        b = E.passkey_grid(lb.generate, lb.tokenize, lengths, s.depths, s.trials, s.eval_seed)
+    return {
+        "checkpoint": str(checkpoint),
+        "gguf": str(gguf),
+        "kv": "f16",
+        "trials": a.total,
+        "agreement": E.agreement(a, b),
+        "torch_accuracy": a.accuracy,
+        "llama_cpp_accuracy": b.accuracy,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+def run_extension(
+    base: str | Path,
+    workdir: str | Path,
+    *,
+    variants: Sequence[Variant] | None = None,
+    settings: Settings | None = None,
+    agreement_for: str | None = None,
+    agreement_lengths: Sequence[int] = (),
+    on_step: StepFn | None = None,
+) -> ExtensionReport:
+    """Make, convert and evaluate every variant of the checkpoint ``base`` in ``workdir`` (created)."""
+    from edgerope.config import ModelConfig
+    from edgerope.export import convert
+
+    t0 = time.perf_counter()
+    s = settings or Settings()
+    variants = tuple(variants or demo_variants())
+    step = on_step or _noop
+    base, work = Path(base), Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = ModelConfig.load(base)
+    original = cfg.max_position_embeddings
+    for v in variants:
+        longest = max(s.lengths)
+        if v.rope != "none" and original * v.factor < longest and v.tune is not None:
+            raise ConfigError(
+                f"{v.name}: the target {original * v.factor:g} is shorter than the longest length {longest}"
+            )
+    step(f"base model: {base} (trained context {original}); GGUFs with {s.weights} weights, KV cache {s.kv}")
+    base_gguf = work / "base.gguf"
+    convert(base, base_gguf, outtype=s.weights, force=True)
+    data = _write_data(work, base, s, variants)
+    results = []
+    for v in variants:
+        tv = time.perf_counter()
+        gguf, ft = _gguf_for(v, base=base, base_gguf=base_gguf, work=work, s=s, data=data, step=step)
+        target = int(original * v.factor)
+        lengths = (*s.lengths, target) if target > max(s.lengths) else s.lengths  # x16: also at its target
+        step(f"{v.name}: passkey {', '.join(map(str, lengths))} tokens in llama.cpp")
+        ev = evaluate_gguf(gguf, s, lengths=lengths)
+        results.append(
+            VariantResult(
+                name=v.name,
+                rope=v.rope,
+                factor=v.factor,
+                tune=v.tune,
+                gguf=str(gguf),
+                gguf_bytes=gguf.stat().st_size,
+                context_length=ev["context_length"],
+                passkey=ev["passkey"],
+                passkey_by_length=ev["passkey_by_length"],
+                multikey_by_length=ev.get("multikey_by_length", {}),
+                perplexity=ev.get("perplexity", {}),
+                perplexity_detail=ev.get("perplexity_detail", {}),
+                finetune=ft,
+                seconds=time.perf_counter() - tv,
+            )  # fmt: skip
+        )
+    report = ExtensionReport(str(base), original, {**asdict(s), "variants": [asdict(v) for v in variants]}, results)
+    if agreement_for is not None:
+        r = report.result(agreement_for)
+        if not r.finetune:
+            raise ConfigError(f"agreement needs a fine-tuned variant, {agreement_for!r} is not")
+        step(f"{r.name}: PyTorch vs llama.cpp (f16 KV) passkey answers")
+        f32 = work / "agreement.f32.gguf"
+        convert(r.finetune["checkpoint"], f32, outtype="f32", force=True)
+        report.agreement = passkey_agreement(
+            Path(r.finetune["checkpoint"]), f32, s, lengths=tuple(agreement_lengths) or s.lengths
+        )
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+
+
+def _lengths(report: ExtensionReport) -> list[int]:
+    return sorted({n for r in report.results for n in r.passkey_by_length})
+
+
+def format_table(report: ExtensionReport) -> str:
+    """The results as a text table: passkey accuracy per length, perplexity per length, fine-tuning cost."""
+    lengths = _lengths(report)
+    ppl = sorted({n for r in report.results for n in r.perplexity})
+    head = f"{'variant':<24}{'ctx':>6}" + "".join(f"{'pk@' + str(n):>9}" for n in lengths)
+    head += "".join(f"{'ppl@' + str(n):>10}" for n in ppl) + f"{'train tok/s':>13}{'train MiB':>11}{'train s':>9}"
+    rows = [head]
+    for r in report.results:
+        cells = "".join(
+            f"{100 * r.passkey_by_length[n]:>8.0f}%" if n in r.passkey_by_length else f"{'-':>9}" for n in lengths
+        )
+        cells += "".join(f"{r.perplexity[n]:>10.2f}" if n in r.perplexity else f"{'-':>10}" for n in ppl)
+        ft = r.finetune
+        if ft:
+            cells += f"{ft['tokens_per_s']:>13.0f}{ft['training_memory_bytes'] / 2**20:>11.0f}{ft['seconds']:>9.1f}"
+        else:
+            cells += f"{'-':>13}{'-':>11}{'-':>9}"
+        rows.append(f"{r.name:<24}{r.context_length:>6}{cells}")
+    trials = report.settings["trials"] * len(report.settings["depths"])
+    rows.append(
+        f"pk@N: passkey accuracy at N tokens ({trials} trials per length, depths "
+        f"{', '.join(f'{d:g}' for d in report.settings['depths'])}); ppl@N: perplexity of held-out text cut to N "
+        f"tokens; GGUF {report.settings['weights']} weights, KV cache {report.settings['kv']}; train MiB: peak memory "
+        "growth during fine-tuning"
+    )
+    return "\n".join(rows)
+
+
+def save_plot(report: ExtensionReport, out: str | Path, *, title: str = "") -> Path:
+    """Two panels: passkey accuracy by prompt length and perplexity by length, one line per variant."""
+    from edgerope.plots import Line, Panel, save_panels
+
+    acc = [
+        Line(
+            r.name,
+            [float(n) for n in sorted(r.passkey_by_length)],
+            [r.passkey_by_length[n] for n in sorted(r.passkey_by_length)],
+        )
+        for r in report.results
+    ]
+    ppl = [
+        Line(r.name, [float(n) for n in sorted(r.perplexity)], [r.perplexity[n] for n in sorted(r.perplexity)])
+        for r in report.results
+        if r.perplexity
+    ]
+    panels = [Panel("passkey retrieval in llama.cpp", "prompt length (tokens)", "accuracy", acc, log_x=True)]
+    if ppl:
+        panels.append(Panel("held-out perplexity", "text length (tokens)", "perplexity", ppl, log_x=True, log_y=True))
+    return save_panels(out, panels, title=title).path
