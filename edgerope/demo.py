@@ -5,7 +5,7 @@ documentation text plus passkey-style retrieval samples) ``edgerope.extend.run_e
 variants: no scaling, linear x8 and YaRN x8 by rewriting the GGUF's rope metadata (no training), YaRN x8
 fine-tuned at 2048 tokens, and YaRN x8 fine-tuned with PoSE inside the 256-token window.  Each is a Q8_0
 GGUF evaluated in llama.cpp with a q8_0 KV cache: passkey accuracy at 256..2048 tokens and perplexity of
-held-out documentation.  Then a long document (about 1,800 tokens, a fact buried in it) is asked about with
+held-out documentation.  Then a long document (1,800 tokens, a fact buried in it) is asked about with
 ``edgerope.ask``, by the unscaled model and by the fine-tuned YaRN model.
 
 What it does not do: print (the CLI does), or claim more than it measures: the tiny model retrieves facts,
@@ -15,6 +15,7 @@ it does not understand documents; the numbers show what rope scaling and fine-tu
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ DEMO_SETTINGS = Settings(
     trials=4,
     ppl_lengths=(256, 2048),
     ft_steps=150,
-    pose_steps=150,
+    pose_steps=600,
 )
 QUESTION = "What is the pass key?"
 FACT = "The pass key is {k}. Remember it. {k} is the pass key."
@@ -59,11 +60,20 @@ class DemoReport:
         return asdict(self)
 
 
-def long_document(n_chars: int = 5200, *, key: int = DOC_KEY, depth: float = 0.6) -> str:
-    """Held-out documentation text (never trained on) of ``n_chars`` characters, the fact at ``depth``."""
-    text = "\n".join(d.text for d in heldout_documents())[:n_chars]
-    cut = text.rfind(" ", 0, int(depth * len(text))) + 1
-    return text[:cut] + FACT.format(k=key) + " " + text[cut:]
+def long_document(
+    tokenize: Callable[[str], list[int]], *, n_tokens: int = 1800, key: int = DOC_KEY, depth: float = 0.6
+) -> str:
+    """Held-out documentation text (never trained on) of about ``n_tokens`` tokens, the fact at ``depth``."""
+    text = "\n".join(d.text for d in heldout_documents())
+    n_chars = 4 * n_tokens
+    while True:
+        part = text[:n_chars]
+        cut = part.rfind(" ", 0, int(depth * len(part))) + 1
+        doc = part[:cut] + FACT.format(k=key) + " " + part[cut:]
+        n = len(tokenize(doc))
+        if n <= n_tokens:
+            return doc
+        n_chars = int(n_chars * n_tokens / n * 0.98)
 
 
 def ask_document(
@@ -102,7 +112,9 @@ def run_demo(
     s = settings or DEMO_SETTINGS
     step = on_step or (lambda _: None)
     ext = run_extension(base or tiny_model(), workdir, variants=demo_variants(8), settings=s, on_step=step)
-    document = long_document()
+    from edgerope.data import load_tokenizer
+
+    document = long_document(load_tokenizer(ext.base).tokenize)
     n_ctx = max(s.lengths)
     answers = []
     for name in ("no scaling", "yarn x8 + fine-tune"):

@@ -8,8 +8,10 @@ What it does, from one base checkpoint (by default the built-in tiny model, trai
   fine-tune run as its own ``python -m edgerope finetune`` process so that its peak memory is its own;
 * converts every checkpoint to a GGUF (Q8_0 weights by default) with ``edgerope.export.convert``;
 * evaluates each GGUF in llama.cpp (``edgerope.runtime``; q8_0 KV cache by default): passkey accuracy per
-  length x depth, multi-key accuracy, perplexity of held-out documentation text per length (truncated
-  single pass), all through ``edgerope.evaluation``;
+  length x depth (a prompt "at length L" leaves room for the answer inside L), multi-key accuracy, and the
+  perplexity of the same held-out documentation tokens (the first max(ppl_lengths) of each document) read
+  through a context window of each length (sliding, stride half the window; the longest is one pass: EVAL.md's
+  signature of success is that more context lowers it), all through ``edgerope.evaluation``;
 * optionally checks that PyTorch and llama.cpp give the same passkey answers for one fine-tuned variant.
 
 ``run_extension`` returns an ``ExtensionReport`` (JSON-able) that the demo and ``bench/quality`` print and plot.
@@ -30,13 +32,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgerope import evaluation as E
 from edgerope.errors import ConfigError, TrainingError
 from edgerope.synthetic import heldout_documents, write_jsonl
 
 ROPE_TYPES = ("none", "linear", "yarn", "ntk")
 TUNES = (None, "full", "pose")
-CTX_ROUND = 256
 CHARS_PER_TOKEN = 3.0  # rough size of the tiny tokenizer's tokens, only to size the fine-tuning samples
 
 
@@ -84,8 +87,8 @@ class Settings:
     kv: str = "q8_0"
     ft_steps: int = 150
     ft_batch: int = 1
-    pose_steps: int = 150
-    pose_batch: int = 8
+    pose_steps: int = 600
+    pose_batch: int = 2  # 2 x 256 tokens a step: a quarter of the full run's 2048, so 4x its steps
     lr: float = 1e-3
     seed: int = 0
     eval_seed: int = 1234
@@ -236,8 +239,19 @@ def _write_data(work: Path, base: Path, s: Settings, variants: Sequence[Variant]
 # ---------------------------------------------------------------------------------------------------- evaluation
 
 
+ANSWER_ROOM = 16  # a passkey prompt "at length L" has L - ANSWER_ROOM tokens, so prompt + answer fit in L
+
+
 def _n_ctx(longest: int) -> int:
-    return math.ceil((longest + E.MAX_NEW_TOKENS + 8) / CTX_ROUND) * CTX_ROUND
+    return longest
+
+
+def _passkey(b: E.Backend, s: Settings, lengths: Sequence[int]) -> E.GridResult:
+    """The passkey grid with prompts of L - ANSWER_ROOM tokens for each length L (reported under L)."""
+    grid = E.passkey_grid(b.generate, b.tokenize, [n - ANSWER_ROOM for n in lengths], s.depths, s.trials, s.eval_seed)
+    for c in grid.cells:
+        c.length += ANSWER_ROOM
+    return grid
 
 
 def evaluate_gguf(gguf: Path, s: Settings, *, lengths: Sequence[int] | None = None) -> dict[str, Any]:
@@ -249,18 +263,23 @@ def evaluate_gguf(gguf: Path, s: Settings, *, lengths: Sequence[int] | None = No
     longest = max(max(lengths), *s.ppl_lengths) if s.ppl_lengths else max(lengths)
     options = dict(n_ctx=_n_ctx(longest), type_k=s.kv, type_v=s.kv, n_threads=s.n_threads)
     with E.llama_backend(gguf, allow_extrapolation=_n_ctx(longest) > ctx, **options) as b:
-        grid = E.passkey_grid(b.generate, b.tokenize, lengths, s.depths, s.trials, s.eval_seed)
+        grid = _passkey(b, s, lengths)
         out: dict[str, Any] = {"context_length": ctx, "passkey": grid.to_dict(), "passkey_by_length": grid.by_length()}
         if s.multikey_trials:
-            mk = E.multikey_grid(b.generate, b.tokenize, lengths, s.multikey_trials, s.eval_seed)
-            out["multikey_by_length"] = mk.by_length()
+            mk = E.multikey_grid(
+                b.generate, b.tokenize, [n - ANSWER_ROOM for n in lengths], s.multikey_trials, s.eval_seed
+            )
+            out["multikey_by_length"] = {n + ANSWER_ROOM: a for n, a in mk.by_length().items()}
         if s.ppl_lengths:
-            docs = [ids for ids in (b.tokenize(d.text) for d in heldout_documents()) if len(ids) >= max(s.ppl_lengths)]
-            if not docs:
-                raise ConfigError(
-                    f"no held-out document has {max(s.ppl_lengths)} tokens", fix="use shorter ppl_lengths"
-                )
-            ppl = E.perplexity_sweep(b.logits, docs, s.ppl_lengths, bucket_size=256)
+            n_max = max(s.ppl_lengths)
+            docs = [ids[:n_max] for ids in (b.tokenize(d.text) for d in heldout_documents()) if len(ids) >= n_max]
+            if not docs or b.bos_id is None:
+                raise ConfigError(f"no held-out document has {n_max} tokens (or no BOS)", fix="use shorter ppl_lengths")
+            # the same n_max tokens of each document read through a window of n (stride n / 2; n_max: one pass)
+            ppl = {
+                n: E.perplexity_sliding(b.logits, docs, window=n, stride=n // 2, bos_id=b.bos_id, bucket_size=256)
+                for n in s.ppl_lengths
+            }
             out["perplexity"] = {n: p.perplexity for n, p in ppl.items()}
             out["perplexity_detail"] = {n: p.to_dict() for n, p in ppl.items()}
     return out
@@ -269,10 +288,10 @@ def evaluate_gguf(gguf: Path, s: Settings, *, lengths: Sequence[int] | None = No
 def passkey_agreement(checkpoint: Path, gguf: Path, s: Settings, *, lengths: Sequence[int]) -> dict[str, Any]:
     """The same passkey grid in PyTorch (fp32) and in llama.cpp (f16 KV): the fraction of equal answers."""
     with E.torch_backend(checkpoint) as tb:
-        a = E.passkey_grid(tb.generate, tb.tokenize, lengths, s.depths, s.trials, s.eval_seed)
+        a = _passkey(tb, s, lengths)
     n_ctx = _n_ctx(max(lengths))
     with E.llama_backend(gguf, n_ctx=n_ctx, type_k="f16", type_v="f16", n_threads=s.n_threads) as lb:
-        b = E.passkey_grid(lb.generate, lb.tokenize, lengths, s.depths, s.trials, s.eval_seed)
+        b = _passkey(lb, s, lengths)
     return {
         "checkpoint": str(checkpoint),
         "gguf": str(gguf),
@@ -386,11 +405,13 @@ def format_table(report: ExtensionReport) -> str:
             cells += f"{'-':>13}{'-':>11}{'-':>9}"
         rows.append(f"{r.name:<24}{r.context_length:>6}{cells}")
     trials = report.settings["trials"] * len(report.settings["depths"])
+    depths = ", ".join(f"{d:g}" for d in report.settings["depths"])
+    n_max = max(ppl) if ppl else 0
     rows.append(
-        f"pk@N: passkey accuracy at N tokens ({trials} trials per length, depths "
-        f"{', '.join(f'{d:g}' for d in report.settings['depths'])}); ppl@N: perplexity of held-out text cut to N "
-        f"tokens; GGUF {report.settings['weights']} weights, KV cache {report.settings['kv']}; train MiB: peak memory "
-        "growth during fine-tuning"
+        f"\npk@N: passkey accuracy, prompt and answer within N tokens ({trials} trials per length, key at depths "
+        f"{depths}).\nppl@N: perplexity of the first {n_max} tokens of held-out documentation (never trained on), "
+        f"read through a window of N tokens (ppl@{n_max}: one pass).\nGGUF {report.settings['weights']} weights, "
+        f"KV cache {report.settings['kv']}, llama.cpp.  train MiB: memory growth while fine-tuning (peak RSS)."
     )
     return "\n".join(rows)
 
@@ -416,3 +437,38 @@ def save_plot(report: ExtensionReport, out: str | Path, *, title: str = "") -> P
     if ppl:
         panels.append(Panel("held-out perplexity", "text length (tokens)", "perplexity", ppl, log_x=True, log_y=True))
     return save_panels(out, panels, title=title).path
+
+
+# ---------------------------------------------------------------------------------------------------- KV cache types
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kv_comparison(
+    gguf: str | Path, s: Settings, *, kvs: Sequence[str] = ("f16", "q8_0", "q4_0"), reference: str = "f16"
+) -> dict[str, Any]:
+    """Passkey accuracy per length and next-token KL divergence against the ``reference`` cache, per KV type.
+
+    The KL is measured on the held-out documents cut to the longest length (mean over every position, and
+    top-1 agreement with the reference): EVAL.md's point that retrieval can pass while quality drops.
+    """
+    longest = max(s.lengths)
+    out: dict[str, Any] = {"gguf": str(gguf), "reference": reference, "kv": {}}
+    ref_logp: list[np.ndarray] = []
+    for kv in [reference, *[k for k in kvs if k != reference]]:
+        with E.llama_backend(gguf, n_ctx=_n_ctx(longest), type_k=kv, type_v=kv, n_threads=s.n_threads) as b:
+            grid = _passkey(b, s, s.lengths)
+            docs = [ids[:longest] for ids in (b.tokenize(d.text) for d in heldout_documents()) if len(ids) >= longest]
+            logp = [_log_softmax(b.logits(ids).astype(np.float64)) for ids in docs]  # (T, V) each
+        row: dict[str, Any] = {"passkey_by_length": grid.by_length(), "passkey_accuracy": grid.accuracy}
+        if kv == reference:
+            ref_logp = logp
+        else:
+            kl = [float((np.exp(r) * (r - q)).sum(-1).mean()) for r, q in zip(ref_logp, logp, strict=True)]
+            top1 = [float((r.argmax(-1) == q.argmax(-1)).mean()) for r, q in zip(ref_logp, logp, strict=True)]
+            row.update(kl_mean=float(np.mean(kl)), top1_agreement=float(np.mean(top1)), kl_tokens=longest * len(docs))
+        out["kv"][kv] = row
+    return out

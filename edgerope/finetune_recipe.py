@@ -132,9 +132,19 @@ def memory_in_use(device: torch.device) -> int:
 
 
 def peak_memory(device: torch.device) -> int:
-    """Peak bytes: CUDA max allocated, else the process's peak resident set size."""
+    """Peak bytes: CUDA max allocated, else the process's peak resident set size.
+
+    On Linux the peak is ``VmHWM`` of this process image: ``ru_maxrss`` would also count the parent's
+    resident memory at fork time, so a small run started from a big process would report the parent's size.
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

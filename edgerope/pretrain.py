@@ -51,13 +51,14 @@ class TinyRecipe:
     intermediate_size: int = 384
     context: int = 256
     rope_theta: float = 10000.0
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup: int = 100
     weight_decay: float = 0.1
     mixture: Mixture = field(default_factory=Mixture)
+    dense: bool = False  # retrieval rows hold several samples back to back
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,7 +109,7 @@ def pretrain(
         name="edgerope-tiny",
     )
     _write_json(out / "config.json", cfg.to_hf())  # the tokenizer loader reads bos/eos ids from it
-    rows = RowBuilder(load_tokenizer(out), seq_len=recipe.context + 1, mixture=recipe.mixture)
+    rows = RowBuilder(load_tokenizer(out), seq_len=recipe.context + 1, mixture=recipe.mixture, dense=recipe.dense)
 
     torch.manual_seed(recipe.seed)
     dev = torch.device(device)
@@ -165,6 +166,7 @@ def pretrain(
             "seconds": round(seconds, 1),
             "loss_every_50_steps": [round(float(np.mean(losses[i : i + 50])), 4) for i in range(0, len(losses), 50)],
             "final_loss": round(float(np.mean(losses[-50:])), 4),
+            "losses": [round(x, 4) for x in losses],
             "machine": f"{platform.machine()} {platform.processor() or platform.system()}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads",
         },

@@ -130,10 +130,13 @@ def retrieval_text(rng: np.random.Generator, kind: str, *, n_chars: int, corpus:
 class RowBuilder:
     """Token rows of ``seq_len`` for a tokenizer: retrieval samples sized to fit, the rest documentation text."""
 
-    def __init__(self, tokenizer: TextTokenizer, *, seq_len: int, mixture: Mixture | None = None) -> None:
+    def __init__(
+        self, tokenizer: TextTokenizer, *, seq_len: int, mixture: Mixture | None = None, dense: bool = False
+    ) -> None:
         if seq_len < 64:
             raise ConfigError(f"seq_len must be >= 64 for retrieval samples, got {seq_len}")
-        self.tok, self.seq_len = tokenizer, seq_len
+        self.tok, self.seq_len, self.dense = tokenizer, seq_len, dense
+        self.min_sample = 96
         self.mixture = mixture or Mixture()
         self.corpus = corpus_text()
         self.corpus_ids = np.asarray(tokenizer.encode(self.corpus), dtype=np.int32)  # (N,)
@@ -146,8 +149,10 @@ class RowBuilder:
         return self.corpus_ids[start : start + n].tolist()
 
     def _sample_ids(self, rng: np.random.Generator, kind: str, budget: int) -> list[int]:
-        """A retrieval sample of at most ``budget`` tokens (BOS and EOS included), at least half of it."""
-        want = int(rng.integers(budget // 2, budget + 1))
+        """A retrieval sample of at most ``budget`` tokens (BOS and EOS included): at least half of it, or (dense
+        rows) at least ``min_sample``."""
+        low = min(budget, self.min_sample) if self.dense else budget // 2
+        want = int(rng.integers(low, budget + 1))
         n_chars = int(want * self.chars_per_token)
         for _ in range(8):
             ids = (
@@ -159,9 +164,21 @@ class RowBuilder:
         raise ConfigError(f"cannot fit a {kind} sample into {budget} tokens", fix="use a longer seq_len")
 
     def row(self, rng: np.random.Generator) -> np.ndarray:
-        """One row (seq_len,) int32."""
-        kind = KINDS[int(rng.choice(len(KINDS), p=self.mixture.probabilities()))]
-        ids = [] if kind == "text" else self._sample_ids(rng, kind, self.seq_len)
+        """One row (seq_len,) int32: documentation text, or retrieval samples back to back (each sized at random
+        between ``min_sample`` tokens and what is left of the row) with documentation text after the last."""
+        p = self.mixture.probabilities()
+        kind = KINDS[int(rng.choice(len(KINDS), p=p))]
+        ids: list[int] = []
+        if kind != "text":
+            retrieval = p[1:] / p[1:].sum()
+            while self.seq_len - len(ids) >= self.min_sample:
+                try:
+                    ids += self._sample_ids(rng, kind, self.seq_len - len(ids))
+                except ConfigError:  # this kind's fixed text does not fit what is left of the row
+                    break
+                kind = KINDS[1 + int(rng.choice(len(retrieval), p=retrieval))]
+                if not self.dense:
+                    break
         ids += self._text_ids(rng, self.seq_len - len(ids))
         return np.asarray(ids, dtype=np.int32)
 

@@ -26,7 +26,13 @@ from edgerope.cli._common import echo_json, handle_errors
     help="Where to save the plot (passkey accuracy and perplexity by length).",
 )
 @click.option("--trials", type=int, default=4, show_default=True, help="Passkey trials per (length, depth) cell.")
-@click.option("--steps", type=int, default=150, show_default=True, help="Fine-tuning steps (full and PoSE).")
+@click.option(
+    "--steps",
+    type=int,
+    default=150,
+    show_default=True,
+    help="Full fine-tuning steps (PoSE: 4x as many steps of a quarter of the tokens).",
+)
 @click.option(
     "--parity", is_flag=True, help="Instead: every rope method, logits in PyTorch vs llama.cpp at 8x context."
 )
@@ -55,7 +61,7 @@ def demo(
         from edgerope.demo import DEMO_SETTINGS, run_demo
         from edgerope.extend import format_table
 
-        settings = replace(DEMO_SETTINGS, trials=trials, ft_steps=steps, pose_steps=steps)
+        settings = replace(DEMO_SETTINGS, trials=trials, ft_steps=steps, pose_steps=4 * steps)
         report = run_demo(workdir or tmp, settings=settings, plot=plot, on_step=step)
     if as_json:
         echo_json(report.to_dict())

@@ -1,0 +1,157 @@
+"""Long-context quality of the built-in tiny model: rope scaling with and without fine-tuning, in llama.cpp.
+
+From the built-in tiny model (trained at 256 tokens) ``edgerope.extend.run_extension`` makes: no scaling,
+linear x8 and YaRN x8 without training (``set-rope``), YaRN x8 fine-tuned at 2048 tokens, YaRN x8 with PoSE
+inside the 256 window, and YaRN x16 with PoSE (4096).  Every variant is a Q8_0 GGUF evaluated in llama.cpp
+with a q8_0 KV cache (flash attention): passkey accuracy per length x depth (50 trials per length),
+multi-key accuracy, and the perplexity of held-out documentation text cut to each length.  Fine-tuning runs
+in its own process (tokens/s, peak memory growth).  Then the YaRN x8 fine-tune is run in PyTorch (fp32) and in
+llama.cpp (f32 weights, f16 KV) on the same passkey grid: the fraction of equal answers; and the same
+GGUF with f16, q8_0 and q4_0 KV caches: passkey accuracy and next-token KL divergence against f16 (issue 4).
+
+Targets (issue 3): YaRN x8 + fine-tune passkey >= 95% at 2048 and perplexity at 2048 <= at 256; YaRN x16 +
+PoSE >= 90% at 4096; PoSE within 5% of the full fine-tune at <= 1/4 of its peak memory; the unscaled model
+collapses past 256; PyTorch and llama.cpp agree on >= 98% of answers.
+
+Writes ``bench/results/quality.json`` and two plots beside it; prints the table.
+Run: ``cd /work/main && PYTHONPATH=. .venv/bin/python bench/bench_quality.py`` (about 25 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import _common as C
+
+sys.path.insert(0, str(C.REPO_ROOT))
+
+from edgerope.builtin import recipe, tiny_model  # noqa: E402
+from edgerope.evaluation import Cell, GridResult  # noqa: E402
+from edgerope.extend import Settings, Variant, format_table, kv_comparison, run_extension, save_plot  # noqa: E402
+
+RESULT = C.RESULTS_DIR / "quality.json"
+PLOT = C.RESULTS_DIR / "quality.png"
+HEATMAPS = C.RESULTS_DIR / "quality_heatmaps.png"
+WORK = C.WORK_DIR / "quality"
+
+VARIANTS = (
+    Variant("no scaling", "none"),
+    Variant("linear x8", "linear", 8),
+    Variant("yarn x8", "yarn", 8),
+    Variant("yarn x8 + fine-tune", "yarn", 8, "full"),
+    Variant("yarn x8 + PoSE", "yarn", 8, "pose"),
+    Variant("yarn x16 + PoSE", "yarn", 16, "pose"),
+)
+SETTINGS = Settings(
+    lengths=(256, 512, 1024, 2048),
+    depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+    trials=10,
+    multikey_trials=20,
+    ppl_lengths=(256, 512, 1024, 2048),
+    ft_steps=150,
+    pose_steps=150,
+)
+
+
+def _targets(report) -> dict[str, dict]:  # noqa: ANN001
+    r = {x.name: x for x in report.results}
+    ft, pose, x16, base = r["yarn x8 + fine-tune"], r["yarn x8 + PoSE"], r["yarn x16 + PoSE"], r["no scaling"]
+    mem = pose.finetune["training_memory_bytes"] / ft.finetune["training_memory_bytes"]
+    pk_gap = ft.passkey_by_length[2048] - pose.passkey_by_length[2048]
+    ppl_gap = pose.perplexity[2048] / ft.perplexity[2048] - 1
+    out = {
+        "yarn x8 + fine-tune passkey@2048 >= 95%": (ft.passkey_by_length[2048], ft.passkey_by_length[2048] >= 0.95),
+        "yarn x8 + fine-tune ppl@2048 <= ppl@256": (
+            [ft.perplexity[2048], ft.perplexity[256]],
+            ft.perplexity[2048] <= ft.perplexity[256],
+        ),
+        "yarn x16 + PoSE passkey@4096 >= 90%": (x16.passkey_by_length[4096], x16.passkey_by_length[4096] >= 0.90),
+        "PoSE passkey@2048 within 5 points of full": (pk_gap, pk_gap <= 0.05),
+        "PoSE ppl@2048 within 5% of full": (ppl_gap, ppl_gap <= 0.05),
+        "PoSE training memory <= 1/4 of full": (mem, mem <= 0.25),
+        "no scaling collapses past 256 (passkey@2048 <= 10%)": (
+            base.passkey_by_length[2048],
+            base.passkey_by_length[2048] <= 0.10,
+        ),
+    }
+    if report.agreement:
+        a = report.agreement["agreement"]
+        out["PyTorch vs llama.cpp same answer >= 98% (f16 KV)"] = (a, a >= 0.98)
+    return {k: {"value": v, "met": bool(ok)} for k, (v, ok) in out.items()}
+
+
+def _heatmaps(report, out: Path) -> None:  # noqa: ANN001
+    from edgerope.plots import heatmap_data, save_heatmaps
+
+    panels = []
+    for r in report.results:
+        cells = [Cell(c["length"], c["depth"], c["seed"], c["trials"], c["correct"]) for c in r.passkey["cells"]]
+        grid = GridResult(r.passkey["task"], r.passkey["seed"], r.passkey["trials"], cells)
+        panels.append(heatmap_data(grid, title=r.name))
+    save_heatmaps(out, panels, title="passkey accuracy in llama.cpp (Q8_0 weights, q8_0 KV), length x depth")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=SETTINGS.trials, help="passkey trials per (length, depth) cell")
+    ap.add_argument("--steps", type=int, default=SETTINGS.ft_steps, help="fine-tuning steps (full and PoSE)")
+    ap.add_argument("--no-agreement", action="store_true", help="skip the PyTorch vs llama.cpp comparison")
+    ap.add_argument("--no-kv", action="store_true", help="skip the f16 / q8_0 / q4_0 KV cache comparison")
+    args = ap.parse_args()
+    from dataclasses import replace
+
+    s = replace(SETTINGS, trials=args.trials, ft_steps=args.steps, pose_steps=args.steps)
+    t0 = time.perf_counter()
+    load = C.load_average()
+    report = run_extension(
+        tiny_model(),
+        WORK,
+        variants=VARIANTS,
+        settings=s,
+        agreement_for=None if args.no_agreement else "yarn x8 + fine-tune",
+        agreement_lengths=(256, 1024, 2048),
+        on_step=lambda m: print(f"[{time.perf_counter() - t0:6.0f} s] {m}", flush=True),
+    )
+    print()
+    print(format_table(report))
+    targets = _targets(report)
+    print()
+    for name, t in targets.items():
+        print(f"{'met ' if t['met'] else 'MISS'}  {name}: {t['value']}")
+    if report.agreement:
+        a = report.agreement
+        print(f"\nPyTorch vs llama.cpp (f16 KV): {a['agreement']:.1%} same answer over {a['trials']} trials")
+    kv = None
+    if not args.no_kv:
+        print("\nKV cache types on the YaRN x8 fine-tune (passkey per length; KL vs the f16 cache on held-out text)")
+        kv = kv_comparison(report.result("yarn x8 + fine-tune").gguf, s)
+        for name, row in kv["kv"].items():
+            pk = ", ".join(f"{n}: {100 * a:.0f}%" for n, a in row["passkey_by_length"].items())
+            extra = f"; KL {row['kl_mean']:.2e}, top-1 {row['top1_agreement']:.1%}" if "kl_mean" in row else ""
+            print(f"  {name:<5} passkey {pk}{extra}")
+    save_plot(report, PLOT, title="built-in tiny model (trained at 256 tokens) in llama.cpp")
+    _heatmaps(report, HEATMAPS)
+    C.write_json(
+        RESULT,
+        {
+            "benchmark": "quality",
+            "machine": C.machine_info(),
+            "load_average_before": load,
+            "model": {"path": "edgerope/models/tiny", "recipe": recipe()["recipe"]},
+            "targets": targets,
+            "report": report.to_dict(),
+            "kv_cache_types": kv,
+            "plots": [str(PLOT.relative_to(C.REPO_ROOT)), str(HEATMAPS.relative_to(C.REPO_ROOT))],
+            "seconds": round(time.perf_counter() - t0, 1),
+        },
+    )
+    print(
+        f"\nwrote {RESULT.relative_to(C.REPO_ROOT)}, {PLOT.name}, {HEATMAPS.name} in {time.perf_counter() - t0:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The extension experiment and the demo, end to end on the built-in tiny model with tiny settings.
+
+One `edgerope demo` run (2 fine-tuning steps, 2 passkey trials per length) goes through every stage:
+set-rope, finetune (full and PoSE, each its own process), convert to Q8_0, llama.cpp evaluation with a q8_0
+KV cache, the long-document question, the plot.  The files it leaves are checked for what each variant
+must compute.  Quality is measured in bench/bench_quality.py, not here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("torch")
+pytest.importorskip("llama_cpp")
+
+from edgerope.cli import cli  # noqa: E402
+from edgerope.config import ModelConfig  # noqa: E402
+from edgerope.errors import ConfigError  # noqa: E402
+from edgerope.extend import Settings, Variant, format_table  # noqa: E402
+from edgerope.gguf_file import open_gguf  # noqa: E402
+
+pytestmark = pytest.mark.llama
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    work = tmp_path_factory.mktemp("demo")
+    plot = work / "demo.png"
+    args = ["demo", "--workdir", str(work / "w"), "--plot", str(plot), "--steps", "2", "--trials", "1", "--json"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout), work, r.output
+
+
+def test_demo_makes_every_variant_with_the_rope_it_claims(demo_run: tuple[dict, Path, str]) -> None:
+    report, work, _ = demo_run
+    ext = report["extension"]
+    names = [r["name"] for r in ext["results"]]
+    assert names == ["no scaling", "linear x8", "yarn x8", "yarn x8 + fine-tune", "yarn x8 + PoSE"]
+    for r in ext["results"]:
+        kv = open_gguf(r["gguf"]).kv
+        assert kv["general.file_type"] == 7  # MOSTLY_Q8_0
+        if r["rope"] == "none":
+            assert kv["llama.context_length"] == 256 and "llama.rope.scaling.type" not in kv
+            continue
+        assert kv["llama.context_length"] == 2048
+        assert kv["llama.rope.scaling.type"] == r["rope"] and kv["llama.rope.scaling.factor"] == 8.0
+        assert kv["llama.rope.scaling.original_context_length"] == 256
+        assert kv.get("llama.rope.scaling.finetuned", False) == (r["tune"] is not None)
+        if r["tune"]:
+            cfg = ModelConfig.load(r["finetune"]["checkpoint"])
+            assert cfg.rope_finetuned and cfg.max_position_embeddings == 2048
+            assert r["finetune"]["pose"] == (r["tune"] == "pose")
+            assert r["finetune"]["seq_len"] == (256 if r["tune"] == "pose" else 2048)
+            assert r["finetune"]["tokens_per_s"] > 0 and r["finetune"]["training_memory_bytes"] > 0
+
+
+def test_demo_evaluates_every_length_and_answers_the_document(demo_run: tuple[dict, Path, str]) -> None:
+    report, work, _ = demo_run
+    for r in report["extension"]["results"]:
+        assert sorted(int(n) for n in r["passkey_by_length"]) == [256, 512, 1024, 2048]
+        assert r["passkey"]["trials"] == 1 and len(r["passkey"]["cells"]) == 4 * 5
+        assert set(r["perplexity"]) == {"256", "2048"} and all(p > 1 for p in r["perplexity"].values())
+    assert [a["variant"] for a in report["answers"]] == ["no scaling", "yarn x8 + fine-tune"]
+    assert all(a["document_tokens"] > 1500 for a in report["answers"])
+    assert Path(report["plot"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_builtin_model_retrieves_inside_its_trained_context(demo_run: tuple[dict, Path, str]) -> None:
+    """The shipped model does what it was trained for: passkey at 256 tokens in llama.cpp (Q8_0, q8_0 KV)."""
+    report, _, _ = demo_run
+    base = report["extension"]["results"][0]
+    assert base["passkey_by_length"]["256"] >= 0.8, base["passkey"]["cells"][:5]
+
+
+def test_table_has_a_row_per_variant(demo_run: tuple[dict, Path, str]) -> None:
+    from edgerope.extend import ExtensionReport, VariantResult
+
+    report, _, _ = demo_run
+    ext = report["extension"]
+    results = [VariantResult(**{**r, "passkey_by_length": {int(k): v for k, v in r["passkey_by_length"].items()},
+                                "perplexity": {int(k): v for k, v in r["perplexity"].items()}})
+               for r in ext["results"]]  # fmt: skip
+    table = format_table(ExtensionReport(ext["base"], ext["original_context"], ext["settings"], results))
+    lines = table.splitlines()
+    assert "pk@2048" in lines[0] and "ppl@2048" in lines[0]
+    assert [line.split("  ")[0].strip() for line in lines[1:6]] == [r["name"] for r in ext["results"]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"name": "x", "rope": "dynamic"}, "unknown rope type"),
+        ({"name": "x", "rope": "none", "tune": "full"}, "no scaling"),
+        ({"name": "x", "rope": "yarn", "factor": 1.0}, "factor > 1"),
+        ({"name": "x", "rope": "yarn", "factor": 8, "tune": "lora"}, "unknown fine-tune"),
+    ],
+)
+def test_bad_variants_are_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Variant(**kwargs)
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ConfigError, match="lengths"):
+        Settings(lengths=(16,))
+    with pytest.raises(ConfigError, match="trials"):
+        Settings(trials=0)
