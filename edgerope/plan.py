@@ -16,8 +16,12 @@ length and K/V cache types, the bytes llama.cpp allocates on the CPU:
 Then ``largest_context`` searches the largest n_ctx (a multiple of 256, capped at the model's
 context_length) whose total fits a budget, per cache type.
 
-What it does not do: GPU offload splits, sliding-window caches (planned as full caches, an upper bound,
-and noted), recurrent state, multiple sequences; it loads nothing and never calls llama.cpp.
+Sliding-window layers are planned with full-length caches: that is what llama.cpp allocates for
+edgerope's runtime, which keeps the C API's default ``swa_full`` (llama-cli and llama-server turn it off and
+allocate less; noted).  phi3's loader reads ``sliding_window`` and then disables it: no note there.
+
+What it does not do: GPU offload splits, the smaller sliding-window caches of ``swa_full`` off, recurrent
+state, multiple sequences; it loads nothing and never calls llama.cpp.
 """
 
 from __future__ import annotations
@@ -39,7 +43,11 @@ GiB = 2**30
 OVERHEAD_BYTES = 8 * MiB  # thread stacks, graph metadata, tokenizer tables: RSS beyond the buffers (bench_plan.py)
 BUDGET_SAFETY = 0.10  # the default budget keeps this fraction of MemAvailable free
 PLAN_CACHE_TYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
-SWA_NOTE = "sliding-window attention: planned as a full-length cache (llama.cpp allocates less; upper bound)"
+SWA_NOTE = (
+    "sliding-window attention: the sliding layers' caches are planned full length, as edgerope's runtime allocates "
+    "them (llama.cpp's swa_full, on in its C API; llama-cli/llama-server turn it off and allocate less)"
+)
+ARCHS_DISABLING_SWA = frozenset({"phi3"})  # the loader reads sliding_window, then runs without it
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,7 @@ def _max_int(value: Any) -> int:
 def model_shape(hp: ModelHparams, kv: dict[str, Any]) -> ModelShape:
     arch = hp.architecture
     n_ff = _max_int(kv.get(key(Keys.LLM.FEED_FORWARD_LENGTH, arch), 0)) or 4 * hp.n_embd
-    swa = kv.get(key(Keys.Attention.SLIDING_WINDOW, arch))
+    swa = None if arch in ARCHS_DISABLING_SWA else kv.get(key(Keys.Attention.SLIDING_WINDOW, arch))
     return ModelShape(
         n_embd=hp.n_embd,
         n_ff=n_ff,

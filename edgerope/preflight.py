@@ -23,7 +23,7 @@ from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, Keys, TokenType
 
 from edgerope import native as N
 from edgerope.errors import GGUFError, RuntimeConfigError
-from edgerope.ggml_rope import ARCHS_READING_YARN_BETAS, ROPE_TENSORS, LlamaCppRope, key
+from edgerope.ggml_rope import ARCHS_READING_YARN_BETAS, ROPE_FACTORS_LONG, ROPE_TENSORS, LlamaCppRope, key
 from edgerope.gguf_file import GGUFFile, ModelHparams, model_hparams, open_gguf
 from edgerope.kv import KVType, kv_bytes, kv_type, padded_ctx
 from edgerope.plan import MemoryPlan, format_bytes, plan_memory
@@ -314,6 +314,8 @@ def plan_runtime(
     # rope: caller overrides, plus what the GGUF records but this arch does not read (pitfall 2)
     given = dict(rope_overrides or {})
     stype = kv.get(key(Keys.Rope.SCALING_TYPE, arch), "linear")
+    if arch == "phi3" and ROPE_FACTORS_LONG in freq_factors:  # phi3's loader takes long/short factors whatever the type
+        stype = "longrope"
     for field_name, template in (
         ("yarn_beta_fast", Keys.Rope.SCALING_YARN_BETA_FAST),
         ("yarn_beta_slow", Keys.Rope.SCALING_YARN_BETA_SLOW),
