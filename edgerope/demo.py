@@ -28,7 +28,7 @@ DEMO_SETTINGS = Settings(
     depths=(0.0, 0.25, 0.5, 0.75, 1.0),
     trials=4,
     ppl_lengths=(256, 2048),
-    ft_steps=150,
+    ft_steps=300,
     pose_steps=600,
 )
 QUESTION = "What is the pass key?"

@@ -110,3 +110,18 @@ def test_bad_settings_are_refused() -> None:
         Settings(lengths=(16,))
     with pytest.raises(ConfigError, match="trials"):
         Settings(trials=0)
+
+
+def test_kv_comparison_ranks_cache_types_by_disturbance(demo_run: tuple[dict, Path, str]) -> None:
+    """On the fine-tuned model, q4_0 moves next-token distributions more than q8_0 (KL vs the f16 cache)."""
+    from edgerope.extend import kv_comparison
+
+    report, _, _ = demo_run
+    ft = report["extension"]["results"][3]
+    s = Settings(lengths=(512,), depths=(0.5,), trials=2, ppl_lengths=())
+    out = kv_comparison(ft["gguf"], s)
+    kv = out["kv"]
+    assert list(kv) == ["f16", "q8_0", "q4_0"] and "kl_mean" not in kv["f16"]
+    assert 0 < kv["q8_0"]["kl_mean"] < kv["q4_0"]["kl_mean"]
+    assert kv["q8_0"]["top1_agreement"] >= kv["q4_0"]["top1_agreement"]
+    assert all(set(v["passkey_by_length"]) == {512} for v in kv.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from edgerope.model import LlamaModel  # noqa: E402
 from edgerope.pretrain import TinyRecipe, pretrain  # noqa: E402
 
 SMALL = TinyRecipe(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                   intermediate_size=128, steps=40, batch_size=4, warmup=5)  # fmt: skip
+                   intermediate_size=128, steps=30, batch_size=4, warmup=5, dense=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_short_run_learns_and_writes_a_checkpoint(trained: Path) -> None:
     info = json.loads((trained / "recipe.json").read_text())
     curve = info["loss_every_50_steps"]
-    assert info["recipe"]["steps"] == 40 and info["tokens"] == 40 * 4 * 256
+    assert info["recipe"]["steps"] == 30 and info["tokens"] == 30 * 4 * 256
     losses = info["losses"]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, curve  # starts near ln(1000) ~ 6.9
     cfg = ModelConfig.load(trained)
@@ -39,11 +40,12 @@ def test_short_run_learns_and_writes_a_checkpoint(trained: Path) -> None:
     assert json.loads((trained / "generation_config.json").read_text())["eos_token_id"] == cfg.eos_token_id
 
 
-def test_same_recipe_same_weights(trained: Path, tmp_path: Path) -> None:
-    again = pretrain(tmp_path / "b", SMALL)
-    assert (again / "model.safetensors").read_bytes() == (trained / "model.safetensors").read_bytes()
-    other = pretrain(tmp_path / "c", TinyRecipe(**{**SMALL.to_dict(), "seed": 1, "mixture": SMALL.mixture}))
-    assert (other / "model.safetensors").read_bytes() != (trained / "model.safetensors").read_bytes()
+def test_same_recipe_same_weights(tmp_path: Path) -> None:
+    short = replace(SMALL, steps=3)
+    a, b = pretrain(tmp_path / "a", short), pretrain(tmp_path / "b", short)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    other = pretrain(tmp_path / "c", replace(short, seed=1))
+    assert (other / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
 
 
 def test_manifest_catches_a_changed_or_missing_file(trained: Path, tmp_path: Path) -> None:
@@ -65,3 +67,22 @@ def test_manifest_catches_a_changed_or_missing_file(trained: Path, tmp_path: Pat
     (d / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="manifest"):
         check_model_dir(d)
+
+
+def test_cli_rebuilds_the_builtin_recipe_and_refuses_a_full_folder(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgerope.builtin import TINY_DIR, recipe
+    from edgerope.cli import cli
+
+    out = tmp_path / "tiny"
+    r = CliRunner().invoke(cli, ["pretrain", "-o", str(out), "--steps", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    shipped = recipe(TINY_DIR)["recipe"]
+    assert info["recipe"] == {**shipped, "steps": 2}  # the shipped model's recipe, shortened
+    assert check_model_dir(out) == out
+    assert ModelConfig.load(out) == ModelConfig.load(TINY_DIR)
+    assert (out / "tokenizer.model").read_bytes() == (TINY_DIR / "tokenizer.model").read_bytes()
+    again = CliRunner().invoke(cli, ["pretrain", "-o", str(out), "--steps", "2"])
+    assert again.exit_code == 2 and "not empty" in again.output

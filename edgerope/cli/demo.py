@@ -29,9 +29,9 @@ from edgerope.cli._common import echo_json, handle_errors
 @click.option(
     "--steps",
     type=int,
-    default=150,
+    default=300,
     show_default=True,
-    help="Full fine-tuning steps (PoSE: 4x as many steps of a quarter of the tokens).",
+    help="Full fine-tuning steps of 2048 tokens; PoSE runs twice as many steps of 2 x 256 tokens.",
 )
 @click.option(
     "--parity", is_flag=True, help="Instead: every rope method, logits in PyTorch vs llama.cpp at 8x context."
@@ -61,7 +61,7 @@ def demo(
         from edgerope.demo import DEMO_SETTINGS, run_demo
         from edgerope.extend import format_table
 
-        settings = replace(DEMO_SETTINGS, trials=trials, ft_steps=steps, pose_steps=4 * steps)
+        settings = replace(DEMO_SETTINGS, trials=trials, ft_steps=steps, pose_steps=2 * steps)
         report = run_demo(workdir or tmp, settings=settings, plot=plot, on_step=step)
     if as_json:
         echo_json(report.to_dict())
