@@ -439,7 +439,9 @@ def save_plot(report: ExtensionReport, out: str | Path, *, title: str = "") -> P
     ]
     panels = [Panel("passkey retrieval in llama.cpp", "prompt length (tokens)", "accuracy", acc, log_x=True)]
     if ppl:
-        panels.append(Panel("held-out perplexity", "text length (tokens)", "perplexity", ppl, log_x=True, log_y=True))
+        panels.append(
+            Panel("held-out perplexity", "context window (tokens)", "perplexity", ppl, log_x=True, log_y=True)
+        )
     return save_panels(out, panels, title=title).path
 
 
