@@ -30,6 +30,7 @@ from edgerope import rope as R
 from edgerope.errors import GGUFError
 from edgerope.gguf_file import GGUFFile, ModelHparams, model_hparams, open_gguf
 from edgerope.gguf_lint import ERROR, Finding, lint_gguf
+from edgerope.plan import ARCHS_DISABLING_SWA, SWA_NOTE
 
 KV_REPORT_TYPES = tuple(KV.KV_TYPES)  # every cache type llama.cpp accepts
 
@@ -201,7 +202,7 @@ def _kv_report(hp: ModelHparams, contexts: list[int], sliding: bool) -> KVReport
         notes.append("quantized cache types need head dims divisible by 32 (flash attention); this model has not")
     notes.append("a quantized V cache needs flash_attn=True in llama-cpp-python")
     if sliding:
-        notes.append("sliding-window layers keep a smaller cache in llama.cpp; these figures assume full layers")
+        notes.append(SWA_NOTE)
     return KVReport(
         n_layers=hp.n_layers,
         n_head_kv=list(hp.n_head_kv) if isinstance(hp.n_head_kv, tuple) else hp.n_head_kv,
@@ -251,7 +252,7 @@ def inspect_gguf(path: str | os.PathLike[str], *, n_ctx: int | None = None) -> I
     kv = None
     if hp is not None and hp.head_dim_k > 0:
         ctx_list = sorted({c for c in (n_ctx, ctx_train, rope.n_ctx_orig if rope else None) if c})
-        sliding = f.arch_get(Keys.Attention.SLIDING_WINDOW) is not None
+        sliding = f.arch_get(Keys.Attention.SLIDING_WINDOW) is not None and f.architecture not in ARCHS_DISABLING_SWA
         kv = _kv_report(hp, ctx_list, sliding)
     return InspectReport(
         path=str(Path(path)),

@@ -160,6 +160,8 @@ def test_sliding_window_note(files: dict[str, Path]) -> None:
     for arch in ARCHS:
         notes = plan_memory(files[arch], n_ctx=512, memory_budget=BUDGET).notes
         assert (SWA_NOTE in notes) == bool(SPECS[arch].swa_layers), (arch, notes)
+        kv_notes = inspect_gguf(files[arch]).kv.notes  # inspect says the same as the planner
+        assert (SWA_NOTE in kv_notes) == bool(SPECS[arch].swa_layers), (arch, kv_notes)
 
 
 # measured on llama-cpp-python 0.3.36 (CPU), n_ctx 512: planned / llama.cpp's compute buffer
