@@ -265,6 +265,47 @@ def pack(token_docs: Sequence[np.ndarray], *, seq_len: int, seed: int | None = 0
     return flat[: n * seq_len].reshape(n, seq_len)  # (total,) -> (N, seq_len)
 
 
+PAD = -1  # marks padding in rows packed with whole=True: never a label, replaced by EOS as an input
+
+
+def pack_whole(token_docs: Sequence[np.ndarray], *, seq_len: int, seed: int | None = 0) -> np.ndarray:
+    """Rows of ``seq_len`` (N, seq_len) int32 that never cut a document shorter than a row.
+
+    Documents (shuffled with ``seed``) go into the current row while they fit; one that does not fit starts a
+    new row and the rest of the old one is ``PAD``.  A document longer than a row is cut into rows of its own
+    (its last piece starts a row).  For data whose documents must stay whole, e.g. a question and the
+    passage it asks about: ``pack`` would cut some of them at row boundaries and train the model to answer
+    questions whose passage it cannot see.
+    """
+    if seq_len < 2:
+        raise ConfigError(f"seq_len must be >= 2, got {seq_len}")
+    order = np.arange(len(token_docs)) if seed is None else np.random.default_rng(seed).permutation(len(token_docs))
+    rows: list[np.ndarray] = []
+    row: list[np.ndarray] = []
+    used = 0
+
+    def flush() -> None:
+        nonlocal row, used
+        if used:
+            rows.append(np.concatenate([*row, np.full(seq_len - used, PAD, dtype=np.int32)]))
+        row, used = [], 0
+
+    for i in order:
+        doc = np.asarray(token_docs[i], dtype=np.int32)
+        while len(doc) > seq_len:  # long documents: full rows of their own
+            flush()
+            rows.append(doc[:seq_len])
+            doc = doc[seq_len:]
+        if used + len(doc) > seq_len:
+            flush()
+        row.append(doc)
+        used += len(doc)
+    flush()
+    if not rows or all((r == PAD).sum() > seq_len - 2 for r in rows):
+        raise DataError("the data has no document of 2 or more tokens", fix="add more text")
+    return np.stack(rows)
+
+
 def epoch_order(n_rows: int, *, seed: int, epoch: int) -> np.ndarray:
     """A permutation of the packed rows for one epoch, fixed by (seed, epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(n_rows)
@@ -289,13 +330,15 @@ def build_dataset(
     holdout: float = 0.05,
     seed: int = 0,
     text_field: str = "text",
+    whole: bool = False,
 ) -> PackedData:
-    """Load, split, tokenize and pack ``paths`` with the tokenizer of the checkpoint ``model_dir``."""
+    """Load, split, tokenize and pack ``paths`` with the tokenizer of the checkpoint ``model_dir``
+    (``whole=True``: training rows by ``pack_whole``, documents kept whole, padding marked ``PAD``)."""
     docs = load_documents(paths, text_field=text_field)
     train_docs, held_docs = split_documents(docs, holdout=holdout, seed=seed)
     tok = load_tokenizer(model_dir)
     train_tok, held_tok = tokenize_documents(train_docs, tok), tokenize_documents(held_docs, tok)
-    train = pack(train_tok, seq_len=seq_len, seed=seed)
+    train = pack_whole(train_tok, seq_len=seq_len, seed=seed) if whole else pack(train_tok, seq_len=seq_len, seed=seed)
     held_total = sum(len(t) for t in held_tok)
     heldout = pack(held_tok, seq_len=seq_len, seed=None) if held_total >= seq_len else np.zeros((0, seq_len), np.int32)
     return PackedData(train, heldout, held_tok, len(docs), int(train.size))

@@ -92,6 +92,7 @@ class Settings:
     pose_steps: int = 600
     pose_batch: int = 1
     pose_grad_accum: int = 2
+    whole_documents: bool = False  # finetune --whole-documents: no retrieval sample cut at a row boundary
     lr: float = 1e-3
     seed: int = 0
     eval_seed: int = 1234
@@ -170,6 +171,8 @@ def _finetune_process(base: Path, out: Path, data: Path, variant: Variant, s: Se
     ]  # fmt: skip
     if pose:
         cmd.append("--pose")
+    if s.whole_documents:
+        cmd.append("--whole-documents")
     env = dict(os.environ)
     if s.n_threads:
         env["OMP_NUM_THREADS"] = str(s.n_threads)

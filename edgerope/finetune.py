@@ -44,7 +44,7 @@ import torch
 
 from edgerope import rope as R
 from edgerope.config import ModelConfig
-from edgerope.data import PoseSampler, build_dataset, epoch_order
+from edgerope.data import PAD, PoseSampler, build_dataset, epoch_order
 from edgerope.errors import ConfigError, OutputError, TrainingError
 from edgerope.finetune_recipe import (
     SCHEDULES,
@@ -130,6 +130,7 @@ def finetune(
     data: Sequence[str | Path],
     pose: bool = False,
     pose_chunks: int = 2,
+    whole_documents: bool = False,
     steps: int = 100,
     batch_size: int = 1,
     grad_accum: int = 1,
@@ -209,6 +210,7 @@ def finetune(
         "target_context": target,
         "pose": pose,
         "pose_chunks": pose_chunks,
+        "whole_documents": whole_documents,
         "steps": steps,
         "global_batch": batch_size * grad_accum * dist.world_size,
         "seq_len": seq_len,
@@ -221,8 +223,9 @@ def finetune(
     }
     _check_out_dir(out, resume=resume, force=force)
 
-    packed = build_dataset(data, src, seq_len=seq_len + 1, holdout=holdout, seed=seed)  # +1: inputs and labels
+    packed = build_dataset(data, src, seq_len=seq_len + 1, holdout=holdout, seed=seed, whole=whole_documents)
     train_rows, n_rows = packed.train, packed.train.shape[0]
+    pad_input = int(train_rows[train_rows != PAD].max())  # causal attention: tokens after the content change nothing
     torch.manual_seed(seed)
     model = LlamaModel.from_pretrained(src, dtype=torch.float32)
     save_dtype = ModelConfig.load(src).torch_dtype
@@ -293,6 +296,9 @@ def finetune(
             first = state.rows_seen + a * per_micro + dist.rank * batch_size
             rows = torch.from_numpy(train_rows[rows_at(first, batch_size)].astype(np.int64)).to(dev)  # (B, T+1)
             inputs, labels = rows[:, :-1], rows[:, 1:]  # (B, T) each
+            if whole_documents:  # padding after a row's last document: not a target; as an input, any token
+                inputs = inputs.masked_fill(inputs == PAD, pad_input)
+                labels = labels.masked_fill(labels == PAD, -100)
             pos = None
             if pose:  # the whole micro-batch's ids from (seed, step, a); each rank takes its slice
                 sampler = PoseSampler(seq_len, target, chunks=pose_chunks, seed=[seed, step, a])  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import pytest
 import sentencepiece as spm
 
 from edgerope.data import (
+    PAD,
     DataError,
     Document,
     PoseSampler,
@@ -19,6 +20,7 @@ from edgerope.data import (
     load_documents,
     load_tokenizer,
     pack,
+    pack_whole,
     pose_position_ids,
     split_documents,
     tokenize_documents,
@@ -191,3 +193,24 @@ def test_pose_refusals() -> None:
         PoseSampler(256, 128)
     with pytest.raises(ConfigError, match="chunks"):
         PoseSampler(8, 64, chunks=9)
+
+
+def test_pack_whole_never_cuts_a_document_that_fits() -> None:
+    rng = np.random.default_rng(0)
+    docs = [np.arange(1000 * i, 1000 * i + n, dtype=np.int32) for i, n in enumerate(rng.integers(3, 40, size=60))]
+    docs.append(np.arange(90_000, 90_000 + 130, dtype=np.int32))  # longer than a row: cut into rows
+    rows = pack_whole(docs, seq_len=50, seed=1)
+    assert rows.shape[1] == 50 and rows.dtype == np.int32
+    content = rows[rows != PAD]
+    assert sorted(content.tolist()) == sorted(np.concatenate(docs).tolist())  # every token once, nothing lost
+    for d in docs[:-1]:  # each short document lies inside one row, in order
+        hits = [r for r in rows if d[0] in r]
+        assert len(hits) == 1
+        start = int(np.flatnonzero(hits[0] == d[0])[0])
+        assert np.array_equal(hits[0][start : start + len(d)], d)
+    for r in rows:  # padding only at a row's end
+        pads = np.flatnonzero(r == PAD)
+        assert len(pads) == 0 or pads[-1] == 49 and np.all(np.diff(pads) == 1)
+    assert np.array_equal(rows, pack_whole(docs, seq_len=50, seed=1))
+    with pytest.raises(ConfigError):
+        pack_whole(docs, seq_len=1)

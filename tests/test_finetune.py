@@ -286,3 +286,11 @@ def test_bf16_autocast_on_cpu(make_tiny, corpus, tmp_path):
     rep = finetune(make_tiny(), tmp_path / "o", data=[corpus], **small(steps=2, precision="bf16"))
     assert rep.precision == "bf16" and all(np.isfinite(rep.losses))
     assert ModelConfig.load(tmp_path / "o").torch_dtype == "float32"  # master weights stay in the source dtype
+
+
+def test_whole_documents_trains_without_learning_the_padding(make_tiny, corpus, tmp_path):
+    """--whole-documents pads rows instead of cutting documents; the padding is never a target."""
+    ck = make_tiny()
+    rep = finetune(ck, tmp_path / "w", data=[corpus], **small(steps=8, lr=1e-2), whole_documents=True)
+    assert rep.settings["whole_documents"] is True
+    assert np.isfinite(rep.losses).all() and np.mean(rep.losses[-3:]) < np.mean(rep.losses[:3])

@@ -42,6 +42,11 @@ def _step_progress(enabled: bool) -> Iterator[Callable[[Any], None] | None]:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--pose", is_flag=True, help="PoSE: train in the original window with skipped position ids.")
 @click.option("--pose-chunks", type=int, default=2, show_default=True)
+@click.option(
+    "--whole-documents",
+    is_flag=True,
+    help="Never cut a document shorter than a row: pad the row instead (padding is not trained on).",
+)
 @click.option("--steps", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Rows per micro-step per process.")
 @click.option("--grad-accum", type=int, default=1, show_default=True)
