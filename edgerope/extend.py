@@ -93,6 +93,7 @@ class Settings:
     pose_batch: int = 1
     pose_grad_accum: int = 2
     whole_documents: bool = False  # finetune --whole-documents: no retrieval sample cut at a row boundary
+    min_fraction: int = 32  # full fine-tune samples are 1/32 .. 1 of the target: short distances stay trained
     lr: float = 1e-3
     seed: int = 0
     eval_seed: int = 1234
@@ -232,6 +233,7 @@ def _write_data(work: Path, base: Path, s: Settings, variants: Sequence[Variant]
             n = max(64, math.ceil(s.ft_steps * s.ft_batch * 2.0))  # ~2 samples per row of `target` tokens
             out["full"] = write_jsonl(
                 work / "finetune_full.jsonl", n_samples=n, max_chars=int(target * CHARS_PER_TOKEN), seed=s.seed + 1,
+                min_fraction=s.min_fraction,
                 force=True,
             )  # fmt: skip
         else:

@@ -195,12 +195,13 @@ def write_jsonl(
     max_chars: int,
     seed: int,
     mixture: Mixture | None = None,
+    min_fraction: int = 8,
     force: bool = False,
 ) -> Path:
     """A JSONL file (``{"text": ...}`` per line): retrieval samples (filler up to ``max_chars``, plus the
     template) and documentation spans up to ``max_chars``.
 
-    Sample sizes are uniform in [max_chars / 8, max_chars] characters, so a run packing them at the target
+    Sample sizes are uniform in [max_chars / min_fraction, max_chars] characters, so a run packing them at the target
     length sees needles at every distance.  For ``edgerope finetune --data``.
     """
     if n_samples < 1 or max_chars < 64:
@@ -211,7 +212,7 @@ def write_jsonl(
     lines = []
     for _ in range(n_samples):
         kind = KINDS[int(rng.choice(len(KINDS), p=p))]
-        n = int(rng.integers(max_chars // 8, max_chars + 1))
+        n = int(rng.integers(max_chars // min_fraction, max_chars + 1))
         text = _filler(rng, corpus, n) if kind == "text" else retrieval_text(rng, kind, n_chars=n, corpus=corpus)
         lines.append(json.dumps({"text": text}, ensure_ascii=False))
     out = Path(path)
