@@ -251,8 +251,9 @@ def _write_data(work: Path, base: Path, s: Settings, variants: Sequence[Variant]
 ANSWER_ROOM = 16  # a passkey prompt "at length L" has L - ANSWER_ROOM tokens, so prompt + answer fit in L
 
 
-def _n_ctx(longest: int) -> int:
-    return longest
+def _heldout_ids(b: E.Backend, n: int) -> list[list[int]]:
+    """The first ``n`` tokens of each held-out documentation topic that has ``n`` (perplexity and KL text)."""
+    return [ids[:n] for ids in (b.tokenize(d.text) for d in heldout_documents()) if len(ids) >= n]
 
 
 def _passkey(b: E.Backend, s: Settings, lengths: Sequence[int]) -> E.GridResult:
@@ -270,8 +271,8 @@ def evaluate_gguf(gguf: Path, s: Settings, *, lengths: Sequence[int] | None = No
     lengths = tuple(lengths or s.lengths)
     ctx = model_context(gguf)
     longest = max(max(lengths), *s.ppl_lengths) if s.ppl_lengths else max(lengths)
-    options = dict(n_ctx=_n_ctx(longest), type_k=s.kv, type_v=s.kv, n_threads=s.n_threads)
-    with E.llama_backend(gguf, allow_extrapolation=_n_ctx(longest) > ctx, **options) as b:
+    options = dict(n_ctx=longest, type_k=s.kv, type_v=s.kv, n_threads=s.n_threads)  # prompt + answer fit in L
+    with E.llama_backend(gguf, allow_extrapolation=longest > ctx, **options) as b:
         grid = _passkey(b, s, lengths)
         out: dict[str, Any] = {"context_length": ctx, "passkey": grid.to_dict(), "passkey_by_length": grid.by_length()}
         if s.multikey_trials:
@@ -281,7 +282,7 @@ def evaluate_gguf(gguf: Path, s: Settings, *, lengths: Sequence[int] | None = No
             out["multikey_by_length"] = {n + ANSWER_ROOM: a for n, a in mk.by_length().items()}
         if s.ppl_lengths:
             n_max = max(s.ppl_lengths)
-            docs = [ids[:n_max] for ids in (b.tokenize(d.text) for d in heldout_documents()) if len(ids) >= n_max]
+            docs = _heldout_ids(b, n_max)
             if not docs or b.bos_id is None:
                 raise ConfigError(f"no held-out document has {n_max} tokens (or no BOS)", fix="use shorter ppl_lengths")
             # the same n_max tokens of each document read through a window of n (stride n / 2; n_max: one pass)
@@ -298,7 +299,7 @@ def passkey_agreement(checkpoint: Path, gguf: Path, s: Settings, *, lengths: Seq
     """The same passkey grid in PyTorch (fp32) and in llama.cpp (f16 KV): the fraction of equal answers."""
     with E.torch_backend(checkpoint) as tb:
         a = _passkey(tb, s, lengths)
-    n_ctx = _n_ctx(max(lengths))
+    n_ctx = max(lengths)
     with E.llama_backend(gguf, n_ctx=n_ctx, type_k="f16", type_v="f16", n_threads=s.n_threads) as lb:
         b = _passkey(lb, s, lengths)
     return {
@@ -470,9 +471,9 @@ def kv_comparison(
     out: dict[str, Any] = {"gguf": str(gguf), "reference": reference, "kv": {}}
     ref_logp: list[np.ndarray] = []
     for kv in [reference, *[k for k in kvs if k != reference]]:
-        with E.llama_backend(gguf, n_ctx=_n_ctx(longest), type_k=kv, type_v=kv, n_threads=s.n_threads) as b:
+        with E.llama_backend(gguf, n_ctx=longest, type_k=kv, type_v=kv, n_threads=s.n_threads) as b:
             grid = _passkey(b, s, s.lengths)
-            docs = [ids[:longest] for ids in (b.tokenize(d.text) for d in heldout_documents()) if len(ids) >= longest]
+            docs = _heldout_ids(b, longest)
             logp = [_log_softmax(b.logits(ids).astype(np.float64)) for ids in docs]  # (T, V) each
         row: dict[str, Any] = {"passkey_by_length": grid.by_length(), "passkey_accuracy": grid.accuracy}
         if kv == reference:

@@ -75,3 +75,25 @@ def progress_bar(desc: str, *, unit: str = "B", enabled: bool = True) -> Iterato
     finally:
         for bar in bars:
             bar.close()
+
+
+@contextlib.contextmanager
+def step_progress(desc: str, *, enabled: bool = True) -> Iterator[Callable[[Any], None] | None]:
+    """A tqdm bar of training steps on stderr (tty only), fed with progress records that have ``step``,
+    ``steps``, ``loss`` and ``tokens_per_s`` (finetune's and pretrain's); shows loss, tokens/s and the ETA."""
+    if not enabled or not progress_enabled():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="step", desc=desc, file=click.get_text_stream("stderr"))
+
+    def progress(p: Any) -> None:
+        bar.total = p.steps
+        bar.set_postfix(loss=f"{p.loss:.4f}", tok_s=f"{p.tokens_per_s:.0f}", refresh=False)
+        bar.update(p.step - bar.n)
+
+    try:
+        yield progress
+    finally:
+        bar.close()

@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
-from edgerope.cli._common import echo_json, handle_errors, progress_enabled
-
-
-@contextlib.contextmanager
-def _step_progress(enabled: bool) -> Iterator[Callable[[Any], None] | None]:
-    """A tqdm bar of optimizer steps on stderr (tty only) showing loss, tokens/s and the ETA."""
-    if not enabled or not progress_enabled():
-        yield None
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, unit="step", desc="finetune", file=click.get_text_stream("stderr"))
-
-    def progress(p: Any) -> None:
-        bar.total = p.steps
-        bar.set_postfix(loss=f"{p.loss:.4f}", tok_s=f"{p.tokens_per_s:.0f}", refresh=False)
-        bar.update(p.step - bar.n)
-
-    try:
-        yield progress
-    finally:
-        bar.close()
+from edgerope.cli._common import echo_json, handle_errors, step_progress
 
 
 @click.command("finetune")
@@ -69,7 +46,7 @@ def finetune(checkpoint: str, data: tuple[str, ...], out_dir: str, as_json: bool
     """Fine-tune CHECKPOINT (an HF folder) with a scaled rope; the output's config carries the rope."""
     from edgerope.finetune import finetune as run_finetune
 
-    with _step_progress(not as_json) as progress:
+    with step_progress("finetune", enabled=not as_json) as progress:
         report = run_finetune(checkpoint, out_dir, data=list(data), progress=progress, **options)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return

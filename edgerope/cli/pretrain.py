@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgerope.cli._common import echo_json, handle_errors, progress_enabled
+from edgerope.cli._common import echo_json, handle_errors, step_progress
 
 
 @click.command("pretrain")
@@ -32,22 +32,8 @@ def pretrain(out_dir: Path, steps: int | None, seed: int | None, force: bool, as
         raise OutputError("the output folder is not empty", where=str(out_dir), fix="pass --force or a new folder")
     r = TinyRecipe()
     r = replace(r, steps=steps if steps is not None else r.steps, seed=seed if seed is not None else r.seed)
-    bar = None
-    if progress_enabled() and not as_json:
-        from tqdm import tqdm
-
-        bar = tqdm(total=r.steps, unit="step", desc="pretrain", file=click.get_text_stream("stderr"))
-
-    def progress(p) -> None:  # noqa: ANN001
-        if bar is not None:
-            bar.set_postfix(loss=f"{p.loss:.3f}", tok_s=f"{p.tokens_per_s:.0f}", refresh=False)
-            bar.update(p.step - bar.n)
-
-    try:
+    with step_progress("pretrain", enabled=not as_json) as progress:
         run_pretrain(out_dir, r, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     write_manifest(out_dir)
     info = recipe(out_dir)
     if as_json:
