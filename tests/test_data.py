@@ -185,6 +185,17 @@ def test_pose_covers_long_distances_with_flat_size() -> None:
         assert (hist > 0).all(), hist
 
 
+def test_pose_gap_is_uniform_up_to_the_target() -> None:
+    """Two chunks: the skip between them is uniform on [0, L - W], so long distances are as common as short ones
+    (sorting two uniform skips would make the gap triangular: its top tenth would get 1% of samples)."""
+    W, L, n = 64, 4096, 20_000
+    ids = PoseSampler(W, L, chunks=2, seed=3).sample(n)
+    assert (ids[:, 0] == 0).all()  # the first chunk is not shifted
+    gap = (ids[:, 1:] - ids[:, :-1]).max(axis=1) - 1  # the one jump in each row
+    hist, _ = np.histogram(gap, bins=10, range=(0, L - W + 1))
+    assert (np.abs(hist / n - 0.1) < 0.012).all(), hist / n
+
+
 def test_pose_refusals() -> None:
     rng = np.random.default_rng(0)
     with pytest.raises(ConfigError, match="must exceed the training window"):
