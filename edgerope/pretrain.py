@@ -51,7 +51,7 @@ class TinyRecipe:
     intermediate_size: int = 384
     context: int = 256
     rope_theta: float = 10000.0
-    steps: int = 4000
+    steps: int = 7000
     batch_size: int = 16
     lr: float = 3e-3
     min_lr_ratio: float = 0.1

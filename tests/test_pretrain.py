@@ -81,6 +81,7 @@ def test_cli_rebuilds_the_builtin_recipe_and_refuses_a_full_folder(tmp_path: Pat
     info = json.loads(r.stdout)
     shipped = recipe(TINY_DIR)["recipe"]
     assert info["recipe"] == {**shipped, "steps": 2}  # the shipped model's recipe, shortened
+    assert shipped == TinyRecipe().to_dict()  # `edgerope pretrain` with no options rebuilds the shipped model
     assert check_model_dir(out) == out
     assert ModelConfig.load(out) == ModelConfig.load(TINY_DIR)
     assert (out / "tokenizer.model").read_bytes() == (TINY_DIR / "tokenizer.model").read_bytes()

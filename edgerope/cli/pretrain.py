@@ -19,7 +19,7 @@ from edgerope.cli._common import echo_json, handle_errors, step_progress
 def pretrain(out_dir: Path, steps: int | None, seed: int | None, force: bool, as_json: bool) -> None:
     """Pretrain the built-in tiny model (a small Llama at context 256) into OUT_DIR, deterministically.
 
-    The recipe, loss curve and machine are written to OUT_DIR/recipe.json.  About 25 minutes on 2 CPU cores.
+    The recipe, loss curve and machine are written to OUT_DIR/recipe.json.  About 45 minutes on 2 CPU cores.
     """
     from dataclasses import replace
 
