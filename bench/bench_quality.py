@@ -52,7 +52,6 @@ SETTINGS = Settings(
     multikey_trials=20,
     ppl_lengths=(256, 512, 1024, 2048),
     ft_steps=300,
-    pose_steps=600,
 )
 
 
@@ -97,13 +96,15 @@ def _heatmaps(report, out: Path) -> None:  # noqa: ANN001
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=SETTINGS.trials, help="passkey trials per (length, depth) cell")
-    ap.add_argument("--steps", type=int, default=SETTINGS.ft_steps, help="full fine-tuning steps (PoSE: twice as many)")
+    ap.add_argument(
+        "--steps", type=int, default=SETTINGS.ft_steps, help="full fine-tuning steps (PoSE: the same number of tokens)"
+    )
     ap.add_argument("--no-agreement", action="store_true", help="skip the PyTorch vs llama.cpp comparison")
     ap.add_argument("--no-kv", action="store_true", help="skip the f16 / q8_0 / q4_0 KV cache comparison")
     args = ap.parse_args()
     from dataclasses import replace
 
-    s = replace(SETTINGS, trials=args.trials, ft_steps=args.steps, pose_steps=2 * args.steps)
+    s = replace(SETTINGS, trials=args.trials, ft_steps=args.steps)
     t0 = time.perf_counter()
     load = C.load_average()
     report = run_extension(

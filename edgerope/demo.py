@@ -29,7 +29,6 @@ DEMO_SETTINGS = Settings(
     trials=4,
     ppl_lengths=(256, 2048),
     ft_steps=300,
-    pose_steps=600,
 )
 QUESTION = "What is the pass key?"
 FACT = "The pass key is {k}. Remember it. {k} is the pass key."

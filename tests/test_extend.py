@@ -111,6 +111,17 @@ def test_bad_settings_are_refused() -> None:
         Settings(lengths=(16,))
     with pytest.raises(ConfigError, match="trials"):
         Settings(trials=0)
+    with pytest.raises(ConfigError, match="steps"):
+        Settings(pose_steps=0)
+
+
+def test_pose_trains_on_as_many_tokens_as_the_full_fine_tune() -> None:
+    """By default PoSE (2 x 256 tokens a step) sees the full run's tokens: 300 x 2048 -> 1200 steps, x16 -> 2400."""
+    s = Settings(ft_steps=300)
+    assert s.pose_steps_for(2048, 256) * 2 * 256 == 300 * 2048
+    assert s.pose_steps_for(4096, 256) == 2400
+    assert Settings(ft_steps=5).pose_steps_for(2048, 256) == 20
+    assert Settings(pose_steps=7).pose_steps_for(4096, 256) == 7  # an explicit count wins
 
 
 def test_kv_comparison_ranks_cache_types_by_disturbance(demo_run: tuple[dict, Path, str]) -> None:

@@ -31,7 +31,7 @@ from edgerope.cli._common import echo_json, handle_errors
     type=int,
     default=300,
     show_default=True,
-    help="Full fine-tuning steps of 2048 tokens; PoSE runs twice as many steps of 2 x 256 tokens.",
+    help="Full fine-tuning steps of 2048 tokens; PoSE trains on as many tokens, in steps of 2 x 256.",
 )
 @click.option(
     "--parity", is_flag=True, help="Instead: every rope method, logits in PyTorch vs llama.cpp at 8x context."
@@ -61,7 +61,7 @@ def demo(
         from edgerope.demo import DEMO_SETTINGS, run_demo
         from edgerope.extend import format_table
 
-        settings = replace(DEMO_SETTINGS, trials=trials, ft_steps=steps, pose_steps=2 * steps)
+        settings = replace(DEMO_SETTINGS, trials=trials, ft_steps=steps)
         report = run_demo(workdir or tmp, settings=settings, plot=plot, on_step=step)
     if as_json:
         echo_json(report.to_dict())
