@@ -92,6 +92,7 @@ class Settings:
     # the tiny model's x8 PoSE reached 78% passkey at 2048 instead of 98%
     pose_steps: int | None = None
     pose_batch: int = 1
+    pose_chunks: int = 2  # finetune --pose-chunks: pieces of the window, each after its own position skip
     pose_grad_accum: int = 2
     whole_documents: bool = False  # finetune --whole-documents: no retrieval sample cut at a row boundary
     min_fraction: int = 32  # full fine-tune samples are 1/32 .. 1 of the target: short distances stay trained
@@ -180,7 +181,7 @@ def _finetune_process(
         "--lr", str(s.lr), "--seed", str(s.seed), "--holdout", "0.02", "--device", "cpu", "--force", "--json",
     ]  # fmt: skip
     if pose:
-        cmd.append("--pose")
+        cmd += ["--pose", "--pose-chunks", str(s.pose_chunks)]
     if s.whole_documents:
         cmd.append("--whole-documents")
     env = dict(os.environ)
