@@ -364,8 +364,8 @@ def pose_position_ids(window: int, target: int, *, chunks: int = 2, rng: np.rand
     skip); piece i > 1 is shifted by a skip u_i, with u_2 <= ... <= u_k drawn uniformly from [0, target - window]
     and sorted.  So ids strictly increase, the largest is window - 1 + u_k < target, and the distance between
     the first and last piece reaches up to target - 1.  Pinning the first skip at 0 (the PoSE authors' revised
-    sampler) makes the gap between two pieces uniform; drawing every skip and sorting would make it triangular,
-    so distances near the target would be seen ~16x less often than short ones (P(gap > 3/4 of the range) = 6%).
+    sampler) makes the gap between two pieces uniform; drawing every skip and sorting would make it triangular:
+    the top quarter of the range would get 6% of the samples and the bottom quarter 44%.
     """
     _check_pose(window, target, chunks)
     cuts = np.sort(rng.choice(np.arange(1, window), size=chunks - 1, replace=False)) if chunks > 1 else np.array([])
