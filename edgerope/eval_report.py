@@ -120,6 +120,7 @@ class ModelPlan:
     kv: str | None
     allow_extrapolation: bool
     notes: tuple[str, ...] = ()
+    device: str = "cpu"  # PyTorch checkpoints: cpu, cuda, cuda:N or auto
 
 
 def plan_model(
@@ -129,6 +130,7 @@ def plan_model(
     n_ctx: int | None = None,
     kv: str | None = None,
     allow_extrapolation: bool = False,
+    device: str = "cpu",
 ) -> ModelPlan:
     """Check the request against the model's context and decide how to open it (nothing is loaded)."""
     ctx = model_context(model)
@@ -147,7 +149,7 @@ def plan_model(
         extrapolate = True
         notes.append(f"the answer tokens run up to position {need}, past the context length {ctx}")
     if not is_gguf(model):
-        return ModelPlan(str(model), "torch", ctx, None, None, extrapolate, tuple(notes))
+        return ModelPlan(str(model), "torch", ctx, None, None, extrapolate, tuple(notes), device)
     if n_ctx is None:
         n_ctx = math.ceil(need / CTX_ROUND) * CTX_ROUND
         if n_ctx > ctx:  # no rounding past the trained context: only what one pass needs
@@ -162,7 +164,7 @@ def plan_model(
 def open_model(plan: ModelPlan, *, n_threads: int | None = None) -> E.Backend:
     """The evaluation backend for a planned model (loads it)."""
     if plan.backend == "torch":
-        return E.torch_backend(plan.path)
+        return E.torch_backend(plan.path, device=plan.device)
     return E.llama_backend(
         plan.path,
         n_ctx=plan.n_ctx,
@@ -363,6 +365,7 @@ def run_eval(
     kv: str | None = None,
     allow_extrapolation: bool = False,
     n_threads: int | None = None,
+    device: str = "cpu",
     progress: Callable[[str], ProgressFn | None] | None = None,
 ) -> EvalReport:
     """Evaluate ``model`` (and ``compare``, the same grid) on ``req``; ``progress(label)`` may return a
@@ -371,7 +374,18 @@ def run_eval(
     models = [model] if compare is None else [model, compare]
     if kv is not None and not any(is_gguf(m) for m in models):
         raise EvalError("a KV cache type applies to GGUF models only", fix="drop --kv or give a .gguf model")
-    plans = [plan_model(m, req, n_ctx=n_ctx, kv=kv, allow_extrapolation=allow_extrapolation) for m in models]
+    if device != "cpu" and all(is_gguf(m) for m in models):
+        raise EvalError(
+            "--device applies to PyTorch checkpoints; llama.cpp picks its own backend",
+            fix="drop --device (a GPU build of llama-cpp-python offloads by itself)",
+        )
+    if device != "cpu":
+        from edgerope.finetune_recipe import pick_device
+
+        pick_device(device)  # an unknown or absent device fails here, before any model is loaded
+    plans = [
+        plan_model(m, req, n_ctx=n_ctx, kv=kv, allow_extrapolation=allow_extrapolation, device=device) for m in models
+    ]
     documents, source = load_eval_documents(data) if req.task == "perplexity" else ([], None)
     report = EvalReport(req, [], source)
     for p in plans:

@@ -436,25 +436,33 @@ class Backend:
         self.close()
 
 
-def torch_backend(hf_dir: str | Path, *, dtype: str = "float32") -> Backend:
-    """The HF checkpoint ``hf_dir`` in edgerope.model (PyTorch, CPU): greedy decoding by repeated full forwards."""
+def torch_backend(hf_dir: str | Path, *, dtype: str = "float32", device: str = "cpu") -> Backend:
+    """The HF checkpoint ``hf_dir`` in edgerope.model (PyTorch on ``device``: cpu, cuda, cuda:N, or auto).
+
+    Greedy decoding by repeated full forwards (no KV cache: the same computation as ``logits``).
+    """
     import torch
 
     from edgerope.data import load_tokenizer
+    from edgerope.finetune_recipe import pick_device
     from edgerope.model import LlamaModel
 
-    model = LlamaModel.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
+    dev = pick_device(device)
+    model = LlamaModel.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).to(dev).eval()
     tok = load_tokenizer(hf_dir)
+
+    def forward(ids: list[int]) -> torch.Tensor:
+        return model(torch.tensor([ids], dtype=torch.long, device=dev))[0]  # (1, T, V) -> (T, V)
 
     def logits(ids: list[int]) -> np.ndarray:
         with torch.no_grad():
-            return model(torch.tensor([ids], dtype=torch.long))[0].numpy()  # (1, T, V) -> (T, V)
+            return forward(ids).float().cpu().numpy()
 
     def generate(ids: list[int], max_new_tokens: int) -> str:
         seq, out = list(ids), []
         with torch.no_grad():
             for _ in range(max_new_tokens):
-                nxt = int(model(torch.tensor([seq], dtype=torch.long))[0, -1].argmax())
+                nxt = int(forward(seq)[-1].argmax())
                 if nxt == tok.eos_id:
                     break
                 out.append(nxt)

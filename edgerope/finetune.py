@@ -163,6 +163,12 @@ def finetune(
     dist = DistContext.from_env()
     dev = pick_device(device)
     if dev.type == "cuda" and dist.enabled:
+        if dist.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"process {dist.local_rank} of this node has no GPU of its own ({torch.cuda.device_count()} here)",
+                where="torchrun --nproc-per-node",
+                fix=f"use --nproc-per-node <= {torch.cuda.device_count()}, or --device cpu",
+            )
         dev = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(dev)
     amp = autocast_dtype(precision, dev)

@@ -166,9 +166,27 @@ def lr_multiplier(step: int, *, steps: int, warmup: int, schedule: str, min_rati
 
 
 def pick_device(device: str) -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; a clear error for one not here."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}", fix="use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported", fix="use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {device!r}: this PyTorch sees no CUDA GPU",
+                fix="use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU",
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r}: there are {torch.cuda.device_count()} CUDA device(s)",
+                fix=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}",
+            )
+    return dev
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

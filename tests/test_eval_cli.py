@@ -167,6 +167,8 @@ def test_perplexity_both_backends_and_modes(pair, tmp_path: Path) -> None:
         (["--task", "perplexity", "--lengths", "128", "--data", "/nonexistent/x.txt"], "no such file"),
         (["--task", "perplexity", "--lengths", "128", "--mode", "sliding"], "window and a stride"),
         (["--lengths", "128", "--kv", "q8_0"], "GGUF models only"),
+        (["--lengths", "128", "--device", "tpu"], "unknown device"),
+        (["--lengths", "128", "--device", "meta"], "not supported"),
     ],
 )
 def test_bad_input_exits_2(pair, args: list[str], message: str, tmp_path: Path) -> None:
@@ -186,3 +188,34 @@ def test_missing_model_and_short_data(pair, tmp_path: Path) -> None:
     assert code == 2 and "no document has the 128 tokens" in err
     code, out, _ = _run(str(pair[0]), "--task", "nope", "--lengths", "128", "--json")
     assert code == 2 and json.loads(out)["what"].startswith("unknown task")
+
+
+def test_device_checks(pair) -> None:
+    import torch
+
+    code, _, err = _run(str(pair[1]), "--lengths", "128", "--device", "cuda")
+    assert code == 2 and "applies to PyTorch checkpoints" in err and "Traceback" not in err
+    if torch.cuda.is_available():
+        code, _, err = _run(str(pair[0]), "--lengths", "128", "--device", f"cuda:{torch.cuda.device_count()}")
+        assert code == 2 and "CUDA device(s)" in err
+        gpu, cpu = (_json(str(pair[0]), *SMALL, "--device", d)["models"][0] for d in ("cuda", "cpu"))
+        assert gpu["plan"]["device"] == "cuda" and cpu["plan"]["device"] == "cpu"
+        answers = [[s["output"] for c in m["grid"]["cells"] for s in c["samples"]] for m in (gpu, cpu)]
+        assert sum(a == b for a, b in zip(*answers, strict=True)) >= 7  # of 8: a near-tie may flip in float noise
+    else:
+        code, _, err = _run(str(pair[0]), "--lengths", "128", "--device", "cuda")
+        assert code == 2 and "sees no CUDA GPU" in err and "--device cpu" in err
+
+
+def test_torch_backend_on_cuda_matches_cpu(pair) -> None:
+    import numpy as np
+    import torch
+
+    from edgerope.evaluation import torch_backend
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine: torch_backend(device='cuda') is checked where there is one")
+    with torch_backend(pair[0]) as cpu, torch_backend(pair[0], device="cuda") as gpu:
+        ids = cpu.tokenize("The pass key is 31415. Remember it. " * 6)
+        np.testing.assert_allclose(gpu.logits(ids), cpu.logits(ids), rtol=1e-3, atol=1e-3)
+        assert gpu.generate(ids, 8) == cpu.generate(ids, 8)

@@ -176,6 +176,7 @@ def test_grad_checkpointing_same_result_less_memory(make_tiny, corpus, tmp_path)
         (dict(rope="dynamic"), RopeConfigError, "unknown rope type"),
         (dict(memory_limit=1 << 20), TrainingError, "PoSE"),
         (dict(precision="fp8"), ConfigError, "unknown precision"),
+        (dict(device="tpu"), ConfigError, "unknown device"),
     ],
 )
 def test_refusals(make_tiny, corpus, tmp_path, kw, err, match):

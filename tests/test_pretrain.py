@@ -87,3 +87,5 @@ def test_cli_rebuilds_the_builtin_recipe_and_refuses_a_full_folder(tmp_path: Pat
     assert (out / "tokenizer.model").read_bytes() == (TINY_DIR / "tokenizer.model").read_bytes()
     again = CliRunner().invoke(cli, ["pretrain", "-o", str(out), "--steps", "2"])
     assert again.exit_code == 2 and "not empty" in again.output
+    bad = CliRunner().invoke(cli, ["pretrain", "-o", str(tmp_path / "other"), "--device", "tpu"])
+    assert bad.exit_code == 2 and "unknown device" in bad.output and not (tmp_path / "other").exists()

@@ -84,6 +84,7 @@ def _write_json(out: Path, data: dict) -> None:
 @click.option("--ctx", "n_ctx", type=int, default=None, help="llama.cpp n_ctx (default: needed, rounded to 256).")
 @click.option("--kv", default=None, help="GGUF KV cache type for K and V (default f16).")
 @click.option("--threads", "n_threads", type=int, default=None, help="llama.cpp CPU threads.")
+@click.option("--device", default="cpu", show_default=True, help="PyTorch checkpoints: cpu, cuda, cuda:N or auto.")
 @click.option("--allow-extrapolation", is_flag=True, help="Allow lengths beyond the model's context length.")
 @click.option("--compare", default=None, type=click.Path(), help="Second model: same grid, answer agreement.")
 @click.option("--plot", "plot_out", default=None, type=click.Path(), help="Write a PNG plot here.")
@@ -108,6 +109,7 @@ def eval_(
     n_ctx: int | None,
     kv: str | None,
     n_threads: int | None,
+    device: str,
     allow_extrapolation: bool,
     compare: str | None,
     plot_out: str | None,
@@ -151,6 +153,7 @@ def eval_(
             kv=kv,
             allow_extrapolation=allow_extrapolation,
             n_threads=n_threads,
+            device=device,
             progress=bars,
         )
     result = report.to_dict()
