@@ -89,7 +89,8 @@ class Settings:
     ft_batch: int = 1
     # PoSE: 2 x 256 tokens a step (accumulated, so activations of one 256-token row).  pose_steps None: as many
     # training tokens as the full fine-tune to the same target (x8: 1200 steps, x16: 2400); in tuning runs outside
-    # bench/ the tiny model's x8 PoSE reached 78% passkey at 2048 with half as many, 98% with as many
+    # bench/ the previous tiny model's (4 heads of 32) x8 PoSE reached 78% passkey at 2048 with half as many, 98%
+    # with as many
     pose_steps: int | None = None
     pose_batch: int = 1
     pose_chunks: int = 2  # finetune --pose-chunks: pieces of the window, each after its own position skip

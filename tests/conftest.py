@@ -19,6 +19,17 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~60 KB of English text from CPython's own pydoc_data, one document per topic."""
+    from pydoc_data.topics import topics
+
+    d = tmp_path_factory.mktemp("corpus")
+    for i, key in enumerate(sorted(topics)[:24]):
+        (d / f"{i:02d}.txt").write_text(topics[key], encoding="utf-8")
+    return d
+
+
 @pytest.fixture
 def make_tiny(tmp_path: Path, tiny_tokenizer_dir: Path) -> Callable[..., Path]:
     """Factory: ``make_tiny(name="llama", **make_tiny_checkpoint_kwargs)`` -> a fresh HF folder under tmp_path."""

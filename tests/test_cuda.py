@@ -4,8 +4,6 @@ on a GPU machine by hand: see the README's GPU section)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -14,20 +12,11 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: torch.cuda.is_available() is False")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pydoc_data.topics import topics
-
-    d = tmp_path_factory.mktemp("corpus")
-    for i, key in enumerate(sorted(topics)[:24]):
-        (d / f"{i:02d}.txt").write_text(topics[key], encoding="utf-8")
-    return d
-
-
 def small(**kw):
-    base = dict(rope="yarn", factor=2, steps=6, batch_size=2, seq_len=64, lr=3e-3, seed=0, precision="fp32")
-    base.update(kw)
-    return base
+    """test_finetune's fast settings, fp32 unless asked (the CPU reference runs fp32)."""
+    from test_finetune import small as cpu_small
+
+    return cpu_small(**{"precision": "fp32", **kw})
 
 
 def test_finetune_on_cuda_follows_the_cpu_run(make_tiny, corpus, tmp_path):

@@ -31,17 +31,6 @@ from edgerope.model import LlamaModel
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """~60 KB of English text from CPython's own pydoc_data, one document per topic."""
-    from pydoc_data.topics import topics
-
-    d = tmp_path_factory.mktemp("corpus")
-    for i, key in enumerate(sorted(topics)[:24]):
-        (d / f"{i:02d}.txt").write_text(topics[key], encoding="utf-8")
-    return d
-
-
 def small(**kw):
     """Fast settings for the tiny model: factor 2 (256 -> 512), 64-token rows, lr high enough to move in 10 steps."""
     base = dict(rope="yarn", factor=2, steps=6, batch_size=2, seq_len=64, lr=3e-3, seed=0, device="cpu")
