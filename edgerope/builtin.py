@@ -3,12 +3,11 @@
 The model is a small Llama pretrained by ``edgerope.pretrain`` (recipe and loss curve in its
 ``recipe.json``; rebuild it with ``edgerope pretrain -o DIR``).  The shipped ``recipe.json`` is the one that run
 wrote minus its per-step ``losses`` (the 50-step means stay).  The shipped weights were trained on one H200 GPU
-(``machine`` in recipe.json; 164 s while three other shapes trained beside it), with the initial weights drawn
-from the CUDA generator (``pretrain`` now draws them on the CPU for every device).  The same recipe on 2 CPU
-cores takes about 45 minutes and gives other bits: for the previous shape (4 heads of 32) the final loss was
-0.2655 on the CPU and 0.2673 on the GPU, but its x16 PoSE passkey at 4096 was 66-70% (CPU-trained, llama.cpp)
-against 44% (GPU-trained, PyTorch): retrieval past the window varies more between runs than the loss does.  Its files are listed with their sha256 in ``MANIFEST``, so a damaged or half-copied install is
-reported, not run.
+(``machine`` in recipe.json; 164 s while three other shapes trained beside it), their initial weights drawn from
+the CUDA generator (``pretrain`` now draws them on the CPU for every device).  The same recipe on 2 CPU cores
+takes about 45 minutes and gives other bits, and a model whose retrieval far past its window can differ more
+than its loss does.  Its files are listed with their sha256 in ``MANIFEST``, so a damaged or half-copied install
+is reported, not run.
 
 What it does not do: train, import torch.
 """

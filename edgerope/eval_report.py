@@ -374,7 +374,7 @@ def run_eval(
     models = [model] if compare is None else [model, compare]
     if kv is not None and not any(is_gguf(m) for m in models):
         raise EvalError("a KV cache type applies to GGUF models only", fix="drop --kv or give a .gguf model")
-    if device != "cpu" and all(is_gguf(m) for m in models):
+    if device not in ("cpu", "auto") and all(is_gguf(m) for m in models):
         raise EvalError(
             "--device applies to PyTorch checkpoints; llama.cpp picks its own backend",
             fix="drop --device (a GPU build of llama-cpp-python offloads by itself)",
