@@ -11,8 +11,9 @@ GGUF with f16, q8_0 and q4_0 KV caches: passkey accuracy and next-token KL diver
 
 Targets (issue 3): YaRN x8 + fine-tune passkey >= 95% at 2048 and perplexity at 2048 <= at 256; YaRN x16 +
 PoSE >= 90% at 4096 (the mean over fine-tuning seeds 0, 1, 2: in tuning runs the same settings gave 80%, 94%
-and 98% at 4096 with these three seeds, so one seed does not measure it); PoSE within 5% of the full fine-tune at <= 1/4 of its peak memory; the unscaled model
-collapses past 256; PyTorch and llama.cpp agree on >= 98% of answers.
+and 98% at 4096 with these three seeds, so one seed does not measure it); PoSE within 5% of the full fine-tune
+at <= 1/4 of its peak memory; the unscaled model collapses past 256; PyTorch and llama.cpp agree on >= 98% of
+answers.
 
 Writes ``bench/results/quality.json`` and two plots beside it; prints the table.
 Run: ``cd /work/main && PYTHONPATH=. .venv/bin/python bench/bench_quality.py`` (about 25 minutes on 2 cores).

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from edgerope.data import load_tokenizer
+from edgerope.finetune_recipe import pick_device
 from edgerope.model import LlamaModel
 from edgerope.synthetic import Mixture, RowBuilder
 from edgerope.tiny import _write_json, tiny_config, train_tokenizer, write_tokenizer_files
@@ -91,8 +92,10 @@ def pretrain(
     save_every: int | None = None,
     progress: Callable[[PretrainProgress], None] | None = None,
 ) -> Path:
-    """Train the tiny model of ``recipe`` and write its checkpoint folder ``out_dir`` (created; must be empty)."""
+    """Train the tiny model of ``recipe`` on ``device`` (auto, cpu, cuda, cuda:N) into ``out_dir`` (created; must be
+    empty)."""
     recipe = recipe or TinyRecipe()
+    dev = pick_device(device)  # auto, cpu, cuda, cuda:N; an absent or unknown device fails before any file is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +117,6 @@ def pretrain(
     rows = RowBuilder(load_tokenizer(out), seq_len=recipe.context + 1, mixture=recipe.mixture, dense=recipe.dense)
 
     torch.manual_seed(recipe.seed)
-    dev = torch.device(device)
     model = LlamaModel(cfg)
     with torch.no_grad():  # GPT-2 style init: N(0, 0.02), residual projections scaled by depth
         for name, p in model.named_parameters():

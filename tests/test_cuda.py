@@ -1,6 +1,6 @@
 """The CUDA paths against the CPU as the reference: fine-tuning (fp32 and bf16 autocast), resume, pretraining
 and PyTorch evaluation.  Every test skips, with its reason, where torch sees no CUDA GPU (CI has none; they run
-on a GPU machine by hand: see the README's GPU section)."""
+on a GPU machine by hand: see the README's "The contract, tested")."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from test_finetune import Interrupted, stop_at  # noqa: E402
+from test_finetune import small as cpu_small  # noqa: E402
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: torch.cuda.is_available() is False")
 
 
 def small(**kw):
     """test_finetune's fast settings, fp32 unless asked (the CPU reference runs fp32)."""
-    from test_finetune import small as cpu_small
-
     return cpu_small(**{"precision": "fp32", **kw})
 
 
@@ -48,15 +49,8 @@ def test_resume_on_cuda_continues_the_run(make_tiny, corpus, tmp_path):
     kw = small(device="cuda", grad_accum=2, save_every=3)
     straight = finetune(ck, tmp_path / "a", data=[corpus], **kw)
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(p):
-        if p.step == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        finetune(ck, tmp_path / "b", data=[corpus], **kw, progress=interrupt)
+    with pytest.raises(Interrupted):
+        finetune(ck, tmp_path / "b", data=[corpus], **kw, progress=stop_at(3))
     resumed = finetune(ck, tmp_path / "b", data=[corpus], **kw, resume=True)
     assert resumed.resumed_from_step == 3
     # CUDA kernels may reduce in a different order run to run: equal to float noise, not bit for bit

@@ -38,6 +38,20 @@ def small(**kw):
     return base
 
 
+class Interrupted(Exception):
+    """Raised from a progress callback: the run stops part-way, as a crash would stop it."""
+
+
+def stop_at(step: int):
+    """A progress callback that interrupts the run after optimizer step ``step``."""
+
+    def progress(p):
+        if p.step == step:
+            raise Interrupted
+
+    return progress
+
+
 def test_loss_decreases_and_output_carries_the_rope(make_tiny, corpus, tmp_path):
     ck = make_tiny()
     seen = []
@@ -84,15 +98,8 @@ def test_resume_is_bit_exact(make_tiny, corpus, tmp_path):
     ck = make_tiny()
     straight = finetune(ck, tmp_path / "a", data=[corpus], **small(grad_accum=2, save_every=3))
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(p):
-        if p.step == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        finetune(ck, tmp_path / "b", data=[corpus], **small(grad_accum=2, save_every=3), progress=interrupt)
+    with pytest.raises(Interrupted):
+        finetune(ck, tmp_path / "b", data=[corpus], **small(grad_accum=2, save_every=3), progress=stop_at(3))
     assert not (tmp_path / "b" / "config.json").exists()  # no output from an interrupted run
     resumed = finetune(ck, tmp_path / "b", data=[corpus], **small(grad_accum=2, save_every=3), resume=True)
     assert resumed.resumed_from_step == 3

@@ -27,17 +27,15 @@ def pretrain(out_dir: Path, steps: int | None, seed: int | None, device: str, fo
 
     from edgerope.builtin import recipe, write_manifest
     from edgerope.errors import OutputError
-    from edgerope.finetune_recipe import pick_device
     from edgerope.pretrain import TinyRecipe
     from edgerope.pretrain import pretrain as run_pretrain
 
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise OutputError("the output folder is not empty", where=str(out_dir), fix="pass --force or a new folder")
-    dev = pick_device(device)
     r = TinyRecipe()
     r = replace(r, steps=steps if steps is not None else r.steps, seed=seed if seed is not None else r.seed)
     with step_progress("pretrain", enabled=not as_json) as progress:
-        run_pretrain(out_dir, r, device=str(dev), progress=progress)
+        run_pretrain(out_dir, r, device=device, progress=progress)
     write_manifest(out_dir)
     info = recipe(out_dir)
     if as_json:
