@@ -34,7 +34,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,7 @@ class Answer:
     cache_file: str | None = None
     truncation: Truncation | None = None  # what truncate=True cut; None: the whole document was used
     n_ctx_source: str = ""  # how the runtime chose n_ctx
+    cpu_repack: dict[str, Any] = field(default_factory=dict)  # the CPU weight layout used (edgerope.cpu_repack)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -395,6 +396,7 @@ def ask(
             cache_file=cache_file,
             truncation=truncation,
             n_ctx_source=rt.info.n_ctx_source,
+            cpu_repack=rt.info.cpu_repack,
         )
     finally:
         if owned:

@@ -58,6 +58,22 @@ def check_output(
     check_free_space(out.parent, need_bytes)
 
 
+TEMP_LOG_ENV = "EDGEROPE_TEMP_LOG"
+
+
+def track_temp(path: Path) -> Path:
+    """Note a temporary output in ``$EDGEROPE_TEMP_LOG`` (set by the ``edgerope`` command's crash guard, which
+    removes what a crashed child left behind); returns ``path``."""
+    log = os.environ.get(TEMP_LOG_ENV)
+    if log:
+        try:
+            with open(log, "a", encoding="utf-8") as fh:
+                fh.write(f"{os.path.abspath(path)}\n")
+        except OSError:
+            pass
+    return path
+
+
 def partial_path(out: Path, tag: str = "") -> Path:
     """The hidden temp file beside ``out`` (same file system, so the final rename is atomic)."""
-    return out.with_name(f".{out.name}.{os.getpid()}{'.' + tag if tag else ''}.partial")
+    return track_temp(out.with_name(f".{out.name}.{os.getpid()}{'.' + tag if tag else ''}.partial"))

@@ -166,6 +166,35 @@ def _llama() -> Any:
     return _LIB
 
 
+CRASH_RECORD_ENV = "EDGEROPE_CRASH_RECORD"
+
+
+def note_activity(what: str, **details: Any) -> None:
+    """Record what native work is about to run (model, settings), for a supervisor that reports a crash.
+
+    Writes JSON to the file named by ``$EDGEROPE_CRASH_RECORD`` (set by the ``edgerope`` command's crash
+    guard, ``edgerope.cli.guard``); a no-op otherwise.  A native crash cannot run Python, so this is written
+    before the native call, not after.
+    """
+    path = os.environ.get(CRASH_RECORD_ENV)
+    if not path:
+        return
+    import json
+
+    record = {"what": what, **details}
+    try:
+        record["llama_cpp_build"] = bindings_version()
+    except EdgeropeError:
+        pass
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(record, fh, default=str)
+        os.replace(tmp, path)
+    except OSError:  # the record is a courtesy for the crash report; never fail the work for it
+        pass
+
+
 def native_error_lines(mark: int) -> str:
     """llama.cpp's warning/error lines since ``mark``, for error messages."""
     lines = _ROUTER.lines_since(mark, min_level=_GGML_LOG_WARN)
@@ -188,6 +217,79 @@ def bindings_version() -> str:
     import llama_cpp
 
     return f"llama-cpp-python {llama_cpp.__version__}; {system_info()}"
+
+
+class _BuftOverride(ctypes.Structure):
+    """``struct llama_model_tensor_buft_override``: a tensor-name regex and the buffer type for matches."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _ggml_fn(name: str, restype: Any, argtypes: list[Any]) -> Any:
+    """A ggml C function, looked up through libllama (dlsym searches its dependencies, libggml among them)."""
+    lib = _llama()
+    fn = getattr(lib._lib, name)
+    fn.restype, fn.argtypes = restype, argtypes
+    return fn
+
+
+def _cpu_extra_bufts() -> dict[str, int]:
+    """The CPU device's extra buffer types, name -> pointer, in llama.cpp's order of preference."""
+    vp = ctypes.c_void_p
+    dev = _ggml_fn("ggml_backend_dev_by_type", vp, [ctypes.c_int])(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    if not dev:
+        return {}
+    reg = _ggml_fn("ggml_backend_dev_backend_reg", vp, [vp])(dev)
+    get_proc = _ggml_fn("ggml_backend_reg_get_proc_address", vp, [vp, ctypes.c_char_p])
+    addr = get_proc(reg, b"ggml_backend_dev_get_extra_bufts")
+    if not addr:
+        return {}
+    arr = ctypes.CFUNCTYPE(ctypes.POINTER(vp), vp)(addr)(dev)
+    name_of = _ggml_fn("ggml_backend_buft_name", ctypes.c_char_p, [vp])
+    out: dict[str, int] = {}
+    i = 0
+    while arr and arr[i]:
+        out[name_of(arr[i]).decode("utf-8", "replace")] = int(arr[i])
+        i += 1
+    return out
+
+
+def _cpu_features() -> dict[str, str]:
+    """``ggml_backend_get_features`` of the CPU backend: what the build was compiled with and found."""
+
+    class _Feature(ctypes.Structure):
+        _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
+
+    vp = ctypes.c_void_p
+    dev = _ggml_fn("ggml_backend_dev_by_type", vp, [ctypes.c_int])(0)
+    if not dev:
+        return {}
+    reg = _ggml_fn("ggml_backend_dev_backend_reg", vp, [vp])(dev)
+    addr = _ggml_fn("ggml_backend_reg_get_proc_address", vp, [vp, ctypes.c_char_p])(reg, b"ggml_backend_get_features")
+    if not addr:
+        return {}
+    feats = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), vp)(addr)(reg)
+    out: dict[str, str] = {}
+    i = 0
+    while feats and feats[i].name:
+        out[feats[i].name.decode()] = (feats[i].value or b"").decode()
+        i += 1
+    return out
+
+
+_CPU_BACKEND: tuple[tuple[str, ...], dict[str, str]] | None = None
+
+
+def cpu_backend() -> tuple[tuple[str, ...], dict[str, str]]:
+    """(extra buffer type names, CPU features) as this llama.cpp build reports them on this CPU (cached)."""
+    global _CPU_BACKEND
+    if _CPU_BACKEND is None:
+        try:
+            _CPU_BACKEND = (tuple(_cpu_extra_bufts()), _cpu_features())
+        except (AttributeError, OSError) as exc:  # a build without the backend registry symbols
+            logger.warning("cannot query llama.cpp's CPU backend: %s", exc)
+            _CPU_BACKEND = ((), {})
+    return _CPU_BACKEND
 
 
 def ftype_id(name: str) -> int:
@@ -335,6 +437,8 @@ class NativeModel(_Handle):
         use_mmap: bool = True,
         vocab_only: bool = False,
         cpu_only: bool = False,
+        use_extra_bufts: bool = True,
+        buft_overrides: Sequence[tuple[str, str]] = (),
     ) -> None:
         lib = _llama()
         self.path = Path(path)
@@ -348,6 +452,10 @@ class NativeModel(_Handle):
         if cpu_only:
             params.devices = ctypes.cast(no_devices, ctypes.c_void_p)
             params.n_gpu_layers = 0
+        params.use_extra_bufts = bool(use_extra_bufts)
+        overrides = _buft_overrides(buft_overrides)  # kept alive across the load
+        if overrides is not None:
+            params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         mark = _ROUTER.mark()
         ptr = lib.llama_model_load_from_file(os.fsencode(self.path), params)
         if not ptr:
@@ -668,6 +776,7 @@ def quantize(
     ``edgerope.quantize`` verifies that on the output.
     """
     lib = _llama()
+    note_activity("quantizing with llama.cpp", model=str(in_path), settings=f"ftype {ftype} -> {out_path}")
     params = lib.llama_model_quantize_default_params()
     params.ftype = int(ftype)
     params.nthread = int(n_threads or 0)  # <= 0: all hardware threads
@@ -679,6 +788,25 @@ def quantize(
             where=str(in_path),
             fix="see the llama.cpp message; the input was not changed",
         )
+
+
+def _buft_overrides(pairs: Sequence[tuple[str, str]]) -> Any:
+    """A NULL-terminated ``llama_model_tensor_buft_override`` array for (regex, CPU extra buffer type name)."""
+    if not pairs:
+        return None
+    bufts = _cpu_extra_bufts()
+    arr = (_BuftOverride * (len(pairs) + 1))()
+    for i, (pattern, name) in enumerate(pairs):
+        if name not in bufts:
+            raise RuntimeConfigError(
+                f"this llama.cpp build offers no {name} buffer type on this CPU",
+                fix=f"use one of: {', '.join(bufts) or 'none'} (or cpu_repack='off')",
+            )
+        arr[i].pattern = pattern.encode("utf-8")
+        arr[i].buft = bufts[name]
+    arr[len(pairs)].pattern = None
+    arr[len(pairs)].buft = None
+    return arr
 
 
 def _said(mark: int) -> str:

@@ -86,11 +86,13 @@ class MemoryPlan:
     budget_source: str
     largest_ctx: dict[str, dict[str, Any]] = field(default_factory=dict)  # cache type -> {n_ctx, limited_by}
     notes: tuple[str, ...] = ()
+    repacked_bytes: int = 0  # weights copied into llama.cpp's repack buffers (allocated beside the mapped file)
 
     @property
     def total_bytes(self) -> int:
         return (
             self.weights_bytes
+            + self.repacked_bytes
             + self.kv_bytes
             + self.compute_bytes
             + self.output_bytes
@@ -238,20 +240,22 @@ class _Model:
     hp: ModelHparams
     shape: ModelShape
     weights_bytes: int
+    repacked_bytes: int = 0
 
 
-def _read(path: str | Path) -> _Model:
+def _read(path: str | Path, repacked_bytes: int) -> _Model:
     with open_gguf(path) as f:
         hp = model_hparams(f)
         kv = f.kv()
         weights = f.file_size - f.data_offset
-    return _Model(str(path), hp, model_shape(hp, kv), weights)
+    return _Model(str(path), hp, model_shape(hp, kv), weights, repacked_bytes)
 
 
 def _total(m: _Model, n_ctx: int, *, type_k: str, type_v: str, flash_attn: bool, n_batch: int, n_ubatch: int) -> int:
     ub = min(n_ubatch, n_batch, padded_ctx(n_ctx))
     return (
         m.weights_bytes
+        + m.repacked_bytes
         + kv_cache_bytes(m.hp, n_ctx, type_k=type_k, type_v=type_v)
         + compute_buffer_bytes(m.shape, n_ctx, n_ubatch=ub, flash_attn=flash_attn)
         + output_buffer_bytes(m.shape, n_outputs=min(n_batch, padded_ctx(n_ctx)))
@@ -297,12 +301,14 @@ def plan_memory(
     n_batch: int = 512,
     n_ubatch: int = 512,
     flash_attn: bool | None = None,
+    repacked_bytes: int = 0,
 ) -> MemoryPlan:
     """Plan llama.cpp's memory for ``path`` at ``n_ctx`` (default: the largest that fits) and these caches.
 
     ``memory_budget`` is bytes or a size string ("8GiB"); default: MemAvailable less 10%.  ``flash_attn``
     None plans flash attention on when V is quantized, off otherwise (larger compute buffer).  The plan
-    also holds the largest fitting context for every cache type (K = V = that type).  Raises
+    also holds the largest fitting context for every cache type (K = V = that type).  ``repacked_bytes`` are
+    weights llama.cpp copies into repack buffers (``edgerope.cpu_repack``), counted beside the mapped file.  Raises
     ``GGUFError`` for a bad file, ``RuntimeConfigError`` for bad settings.
     """
     tk, tv = kv_type(type_k).name, kv_type(type_v).name
@@ -312,7 +318,7 @@ def plan_memory(
         budget, source = int(available_memory() * (1 - BUDGET_SAFETY)), "MemAvailable less 10%"
     else:
         budget, source = parse_size(memory_budget), "given"
-    m = _read(path)
+    m = _read(path, repacked_bytes)
     notes: list[str] = []
     if m.shape.sliding_window:
         notes.append(SWA_NOTE)
@@ -356,6 +362,7 @@ def plan_memory(
         budget_source=source,
         largest_ctx=largest,
         notes=tuple(notes),
+        repacked_bytes=repacked_bytes,
     )
 
 

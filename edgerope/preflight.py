@@ -22,6 +22,7 @@ from typing import Literal
 from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, Keys, TokenType
 
 from edgerope import native as N
+from edgerope.cpu_repack import CpuBackend, CpuRepack, WeightLayout, plan_layout
 from edgerope.errors import GGUFError, RuntimeConfigError
 from edgerope.ggml_rope import ARCHS_READING_YARN_BETAS, ROPE_FACTORS_LONG, ROPE_TENSORS, LlamaCppRope, key
 from edgerope.gguf_file import GGUFFile, ModelHparams, model_hparams, open_gguf
@@ -60,6 +61,7 @@ class RuntimePlan:
     notes: tuple[str, ...] = ()
     n_ctx_source: str = "requested"  # how n_ctx was chosen, in words
     memory_plan: MemoryPlan | None = None  # None when not planned (GPU offload)
+    weight_layout: WeightLayout | None = None  # the CPU weight-layout (repack) decision; None: llama.cpp's default
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -170,6 +172,7 @@ def _plan_context(
     n_batch: int,
     memory_budget: int | str | None,
     gpu: bool,
+    repacked_bytes: int = 0,
 ) -> tuple[int, str, MemoryPlan | None]:
     """(n_ctx, how it was chosen, the memory plan); refuses a context whose planned memory exceeds the budget."""
     where = str(path)
@@ -178,7 +181,14 @@ def _plan_context(
             return n_ctx, "requested (memory not planned: GPU offload)", None
         n = min(hp.n_ctx_train, DEFAULT_MAX_CTX)
         return n, f"context_length {hp.n_ctx_train} capped at {DEFAULT_MAX_CTX} (memory not planned: GPU offload)", None
-    opts = dict(type_k=tk.name, type_v=tv.name, n_batch=n_batch, n_ubatch=n_batch, flash_attn=_planner_flash(fa))
+    opts = dict(
+        type_k=tk.name,
+        type_v=tv.name,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        flash_attn=_planner_flash(fa),
+        repacked_bytes=repacked_bytes,
+    )
     if memory_budget is None:
         try:
             mem = plan_memory(path, n_ctx=n_ctx, **opts)
@@ -227,6 +237,7 @@ def plan_runtime(
     rope_overrides: Mapping[str, float] | None = None,
     allow_extrapolation: bool = False,
     memory_budget: int | str | None = None,
+    cpu_repack: str | CpuRepack | None = None,
 ) -> RuntimePlan:
     """Check a run request against the GGUF and decide every llama.cpp setting (what ``Runtime.open`` loads).
 
@@ -240,7 +251,10 @@ def plan_runtime(
     ``flash_attn`` is "auto" (on for a quantized V cache, off for an f32 cache, else llama.cpp's
     choice), "on" or "off".  ``backend`` "auto" offloads every layer when the build can.
     ``rope_overrides`` takes llama_context_params rope fields (``RopeOverrides``); unset ones come
-    from the GGUF.  Raises ``GGUFError``/``RuntimeConfigError`` before loading anything native.
+    from the GGUF.  ``cpu_repack`` is the CPU weight-layout policy (``edgerope.cpu_repack``: "auto" avoids the
+    buffer types known to crash, "on" is llama.cpp's default, "off" turns repacking off; None:
+    ``$EDGEROPE_CPU_REPACK``, else "auto").
+    Raises ``GGUFError``/``RuntimeConfigError`` before loading anything native.
 
     Loads no model: the only native call is asking the llama.cpp build whether it can offload to a GPU.
     """
@@ -249,6 +263,8 @@ def plan_runtime(
         hp = model_hparams(f)
         kv = f.kv()
         freq_factors = f.freq_factors()
+        weights = list(f.tensors)
+    repack = CpuRepack.parse(cpu_repack)
     where = str(path)
     notes: list[str] = []
 
@@ -304,13 +320,12 @@ def plan_runtime(
             "backend='cpu'",
         )
 
-    # memory (edgerope.plan): the default context is the largest that fits; a requested one must fit
-    n_ctx, n_ctx_source, mem = _plan_context(
-        path, hp, n_ctx=n_ctx, tk=tk, tv=tv, fa=fa, n_batch=n_batch, memory_budget=memory_budget, gpu=gpu
-    )
-    if mem is not None and mem.notes:
-        notes.extend(n for n in mem.notes if not n.startswith("n_ctx "))
+    # memory (edgerope.plan): the default context is the largest that fits; a requested one must fit.  Planned
+    # first without repacked weight copies, so a request that cannot fit is refused before any native call.
+    plan_args = dict(n_ctx=n_ctx, tk=tk, tv=tv, fa=fa, n_batch=n_batch, memory_budget=memory_budget, gpu=gpu)
+    n_ctx_planned, n_ctx_source, mem = _plan_context(path, hp, **plan_args)  # type: ignore[arg-type]
 
+    n_ctx = n_ctx_planned
     # rope: caller overrides, plus what the GGUF records but this arch does not read (pitfall 2)
     given = dict(rope_overrides or {})
     stype = kv.get(key(Keys.Rope.SCALING_TYPE, arch), "linear")
@@ -329,6 +344,20 @@ def plan_runtime(
             )
     rope = N.RopeOverrides.from_mapping(given)
     fn = LlamaCppRope.from_gguf(arch, kv, tensors=freq_factors, n_ctx=n_ctx, runtime=rope.explicit())
+
+    # CPU weight layout, from what llama.cpp reports about this CPU (edgerope.cpu_repack): the first native call,
+    # after every refusal above.  Repacked copies are allocated beside the mapped file, so memory is planned again.
+    layout = plan_layout(repack, CpuBackend(*N.cpu_backend()), weights, gpu_offload=gpu)
+    if layout.repacked_bytes and mem is not None:
+        n_ctx, n_ctx_source, mem = _plan_context(
+            path,
+            hp,
+            **plan_args,
+            repacked_bytes=layout.repacked_bytes,  # type: ignore[arg-type]
+        )
+        fn = LlamaCppRope.from_gguf(arch, kv, tensors=freq_factors, n_ctx=n_ctx, runtime=rope.explicit())
+    if mem is not None and mem.notes:
+        notes.extend(n for n in mem.notes if not n.startswith("n_ctx "))
     if stype == "longrope" and padded_ctx(n_ctx) > fn.n_ctx_orig:
         msg = (
             f"LongRoPE: n_ctx {n_ctx} (allocated {padded_ctx(n_ctx)}) exceeds the original context {fn.n_ctx_orig}, "
@@ -356,4 +385,5 @@ def plan_runtime(
         notes=tuple(notes),
         n_ctx_source=n_ctx_source,
         memory_plan=mem,
+        weight_layout=layout,
     )

@@ -109,6 +109,7 @@ class RuntimeInfo:
     memory_planned_bytes: int | None = None  # edgerope.plan's total for these settings (None: not planned)
     memory_budget_bytes: int | None = None
     notes: tuple[str, ...] = ()
+    cpu_repack: dict[str, Any] = field(default_factory=dict)  # the weight-layout decision (edgerope.cpu_repack)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,8 +158,23 @@ class Runtime:
         self._model: N.NativeModel | None = None
         self._ctx: N.NativeContext | None = None
         self._sampler: N.NativeSampler | None = None
+        layout = plan.weight_layout
+        N.note_activity(
+            "loading and running a model",
+            model=str(plan.path),
+            architecture=plan.architecture,
+            settings=f"n_ctx {plan.n_ctx}, KV {plan.type_k.name}/{plan.type_v.name}, flash attention "
+            f"{plan.flash_attn.value}, threads {plan.n_threads}, n_batch {plan.n_batch}, gpu layers {plan.n_gpu_layers}",
+            cpu_repack=layout.to_dict() if layout else None,
+        )
         try:
-            self._model = N.NativeModel(plan.path, n_gpu_layers=plan.n_gpu_layers, cpu_only=plan.n_gpu_layers == 0)
+            self._model = N.NativeModel(
+                plan.path,
+                n_gpu_layers=plan.n_gpu_layers,
+                cpu_only=plan.n_gpu_layers == 0,
+                use_extra_bufts=layout.use_extra_bufts if layout else True,
+                buft_overrides=layout.overrides if layout else (),
+            )
             self._ctx = N.NativeContext(self._model, plan.context_params())
             self._sampler = N.NativeSampler.greedy()
         except BaseException:
@@ -189,6 +205,7 @@ class Runtime:
             memory_planned_bytes=plan.memory_plan.total_bytes if plan.memory_plan else None,
             memory_budget_bytes=plan.memory_plan.budget_bytes if plan.memory_plan else None,
             notes=plan.notes,
+            cpu_repack=plan.weight_layout.to_dict() if plan.weight_layout else {},
         )
         logger.info("opened %s: %s", plan.path, plan.rope_description)
 

@@ -56,4 +56,14 @@ def cli(verbose: int) -> None:
 
 
 def main() -> None:
+    """The console script: the command runs in a child process so that a native crash is reported, not a bare
+    signal (``edgerope.cli.guard``)."""
+    import sys
+
+    from edgerope.cli import guard
+
+    argv = sys.argv[1:]
+    if guard.should_guard(argv):
+        sys.exit(guard.run_guarded(argv))
+    guard.enable_in_child()
     cli(prog_name="edgerope")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -35,6 +36,25 @@ def handle_errors(func: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _set_cpu_repack(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:  # every runtime this command opens (and its children) takes it as the default
+        os.environ["EDGEROPE_CPU_REPACK"] = value
+
+
+def cpu_repack_option(func: F) -> F:
+    """``--cpu-repack auto|on|off`` for a command that runs a model (``edgerope.cpu_repack``)."""
+    return click.option(
+        "--cpu-repack",
+        type=click.Choice(["auto", "on", "off"]),
+        default=None,
+        envvar="EDGEROPE_CPU_REPACK",
+        expose_value=False,
+        callback=_set_cpu_repack,
+        help="CPU weight layout: auto (llama.cpp's repacking, minus layouts known to crash, e.g. AMX), on "
+        "(llama.cpp's default), off (none).  [default: auto]",
+    )(func)
 
 
 def echo_json(data: Any) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from edgerope.cli._common import echo_json, handle_errors, progress_bar
+from edgerope.cli._common import cpu_repack_option, echo_json, handle_errors, progress_bar
 
 
 class _Stream:
@@ -76,6 +76,7 @@ def _ctx(value: str | None) -> int | None:
     help="auto: the GGUF's chat template when it has one, else a plain prompt.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (no streaming).")
+@cpu_repack_option
 @handle_errors
 def ask(
     model: str,

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from edgerope.cli._common import echo_json, handle_errors
+from edgerope.cli._common import cpu_repack_option, echo_json, handle_errors
 
 
 @click.command("demo")
@@ -38,6 +38,7 @@ from edgerope.cli._common import echo_json, handle_errors
 )
 @click.option("--positions", type=int, default=2048, show_default=True, help="--parity: positions compared.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@cpu_repack_option
 @handle_errors
 def demo(
     workdir: Path | None, plot: Path, trials: int, steps: int, parity: bool, positions: int, as_json: bool

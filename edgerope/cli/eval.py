@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edgerope.cli._common import echo_json, handle_errors, progress_enabled
+from edgerope.cli._common import cpu_repack_option, echo_json, handle_errors, progress_enabled
 from edgerope.errors import EvalError, OutputError
 
 
@@ -90,6 +90,7 @@ def _write_json(out: Path, data: dict) -> None:
 @click.option("--plot", "plot_out", default=None, type=click.Path(), help="Write a PNG plot here.")
 @click.option("--json", "as_json", is_flag=False, flag_value="-", default=None, help="JSON to stdout, or to a file.")
 @click.option("--force", is_flag=True, help="Overwrite existing --plot/--json files.")
+@cpu_repack_option
 @handle_errors
 def eval_(
     model: str,

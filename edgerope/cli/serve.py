@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from edgerope.cli._common import handle_errors
+from edgerope.cli._common import cpu_repack_option, handle_errors
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -63,6 +63,7 @@ def _log_setup(json_logs: bool) -> None:
 )
 @click.option("--model-id", default=None, help="Model name reported by /v1/models (default: the file's stem).")
 @click.option("--json-logs", is_flag=True, help="Log one JSON object per request on stderr.")
+@cpu_repack_option
 @handle_errors
 def serve(
     model: str,
