@@ -53,8 +53,8 @@ SMALL_SPEC: dict[str, Any] = {
 _BUILD_CODE = """
 import json, sys, tempfile
 from pathlib import Path
-from edgerope.tiny import make_tiny_checkpoint
-from edgerope.export import convert
+from edgerope.models.tiny_random import make_tiny_checkpoint
+from edgerope.convert.export import convert
 spec = json.loads(sys.argv[1]); out = Path(sys.argv[2])
 cfg = {k: v for k, v in spec.items() if k != "vocab_size"}
 with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -116,7 +116,7 @@ def compare(test: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
 
 
 def run_prompt(model: Path, tokens: np.ndarray, kv_types: list[str]) -> dict[str, Any]:
-    from edgerope.runtime import Runtime
+    from edgerope.runtime.runtime import Runtime
 
     logits: dict[str, np.ndarray] = {}
     info: dict[str, Any] = {}
@@ -141,7 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kv", nargs="+", default=[kv for kv, _ in CASES])
     args = ap.parse_args()
-    from edgerope.runtime import Runtime
+    from edgerope.runtime.runtime import Runtime
 
     model, model_desc = pick_model()
     with Runtime.open(model, n_ctx=N_CTX, n_threads=THREADS) as rt:

@@ -1,8 +1,8 @@
 """Memory planner vs measured memory: ``plan_memory`` totals against llama.cpp's reported buffers and RSS.
 
-For a random ~180 MB GGUF (a synthetic checkpoint made with ``edgerope.tiny`` at a larger hidden size) and
+For a random ~180 MB GGUF (a synthetic checkpoint made with ``edgerope.models.tiny_random`` at a larger hidden size) and
 a few contexts and cache types, one fresh child process per case: record its RSS after llama.cpp is
-initialised, open the model through ``edgerope.runtime.Runtime``, evaluate one full batch of logits (so
+initialised, open the model through ``edgerope.runtime.runtime.Runtime``, evaluate one full batch of logits (so
 weights, KV cache, compute and output buffers are all touched), record the RSS again and parse the buffer
 sizes llama.cpp logged.  Prints a table and writes ``bench/results/plan.json``.  About 3 minutes on 2 cores.
 
@@ -51,8 +51,8 @@ lines = []
 class H(logging.Handler):
     def emit(self, r): lines.append(r.getMessage())
 lg = logging.getLogger("edgerope.llama_cpp"); lg.setLevel(logging.DEBUG); lg.addHandler(H()); lg.propagate = False
-from edgerope import native
-from edgerope.runtime import Runtime
+from edgerope.runtime import native
+from edgerope.runtime.runtime import Runtime
 native._llama()
 base = rss()
 with Runtime.open(path, n_ctx=n_ctx, type_k=tk, type_v=tv, flash_attn=fa, n_threads=2) as rt:
@@ -74,8 +74,8 @@ def make_gguf() -> Path:
     out = WORK_DIR / "plan" / "model.gguf"
     if out.exists():
         return out
-    from edgerope.export import convert
-    from edgerope.tiny import make_tiny_checkpoint
+    from edgerope.convert.export import convert
+    from edgerope.models.tiny_random import make_tiny_checkpoint
 
     ck = make_tiny_checkpoint(WORK_DIR / "plan" / "hf", **SHAPE)
     convert(ck, out, outtype="f16")
@@ -85,7 +85,7 @@ def make_gguf() -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.parse_args()
-    from edgerope.plan import plan_memory
+    from edgerope.runtime.plan import plan_memory
 
     gguf = make_gguf()
     rows, results = [], []

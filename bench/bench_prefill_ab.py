@@ -38,7 +38,7 @@ def main() -> None:
     import llama_cpp
     import numpy as np
 
-    from edgerope.runtime import Runtime
+    from edgerope.runtime.runtime import Runtime
 
     n, kv = args.tokens, args.kv
     gtype = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}[kv]

@@ -1,6 +1,6 @@
 """Long-context quality of the built-in tiny model: rope scaling with and without fine-tuning, in llama.cpp.
 
-From the built-in tiny model (trained at 256 tokens) ``edgerope.extend.run_extension`` makes: no scaling,
+From the built-in tiny model (trained at 256 tokens) ``edgerope.recipes.extend.run_extension`` makes: no scaling,
 linear x8 and YaRN x8 without training (``set-rope``), YaRN x8 fine-tuned at 2048 tokens, YaRN x8 with PoSE
 inside the 256 window, and YaRN x16 with PoSE (4096).  Every variant is a Q8_0 GGUF evaluated in llama.cpp
 with a q8_0 KV cache (flash attention): passkey accuracy per length x depth (50 trials per length),
@@ -30,9 +30,9 @@ import _common as C
 
 sys.path.insert(0, str(C.REPO_ROOT))
 
-from edgerope.builtin import recipe, tiny_model  # noqa: E402
-from edgerope.evaluation import Cell, GridResult  # noqa: E402
-from edgerope.extend import Settings, Variant, format_table, kv_comparison, run_extension, save_plot  # noqa: E402
+from edgerope.evaluation.protocols import Cell, GridResult  # noqa: E402
+from edgerope.models.builtin import recipe, tiny_model  # noqa: E402
+from edgerope.recipes.extend import Settings, Variant, format_table, kv_comparison, run_extension, save_plot  # noqa: E402
 
 RESULT = C.RESULTS_DIR / "quality.json"
 PLOT = C.RESULTS_DIR / "quality.png"
@@ -89,7 +89,7 @@ def _targets(report, x16_seeds: dict[int, float]) -> dict[str, dict]:  # noqa: A
 
 
 def _heatmaps(report, out: Path) -> None:  # noqa: ANN001
-    from edgerope.plots import heatmap_data, save_heatmaps
+    from edgerope.evaluation.plots import heatmap_data, save_heatmaps
 
     panels = []
     for r in report.results:
@@ -165,7 +165,7 @@ def main() -> None:
             "benchmark": "quality",
             "machine": C.machine_info(),
             "load_average_before": load,
-            "model": {"path": "edgerope/models/tiny", "recipe": recipe()["recipe"]},
+            "model": {"path": "models/tiny", "recipe": recipe()["recipe"]},
             "targets": targets,
             "report": report.to_dict(),
             "x16_pose_seeds": {"passkey_at_4096": x16_seeds, "runs": x16_runs},

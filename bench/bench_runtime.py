@@ -1,8 +1,8 @@
-"""Benchmark: prefill and decode tokens/s of ``edgerope.runtime.Runtime`` vs llama-cpp-python vs llama-bench.
+"""Benchmark: prefill and decode tokens/s of ``edgerope.runtime.runtime.Runtime`` vs llama-cpp-python vs llama-bench.
 
 What it measures, on one synthetic Llama-shaped Q4_K_M GGUF (about 245M parameters, random weights, built
-once with ``edgerope.tiny.make_tiny_checkpoint`` -> ``edgerope.export.convert`` f16 ->
-``edgerope.quantize.quantize`` Q4_K_M and cached in ``bench/.work``), 2 threads, flash attention on,
+once with ``edgerope.models.tiny_random.make_tiny_checkpoint`` -> ``edgerope.convert.export.convert`` f16 ->
+``edgerope.convert.quantize.quantize`` Q4_K_M and cached in ``bench/.work``), 2 threads, flash attention on,
 n_batch = n_ubatch = 512, for every KV cache type (f16, q8_0, q4_0) and prompt length (512, 2048):
 
   edgerope          ``Runtime.open(...)``; ``rt.prefill(prompt)`` timed (prefill); then
@@ -67,9 +67,9 @@ SPEC: dict[str, Any] = {
 _BUILD_CODE = """
 import json, sys, tempfile
 from pathlib import Path
-from edgerope.tiny import make_tiny_checkpoint
-from edgerope.export import convert
-from edgerope.quantize import quantize
+from edgerope.models.tiny_random import make_tiny_checkpoint
+from edgerope.convert.export import convert
+from edgerope.convert.quantize import quantize
 spec = json.loads(sys.argv[1]); out = Path(sys.argv[2])
 cfg = {k: v for k, v in spec.items() if k not in ("qtype", "vocab_size")}
 with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -83,7 +83,7 @@ with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
 _EDGEROPE_CODE = """
 import json, sys, time
 import numpy as np
-from edgerope.runtime import Runtime
+from edgerope.runtime.runtime import Runtime
 model, n, n_gen, kv, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 rt = Runtime.open(model, n_ctx=n + n_gen + 8, type_k=kv, type_v=kv, n_threads=2, n_batch=512, flash_attn="on")
 info = rt.info
@@ -128,8 +128,8 @@ _TTFT_CODE = """
 import json, shutil, sys, tempfile, time
 from pathlib import Path
 from pydoc_data.topics import topics
-from edgerope.ask import ask
-from edgerope.runtime import Runtime
+from edgerope.apps.ask import ask
+from edgerope.runtime.runtime import Runtime
 model, n_doc, runs, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 rt = Runtime.open(model, n_ctx=4096, n_threads=2, flash_attn="on")
 text = "\\n\\n".join(topics[k] for k in sorted(topics))

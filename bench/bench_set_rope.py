@@ -7,7 +7,7 @@ What it measures: synthetic llama-arch GGUFs (random F16 weights, a real Sentenc
 
   edgerope set-rope    ``edgerope set-rope IN -o OUT --type yarn --factor 4 --original-context 4096``
   copy                 ``shutil.copyfile`` of the same file (the floor: the tensor bytes must be written)
-  import edgerope      ``python -c "import edgerope.set_rope"`` (reference: the fixed start-up cost)
+  import edgerope      ``python -c "import edgerope.gguf.set_rope"`` (reference: the fixed start-up cost)
   GGUFReader open      ``gguf.GGUFReader(IN)`` alone (reference: what parsing the header costs gguf-py tools)
 
 each in a fresh child process, several rounds, cases interleaved, warm page cache.  After each run the
@@ -223,7 +223,11 @@ def measure(layers: int, runs_per_case: int, me: list[str]) -> dict[str, Any]:
             out_gguf,
         ),
         "copy": (C.copy_command([src], out_dir / "copy"), {}, out_dir / "copy"),
-        "import edgerope": ([sys.executable, "-c", "import edgerope.set_rope"], C.edgerope_env(), out_dir / "nothing"),
+        "import edgerope": (
+            [sys.executable, "-c", "import edgerope.gguf.set_rope"],
+            C.edgerope_env(),
+            out_dir / "nothing",
+        ),
         "GGUFReader open": (
             [sys.executable, "-c", "import sys, gguf; gguf.GGUFReader(sys.argv[1])", str(src)],
             {},

@@ -12,7 +12,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding the tiny SentencePiece ``tokenizer.model`` (1,000 pieces, byte fallback)."""
-    from edgerope.tiny import train_tokenizer
+    from edgerope.models.tiny_random import train_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_tokenizer")
     train_tokenizer(out)
@@ -33,7 +33,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def make_tiny(tmp_path: Path, tiny_tokenizer_dir: Path) -> Callable[..., Path]:
     """Factory: ``make_tiny(name="llama", **make_tiny_checkpoint_kwargs)`` -> a fresh HF folder under tmp_path."""
-    from edgerope.tiny import make_tiny_checkpoint
+    from edgerope.models.tiny_random import make_tiny_checkpoint
 
     counter = iter(range(1_000_000))
 

@@ -5,7 +5,7 @@ What it does: ``write_arch_gguf(path, arch)`` writes a *loadable* F32 GGUF of ``
 dim 32), with the metadata the real converter writes for that family and the tensors llama.cpp's loader
 requires.  Key names, tensor names and enums come from the ``gguf`` package; every tensor written is
 checked against ``gguf.MODEL_TENSORS[arch]``.  The vocab is edgerope's tiny SentencePiece tokenizer
-(``edgerope.tiny`` + ``edgerope.vocab``) or, for the families that use byte-level BPE, a small BPE
+(``edgerope.models.tiny_random`` + ``edgerope.convert.vocab``) or, for the families that use byte-level BPE, a small BPE
 vocab built here (the 256 byte symbols, a few merges, special tokens).
 
 Facts read from llama.cpp (the copy in llama-cpp-python 0.3.36, ``src/models/<arch>.cpp`` load_arch_hparams /
@@ -37,7 +37,7 @@ import gguf
 import numpy as np
 from gguf import MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES, RopeScalingType, TokenType
 
-from edgerope.vocab import GGUFVocab, byte_level_alphabet, load_sentencepiece
+from edgerope.convert.vocab import GGUFVocab, byte_level_alphabet, load_sentencepiece
 
 ARCHS = ("qwen3", "gemma2", "gemma3", "phi3", "stablelm")
 HIDDEN = 64
@@ -96,8 +96,8 @@ GEMMA3_LINEAR = 8.0
 
 
 def spm_vocab() -> GGUFVocab:
-    """edgerope's tiny SentencePiece vocab (1,000 pieces, byte fallback), as ``edgerope.vocab`` writes it."""
-    from edgerope.tiny import train_tokenizer
+    """edgerope's tiny SentencePiece vocab (1,000 pieces, byte fallback), as ``edgerope.convert.vocab`` writes it."""
+    from edgerope.models.tiny_random import train_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         train_tokenizer(tmp)

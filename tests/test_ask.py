@@ -1,4 +1,4 @@
-"""edgerope.ask and ``edgerope ask`` on the tiny model (random weights: the answer text is meaningless, the
+"""edgerope.apps.ask and ``edgerope ask`` on the tiny model (random weights: the answer text is meaningless, the
 mechanics are tested): cache miss then hit, what a hit evaluates, stale/corrupt/foreign cache files, prompts
 that do not fit, bad documents, --json."""
 
@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from edgerope.ask import DocumentError, ask, check_document
+from edgerope.apps.ask import DocumentError, ask, check_document
 from edgerope.cli import cli
-from edgerope.doccache import SUFFIX, DocCache
 from edgerope.errors import RuntimeConfigError
-from edgerope.runtime import Runtime
+from edgerope.runtime.doccache import SUFFIX, DocCache
+from edgerope.runtime.runtime import Runtime
 
 pytestmark = pytest.mark.llama
 
@@ -33,8 +33,8 @@ def document(n_sentences: int) -> str:
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
     """The tiny Llama with YaRN x16 (context 4096), f32 GGUF."""
-    from edgerope.export import convert
-    from edgerope.tiny import make_tiny_checkpoint
+    from edgerope.convert.export import convert
+    from edgerope.models.tiny_random import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("ask")
     ckpt = make_tiny_checkpoint(
@@ -106,7 +106,7 @@ def test_corrupt_entry_is_a_miss_with_warning_then_repaired(
     else:
         raw = raw[: len(raw) // 2]
     path.write_bytes(bytes(raw))
-    with caplog.at_level(logging.WARNING, logger="edgerope.doccache"):
+    with caplog.at_level(logging.WARNING, logger="edgerope.runtime.doccache"):
         again = ask(model, doc, QUESTION, **kw)
     assert not again.cached and again.tokens == first.tokens
     assert any("ignoring" in r.message for r in caplog.records), caplog.text
@@ -128,7 +128,7 @@ def test_foreign_files_in_the_cache_are_ignored(model: Path, tmp_path: Path) -> 
 def test_unwritable_cache_still_answers(model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should be")
-    with caplog.at_level(logging.WARNING, logger="edgerope.ask"):
+    with caplog.at_level(logging.WARNING, logger="edgerope.apps.ask"):
         a = ask(model, document(5), QUESTION, cache_dir=blocker / "c", max_tokens=2, **OPTS)
     assert len(a.tokens) == 2 and not a.cached and a.cache_file is None
     assert "could not save" in caplog.text
@@ -187,7 +187,7 @@ def test_cli_json_and_errors(model: Path, tmp_path: Path) -> None:
 
 
 def test_truncate_cuts_the_tail_at_a_word_and_reports_exactly_what(model: Path, tmp_path: Path) -> None:
-    from edgerope.ask import DOC_TEMPLATE
+    from edgerope.apps.ask import DOC_TEMPLATE
 
     doc = document(40)  # ~700 tokens, the context is 256
     with Runtime.open(model, n_ctx=256, n_threads=2, backend="cpu") as rt:

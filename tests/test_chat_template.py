@@ -1,4 +1,4 @@
-"""edgerope.chat_template: Hugging Face style templates render to the expected text; the sandbox and the limits
+"""edgerope.apps.chat_template: Hugging Face style templates render to the expected text; the sandbox and the limits
 stop hostile templates; errors are TemplateError with the template line."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgerope.chat_template import ChatTemplate, TemplateError, from_gguf, plain_prompt
+from edgerope.apps.chat_template import ChatTemplate, TemplateError, from_gguf, plain_prompt
 from edgerope.errors import EdgeropeError
 
 MESSAGES = [
@@ -153,8 +153,8 @@ def test_plain_fallback() -> None:
 
 
 def test_from_gguf_reads_the_template_and_special_tokens(make_tiny, tmp_path: Path) -> None:
-    from edgerope.export import convert
-    from edgerope.tiny import CHAT_TEMPLATE
+    from edgerope.convert.export import convert
+    from edgerope.models.tiny_random import CHAT_TEMPLATE
 
     path = convert(make_tiny(), tmp_path / "t.gguf", outtype="f32").path
     t = from_gguf(path)
@@ -163,7 +163,7 @@ def test_from_gguf_reads_the_template_and_special_tokens(make_tiny, tmp_path: Pa
     assert t.render(MESSAGES[1:2]) == "<|user|>\nHi <b>&</b></s>\n<|assistant|>\n"
 
 
-# ask() with the chat template (edgerope.ask)
+# ask() with the chat template (edgerope.apps.ask)
 
 
 @pytest.fixture
@@ -171,7 +171,7 @@ def ask_models(make_tiny, tmp_path: Path) -> dict[str, Path]:
     """The tiny Llama as GGUF with its chat template, and without one."""
     import json
 
-    from edgerope.export import convert
+    from edgerope.convert.export import convert
 
     with_t = make_tiny()
     without = make_tiny()
@@ -186,9 +186,9 @@ def ask_models(make_tiny, tmp_path: Path) -> dict[str, Path]:
 
 @pytest.mark.llama
 def test_ask_uses_the_chat_template_and_caches_it(ask_models: dict[str, Path], tmp_path: Path) -> None:
-    from edgerope.ask import DOC_TEMPLATE, PROMPT_FORMAT, QUESTION_TEMPLATE, ask
-    from edgerope.runtime import Runtime
-    from edgerope.tiny import EOS_ID
+    from edgerope.apps.ask import DOC_TEMPLATE, PROMPT_FORMAT, QUESTION_TEMPLATE, ask
+    from edgerope.models.tiny_random import EOS_ID
+    from edgerope.runtime.runtime import Runtime
 
     doc, question = "The red box holds seven keys. " * 8, "What does the red box hold?"
     model = ask_models["chat"]
@@ -214,7 +214,7 @@ def test_ask_uses_the_chat_template_and_caches_it(ask_models: dict[str, Path], t
 
 @pytest.mark.llama
 def test_ask_without_a_template(ask_models: dict[str, Path]) -> None:
-    from edgerope.ask import PROMPT_FORMAT, ask
+    from edgerope.apps.ask import PROMPT_FORMAT, ask
     from edgerope.errors import RuntimeConfigError
 
     opts = {"n_ctx": 256, "n_threads": 2, "backend": "cpu", "use_cache": False, "max_tokens": 2}

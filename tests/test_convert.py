@@ -1,6 +1,6 @@
 """HF checkpoint -> GGUF conversion, checked through real files.
 
-References are independent of edgerope.export: the Q/K permutation is the
+References are independent of edgerope.convert.export: the Q/K permutation is the
 formula of ROPE_GGUF.md section 3.1 applied here, rope keys are the values of
 section 9 computed here, GGUF names come from gguf's constants, files are
 re-read with gguf.GGUFReader, bf16 checkpoints are written by torch, and the
@@ -29,9 +29,9 @@ from gguf import GGMLQuantizationType as QT
 from safetensors.numpy import load_file, save_file
 
 from edgerope.cli import cli
+from edgerope.convert.export import convert
+from edgerope.convert.safetensors_reader import SafetensorsCheckpoint, read_header
 from edgerope.errors import CheckpointError
-from edgerope.export import convert
-from edgerope.safetensors_io import SafetensorsCheckpoint, read_header
 
 YARN8 = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256, "rope_theta": 10000.0}
 
@@ -368,11 +368,11 @@ def test_verification_catches_a_file_that_differs_from_the_plan(make_tiny):
     """verify_gguf passes the written file against its own plan and names each kind of difference."""
     from dataclasses import replace
 
-    from edgerope import ggml_rope
-    from edgerope.config import ModelConfig
+    from edgerope.convert.export import extended_context, plan_tensors, verify_gguf
     from edgerope.errors import OutputError
-    from edgerope.export import extended_context, plan_tensors, verify_gguf
-    from edgerope.gguf_stream import TensorJob
+    from edgerope.gguf.writer import TensorJob
+    from edgerope.models.config import ModelConfig
+    from edgerope.rope import ggml as ggml_rope
 
     rope_parameters, max_pos, _, _ = ROPE_CASES["llama3"]
     hf = make_tiny(rope_parameters=rope_parameters, max_position_embeddings=max_pos)
@@ -662,7 +662,7 @@ def test_write_failure_midway_leaves_nothing(make_tiny, tmp_path):
 
 
 def test_fast_array_writer_writes_the_same_bytes_as_gguf(tmp_path):
-    from edgerope.gguf_stream import FastArrayWriter
+    from edgerope.gguf.writer import FastArrayWriter
 
     def fill(w: gguf.GGUFWriter) -> None:
         w.add_token_list([f"tok{i}é" for i in range(3000)] + ["<0x0A>"])
@@ -693,7 +693,7 @@ def test_fast_array_writer_writes_the_same_bytes_as_gguf(tmp_path):
 
 def test_bf16_to_f16_table_equals_torch_for_every_bit_pattern():
     torch = pytest.importorskip("torch")
-    from edgerope.gguf_stream import bf16_to_f16_table
+    from edgerope.gguf.writer import bf16_to_f16_table
 
     bits = np.arange(1 << 16, dtype=np.uint16)
     ref = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).to(torch.float16).numpy()

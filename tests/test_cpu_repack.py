@@ -17,16 +17,16 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from test_native import write_tiny_gguf
 
-from edgerope import native
-from edgerope.cpu_repack import (
+from edgerope.errors import RuntimeConfigError
+from edgerope.gguf.reader import TensorInfo
+from edgerope.runtime import native
+from edgerope.runtime.cpu_repack import (
     CpuBackend,
     CpuRepack,
     plan_layout,
     repacks,
     steering_patterns,
 )
-from edgerope.errors import RuntimeConfigError
-from edgerope.gguf_file import TensorInfo
 
 
 def WeightTensor(name: str, shape: tuple[int, ...], qtype: Q, n_bytes: int) -> TensorInfo:  # noqa: N802
@@ -123,7 +123,7 @@ def test_steering_patterns_match_exactly_the_chosen_tensors():
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory) -> dict[str, Path]:
-    from edgerope.quantize import quantize
+    from edgerope.convert.quantize import quantize
 
     d = tmp_path_factory.mktemp("repack")
     src = write_tiny_gguf(d / "f32.gguf", hidden=256, n_head=4, n_head_kv=2, ffn=512)
@@ -148,7 +148,7 @@ def buffer_sizes(records) -> dict[str, float]:
 def test_runtime_layout_matches_llama_cpp_buffers(quantized, qtype, caplog):
     """The default policy on this machine: llama.cpp's buffers are what the decision said, and decoding runs
     (on an AMX CPU this is the path that crashed)."""
-    from edgerope.runtime import Runtime
+    from edgerope.runtime.runtime import Runtime
 
     caplog.set_level(logging.DEBUG, logger=native.LOGGER_NAME)
     with Runtime.open(quantized[qtype], n_ctx=256, backend="cpu", n_threads=1) as rt:

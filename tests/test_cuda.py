@@ -21,8 +21,8 @@ def small(**kw):
 
 
 def test_finetune_on_cuda_follows_the_cpu_run(make_tiny, corpus, tmp_path):
-    from edgerope.finetune import finetune
-    from edgerope.model import LlamaModel
+    from edgerope.models.llama import LlamaModel
+    from edgerope.train.finetune import finetune
 
     ck = make_tiny()
     cpu = finetune(ck, tmp_path / "cpu", data=[corpus], **small(device="cpu"))
@@ -34,8 +34,8 @@ def test_finetune_on_cuda_follows_the_cpu_run(make_tiny, corpus, tmp_path):
 
 
 def test_bf16_autocast_is_the_cuda_default(make_tiny, corpus, tmp_path):
-    from edgerope.config import ModelConfig
-    from edgerope.finetune import finetune
+    from edgerope.models.config import ModelConfig
+    from edgerope.train.finetune import finetune
 
     rep = finetune(make_tiny(), tmp_path / "o", data=[corpus], **small(device="cuda", precision="auto"))
     assert rep.precision == "bf16" and np.isfinite(rep.losses).all()
@@ -43,7 +43,7 @@ def test_bf16_autocast_is_the_cuda_default(make_tiny, corpus, tmp_path):
 
 
 def test_resume_on_cuda_continues_the_run(make_tiny, corpus, tmp_path):
-    from edgerope.finetune import finetune
+    from edgerope.train.finetune import finetune
 
     ck = make_tiny()
     kw = small(device="cuda", grad_accum=2, save_every=3)
@@ -60,7 +60,7 @@ def test_resume_on_cuda_continues_the_run(make_tiny, corpus, tmp_path):
 def test_pretrain_on_cuda_follows_the_cpu_run(tmp_path):
     import json
 
-    from edgerope.pretrain import TinyRecipe, pretrain
+    from edgerope.recipes.pretrain import TinyRecipe, pretrain
 
     r = TinyRecipe(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                    intermediate_size=128, steps=4, batch_size=4, warmup=2)  # fmt: skip

@@ -1,4 +1,4 @@
-"""edgerope.data: loading rules, JSONL errors, tokenization with the real tiny SentencePiece model, packing,
+"""edgerope.train.data: loading rules, JSONL errors, tokenization with the real tiny SentencePiece model, packing,
 held-out split, and PoSE position ids (bounds, monotonicity, coverage of long distances, flat size)."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from edgerope.data import (
+from edgerope.errors import ConfigError
+from edgerope.train.data import (
     PAD,
     DataError,
     Document,
@@ -25,7 +26,6 @@ from edgerope.data import (
     split_documents,
     tokenize_documents,
 )
-from edgerope.errors import ConfigError
 
 WORDS = "the grass is green and the sky is blue while the sun shines on every hill".split()
 

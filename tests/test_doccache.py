@@ -1,4 +1,4 @@
-"""edgerope.doccache: entry files (hit, corrupt, truncated, foreign, other settings), atomic concurrent writes,
+"""edgerope.runtime.doccache: entry files (hit, corrupt, truncated, foreign, other settings), atomic concurrent writes,
 LRU eviction, and a llama.cpp state saved through the cache giving the same logits as a fresh evaluation."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgerope.doccache import MAGIC, SUFFIX, DocCache, _parse, entry_key
+from edgerope.runtime.doccache import MAGIC, SUFFIX, DocCache, _parse, entry_key
 
 FIELDS = {"model": {"path": "/m.gguf", "size": 1}, "n_ctx": 4096, "type_k": "f16"}
 
@@ -56,7 +56,7 @@ def test_damaged_entry_is_a_miss_with_warning_and_is_replaced(
     else:
         fields = dict(FIELDS, n_ctx=8192)  # same file name, made for other settings
     path.write_bytes(bytes(raw))
-    with caplog.at_level(logging.WARNING, logger="edgerope.doccache"):
+    with caplog.at_level(logging.WARNING, logger="edgerope.runtime.doccache"):
         assert cache.get(key, fields) is None
     assert any("ignoring" in r.message for r in caplog.records), caplog.text
     assert not path.exists()  # removed, so the next put rebuilds it
@@ -122,8 +122,8 @@ def test_state_through_cache_gives_fresh_logits(make_tiny: object, tmp_path: Pat
     """Prefill a prefix, save llama.cpp's state via the cache, restore it in a new runtime, evaluate the rest:
     the logits are bit-identical to the same evaluation without the cache, and (f32 KV) equal to evaluating the
     whole sequence in one go up to chunking noise."""
-    from edgerope.export import convert
-    from edgerope.runtime import Runtime
+    from edgerope.convert.export import convert
+    from edgerope.runtime.runtime import Runtime
 
     yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}
     ckpt = make_tiny(rope_parameters=yarn, max_position_embeddings=1024)  # type: ignore[operator]

@@ -18,8 +18,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> tuple[Path, Path]:
-    from edgerope.export import convert
-    from edgerope.tiny import make_tiny_checkpoint
+    from edgerope.convert.export import convert
+    from edgerope.models.tiny_random import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("evalcli")
     ckpt = make_tiny_checkpoint(root / "tiny", tokenizer_dir=tiny_tokenizer_dir)
@@ -70,8 +70,8 @@ def test_passkey_json_table_and_heatmap(pair, which: int, tmp_path: Path) -> Non
 
 def test_heatmap_and_line_data_counts(tmp_path: Path) -> None:
     """What the plots draw: one cell per (length, depth) per model; one line per length (per model)."""
-    from edgerope import plots
-    from edgerope.evaluation import Perplexity, passkey_grid
+    from edgerope.evaluation import plots
+    from edgerope.evaluation.protocols import Perplexity, passkey_grid
 
     def tok(text: str) -> list[int]:
         return [1] + [ord(c) % 50 + 3 for c in text]
@@ -211,7 +211,7 @@ def test_torch_backend_on_cuda_matches_cpu(pair) -> None:
     import numpy as np
     import torch
 
-    from edgerope.evaluation import torch_backend
+    from edgerope.evaluation.protocols import torch_backend
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine: torch_backend(device='cuda') is checked where there is one")

@@ -1,4 +1,4 @@
-"""edgerope.evaluation: the passkey prompt against EVAL.md's text, length fitting with the real tiny tokenizer,
+"""edgerope.evaluation.protocols: the passkey prompt against EVAL.md's text, length fitting with the real tiny tokenizer,
 depth placement, answer scoring, grids, perplexity identities, and PyTorch vs llama.cpp agreement on the tiny
 random model through the two backend adapters."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from edgerope.evaluation import (
+from edgerope.evaluation.protocols import (
     FILLER,
     EvalError,
     agreement,
@@ -209,8 +209,8 @@ def test_sliding_scores_every_token_once() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> tuple[Path, Path]:
-    from edgerope.export import convert
-    from edgerope.tiny import make_tiny_checkpoint
+    from edgerope.convert.export import convert
+    from edgerope.models.tiny_random import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("evalpair")
     ckpt = make_tiny_checkpoint(root / "tiny", tokenizer_dir=tiny_tokenizer_dir)
@@ -249,7 +249,7 @@ def test_data_and_evaluation_import_neither_torch_nor_llama_cpp() -> None:
     import sys
 
     code = (
-        "import sys, edgerope.data, edgerope.evaluation; "
+        "import sys, edgerope.train.data, edgerope.evaluation.protocols; "
         "print(','.join(m for m in ('torch', 'llama_cpp', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

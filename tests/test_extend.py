@@ -18,10 +18,10 @@ pytest.importorskip("torch")
 pytest.importorskip("llama_cpp")
 
 from edgerope.cli import cli  # noqa: E402
-from edgerope.config import ModelConfig  # noqa: E402
 from edgerope.errors import ConfigError  # noqa: E402
-from edgerope.extend import Settings, Variant, format_table  # noqa: E402
-from edgerope.gguf_file import open_gguf  # noqa: E402
+from edgerope.gguf.reader import open_gguf  # noqa: E402
+from edgerope.models.config import ModelConfig  # noqa: E402
+from edgerope.recipes.extend import Settings, Variant, format_table  # noqa: E402
 
 pytestmark = pytest.mark.llama
 
@@ -79,7 +79,7 @@ def test_the_builtin_model_retrieves_inside_its_trained_context(demo_run: tuple[
 
 
 def test_table_has_a_row_per_variant(demo_run: tuple[dict, Path, str]) -> None:
-    from edgerope.extend import ExtensionReport, VariantResult
+    from edgerope.recipes.extend import ExtensionReport, VariantResult
 
     report, _, _ = demo_run
     ext = report["extension"]
@@ -126,7 +126,7 @@ def test_pose_trains_on_as_many_tokens_as_the_full_fine_tune() -> None:
 
 def test_kv_comparison_ranks_cache_types_by_disturbance(demo_run: tuple[dict, Path, str]) -> None:
     """On the fine-tuned model, q4_0 moves next-token distributions more than q8_0 (KL vs the f16 cache)."""
-    from edgerope.extend import kv_comparison
+    from edgerope.recipes.extend import kv_comparison
 
     report, _, _ = demo_run
     ft = report["extension"]["results"][3]

@@ -1,6 +1,6 @@
 """Fine-tuning: loss goes down, the output carries its rope, resume is exact, PoSE is flat, DDP matches one process.
 
-References: the output is re-read with ``LlamaModel.from_pretrained`` and converted by ``edgerope.export``
+References: the output is re-read with ``LlamaModel.from_pretrained`` and converted by ``edgerope.convert.export``
 and its GGUF keys read with ``gguf.GGUFReader``; the 2-process run is launched with torch's own launcher
 (``python -m torch.distributed.run``) and compared with a single-process run of the same global batch.
 """
@@ -21,13 +21,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgerope import rope as R
 from edgerope.cli import cli
-from edgerope.config import ModelConfig
 from edgerope.errors import ConfigError, DataError, OutputError, RopeConfigError, TrainingError
-from edgerope.finetune import finetune
-from edgerope.finetune_recipe import estimate_memory, lr_multiplier
-from edgerope.model import LlamaModel
+from edgerope.models.config import ModelConfig
+from edgerope.models.llama import LlamaModel
+from edgerope.rope import scaling as R
+from edgerope.train.finetune import finetune
+from edgerope.train.recipe import estimate_memory, lr_multiplier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_loss_decreases_and_output_carries_the_rope(make_tiny, corpus, tmp_path)
     assert changed, "the weights did not change"
     assert (tmp_path / "out" / "tokenizer.model").is_file()
 
-    from edgerope.export import convert
+    from edgerope.convert.export import convert
 
     gg = tmp_path / "out.gguf"
     convert(tmp_path / "out", gg, outtype="f32")  # no rope flags: the config carries it
@@ -235,7 +235,7 @@ def _free_port() -> int:
 
 DDP_SCRIPT = """
 import json, sys
-from edgerope.finetune import finetune
+from edgerope.train.finetune import finetune
 ck, data, out, bs = sys.argv[1:5]
 r = finetune(ck, out, rope="yarn", factor=2, data=[data], steps=3, batch_size=int(bs), grad_accum=2,
              seq_len=64, lr=3e-3, seed=0, device="cpu", pose=True, save_every=2)

@@ -21,8 +21,8 @@ CRASHING_CHILD = textwrap.dedent(
     """
     import ctypes, json, os
     from pathlib import Path
-    from edgerope.atomic import partial_path
-    from edgerope.native import note_activity
+    from edgerope.system.files import partial_path
+    from edgerope.runtime.native import note_activity
     out = Path(os.environ["OUT"])
     tmp = partial_path(out)
     tmp.write_bytes(b"half a file")
@@ -67,13 +67,13 @@ def test_the_console_script_guards_and_keeps_clean_errors(tmp_path):
 @pytest.mark.llama
 def test_the_real_amx_crash_is_reported(tmp_path):
     """Where llama.cpp offers AMX, ``--cpu-repack on`` is its own default and crashes on Q8_0 weights."""
-    from edgerope import native
+    from edgerope.runtime import native
 
     if "AMX" not in native.cpu_backend()[0]:
         pytest.skip("this CPU/llama.cpp build has no AMX buffer type: the crash cannot happen here")
     from test_native import write_tiny_gguf
 
-    from edgerope.quantize import quantize
+    from edgerope.convert.quantize import quantize
 
     src = write_tiny_gguf(tmp_path / "f32.gguf", hidden=256, n_head=4, n_head_kv=2, ffn=512)
     model = quantize(src, tmp_path / "q8.gguf", qtype="Q8_0", n_threads=1).path

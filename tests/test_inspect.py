@@ -1,7 +1,7 @@
 """inspect: what llama.cpp computes from synthetic GGUFs of several architectures, KV bytes, and every lint finding.
 
 Expected rope numbers come from ROPE_GGUF.md (section 3.2's worked YaRN example, section 2's magnitude)
-and the KV formula of section 7, written out here independently of edgerope.kv.
+and the KV formula of section 7, written out here independently of edgerope.runtime.kv.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from test_gguf_file import spm_vocab, write_gguf
 
 from edgerope.cli import cli
 from edgerope.errors import GGUFError
-from edgerope.gguf_lint import LINTS
-from edgerope.inspect import inspect_gguf
+from edgerope.gguf.inspect import inspect_gguf
+from edgerope.gguf.lint import LINTS
 
 U32, F32, STR = VT.UINT32, VT.FLOAT32, VT.STRING
 T, FACTOR, ORIG = Keys.Rope.SCALING_TYPE, Keys.Rope.SCALING_FACTOR, Keys.Rope.SCALING_ORIG_CTX_LEN

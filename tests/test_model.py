@@ -1,4 +1,4 @@
-"""edgerope.model against transformers 5.24.0 (fp32, eager attention) on tiny random models.
+"""edgerope.models.llama against transformers 5.24.0 (fp32, eager attention) on tiny random models.
 
 Every model here is made by transformers, re-initialised with a wide spread
 (normal, std 0.2: the default 0.02 init leaves attention nearly uniform and
@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from edgerope import rope as R
 from edgerope.errors import CheckpointError, OutputError
-from edgerope.model import ROTATION, LlamaModel, RotaryEmbedding, apply_rope
-from edgerope.parity import bucket_edges
+from edgerope.evaluation.parity import bucket_edges
+from edgerope.models.llama import ROTATION, LlamaModel, RotaryEmbedding, apply_rope
+from edgerope.rope import scaling as R
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402

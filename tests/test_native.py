@@ -1,4 +1,4 @@
-"""edgerope.native against the real llama.cpp runtime, on tiny GGUFs written here with gguf.GGUFWriter."""
+"""edgerope.runtime.native against the real llama.cpp runtime, on tiny GGUFs written here with gguf.GGUFWriter."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from gguf import MODEL_TENSOR, TENSOR_NAMES, GGUFValueType, TokenType
 
-from edgerope import native as N
 from edgerope.errors import GGUFError, RuntimeConfigError
+from edgerope.runtime import native as N
 
 pytestmark = pytest.mark.llama
 
@@ -133,7 +133,7 @@ def random_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
 
 
 def test_import_is_cheap_and_lazy():
-    code = "import sys, edgerope.native; print('llama_cpp' in sys.modules)"
+    code = "import sys, edgerope.runtime.native; print('llama_cpp' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -263,7 +263,7 @@ def test_logs_go_to_python_logging_not_stderr(model, caplog, capfd):
 def test_no_stderr_output_in_a_fresh_process(tiny_gguf):
     """Without any logging configuration a whole load/eval/free cycle prints nothing at all."""
     code = (
-        "from edgerope import native as N\n"
+        "from edgerope.runtime import native as N\n"
         f"m = N.NativeModel({str(tiny_gguf)!r}, cpu_only=True)\n"
         "c = N.NativeContext(m, N.ContextParams(n_ctx=256, n_threads=1))\n"
         "print(c.logits([1, 5, 6]).shape)\n"

@@ -18,12 +18,12 @@ import pytest
 from click.testing import CliRunner
 from other_arch_gguf import ARCHS, BPE_SPECIALS, SPECS, write_arch_gguf
 
-from edgerope.ask import DOC_TEMPLATE, PROMPT_FORMAT, QUESTION_TEMPLATE, ask
-from edgerope.gguf_lint import ERROR
-from edgerope.inspect import inspect_gguf
-from edgerope.kv import padded_ctx
-from edgerope.plan import SWA_NOTE, plan_memory
-from edgerope.runtime import Runtime, RuntimeInfo
+from edgerope.apps.ask import DOC_TEMPLATE, PROMPT_FORMAT, QUESTION_TEMPLATE, ask
+from edgerope.gguf.inspect import inspect_gguf
+from edgerope.gguf.lint import ERROR
+from edgerope.runtime.kv import padded_ctx
+from edgerope.runtime.plan import SWA_NOTE, plan_memory
+from edgerope.runtime.runtime import Runtime, RuntimeInfo
 
 pytestmark = pytest.mark.llama
 
@@ -137,7 +137,7 @@ def test_quantized_kv_cache(files: dict[str, Path], arch: str) -> None:
 def test_kv_cache_bytes_match_llama_cpp(
     files: dict[str, Path], caplog: pytest.LogCaptureFixture, arch: str, n_ctx: int | None, tk: str, tv: str, fa: str
 ) -> None:
-    """edgerope.plan's KV bytes equal the caches llama.cpp creates (n_ctx None: the model's context_length).
+    """edgerope.runtime.plan's KV bytes equal the caches llama.cpp creates (n_ctx None: the model's context_length).
 
     Sliding-window models get a second cache for their sliding layers; edgerope's runtime creates it full
     size (llama.cpp's C default swa_full), so every layer holds the whole padded context.

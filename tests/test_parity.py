@@ -2,7 +2,7 @@
 
 Each case makes a tiny random Llama-family checkpoint (trained context 256,
 weights spread wide so rope bugs move the logits), converts it to an f32 GGUF
-with ``edgerope.export``, and compares logits at all 2048 positions between
+with ``edgerope.convert.export``, and compares logits at all 2048 positions between
 edgerope's PyTorch model (itself checked against transformers in
 test_model.py) and the real llama.cpp runtime.  f32 KV cache: relative L2
 <= 1e-4 (ROPE_GGUF.md section 8.1 measured ~1e-5 max abs error at f32 noise).
@@ -21,8 +21,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("llama_cpp")
 
-from edgerope import parity  # noqa: E402
-from edgerope.export import convert  # noqa: E402
+from edgerope.evaluation import parity  # noqa: E402
+from edgerope.convert.export import convert  # noqa: E402
 
 L0 = 256
 N_POS = 8 * L0

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 
 from edgerope.errors import GGUFError, RuntimeConfigError
-from edgerope.plan import PLAN_CACHE_TYPES, parse_size, plan_memory
+from edgerope.runtime.plan import PLAN_CACHE_TYPES, parse_size, plan_memory
 
 BPE = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32}
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
-    from edgerope.export import convert
-    from edgerope.tiny import make_tiny_checkpoint
+    from edgerope.convert.export import convert
+    from edgerope.models.tiny_random import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("plan")
     ck = make_tiny_checkpoint(
@@ -47,7 +47,7 @@ def test_kv_bytes_formula(tiny_gguf: Path) -> None:
 
 
 def _measure(path: Path, caplog: pytest.LogCaptureFixture, **kw: object) -> tuple[float, float]:
-    from edgerope.runtime import Runtime
+    from edgerope.runtime.runtime import Runtime
 
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="edgerope.llama_cpp"):

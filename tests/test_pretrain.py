@@ -10,11 +10,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgerope.builtin import check_model_dir, write_manifest  # noqa: E402
-from edgerope.config import ModelConfig  # noqa: E402
 from edgerope.errors import CheckpointError  # noqa: E402
-from edgerope.model import LlamaModel  # noqa: E402
-from edgerope.pretrain import TinyRecipe, pretrain  # noqa: E402
+from edgerope.models.builtin import check_model_dir, write_manifest  # noqa: E402
+from edgerope.models.config import ModelConfig  # noqa: E402
+from edgerope.models.llama import LlamaModel  # noqa: E402
+from edgerope.recipes.pretrain import TinyRecipe, pretrain  # noqa: E402
 
 SMALL = TinyRecipe(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                    intermediate_size=128, steps=30, batch_size=4, warmup=5, dense=True)  # fmt: skip
@@ -72,8 +72,8 @@ def test_manifest_catches_a_changed_or_missing_file(trained: Path, tmp_path: Pat
 def test_cli_rebuilds_the_builtin_recipe_and_refuses_a_full_folder(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from edgerope.builtin import TINY_DIR, recipe
     from edgerope.cli import cli
+    from edgerope.models.builtin import TINY_DIR, recipe
 
     out = tmp_path / "tiny"
     r = CliRunner().invoke(cli, ["pretrain", "-o", str(out), "--steps", "2", "--json"])

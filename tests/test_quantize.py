@@ -1,4 +1,4 @@
-"""edgerope.quantize and ``edgerope quantize``: llama.cpp's real quantizer on tiny GGUFs written here.
+"""edgerope.convert.quantize and ``edgerope quantize``: llama.cpp's real quantizer on tiny GGUFs written here.
 
 The checks after quantizing read both files with gguf.GGUFReader directly (not through the verifier
 under test), then load the result in the llama.cpp runtime.
@@ -16,9 +16,9 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from test_native import write_tiny_gguf
 
 from edgerope.cli import cli
+from edgerope.convert.quantize import QUANT_TYPES, main_type, quantize
 from edgerope.errors import GGUFError, OutputError, RuntimeConfigError
-from edgerope.quantize import QUANT_TYPES, main_type, quantize
-from edgerope.runtime import Runtime
+from edgerope.runtime.runtime import Runtime
 
 pytestmark = pytest.mark.llama
 
@@ -137,7 +137,7 @@ def test_refusals_leave_no_output(tmp_path, f32_gguf):
 
 
 def test_all_advertised_names_map_to_llama_cpp():
-    from edgerope import native as N
+    from edgerope.runtime import native as N
 
     ids = {name: N.ftype_id(name) for name in QUANT_TYPES}
     assert ids["Q4_K"] == ids["Q4_K_M"] and ids["Q3_K"] == ids["Q3_K_M"] and ids["F32"] == 0

@@ -1,4 +1,4 @@
-"""edgerope.rope against transformers 5.24.0, and edgerope.ggml_rope's GGUF plans and llama.cpp resolution.
+"""edgerope.rope.scaling against transformers 5.24.0, and edgerope.rope.ggml's GGUF plans and llama.cpp resolution.
 
 The oracle for inverse frequencies and attention factors is transformers'
 own ``ROPE_INIT_FUNCTIONS`` (and ``LlamaRotaryEmbedding.compute_default_rope_parameters``
@@ -17,9 +17,9 @@ import pytest
 import torch
 from gguf import GGUFValueType, Keys
 
-from edgerope import rope as R
 from edgerope.errors import GGUFError, RopeConfigError, UnsupportedRopeError
-from edgerope.ggml_rope import (
+from edgerope.rope import scaling as R
+from edgerope.rope.ggml import (
     ROPE_FACTORS_LONG,
     ROPE_FACTORS_SHORT,
     ROPE_FREQS,
@@ -547,7 +547,7 @@ def test_from_gguf_rejects_unknown_type_and_missing_context():
 
 def test_from_gguf_zero_factor_means_no_scaling_even_with_the_legacy_key():
     """ROPE_GGUF.md §1: rope.scale_linear is read only when rope.scaling.factor is absent; factor 0 gives scale 1."""
-    from edgerope.ggml_rope import LlamaCppRope
+    from edgerope.rope.ggml import LlamaCppRope
 
     kv = {"llama.context_length": 2048, "llama.rope.scaling.factor": 0.0, "llama.rope.scale_linear": 4.0}
     assert LlamaCppRope.from_gguf("llama", kv).freq_scale == 1.0

@@ -1,8 +1,8 @@
-"""edgerope.runtime: preflight refusals before any native call, and the real llama.cpp runtime's mechanics.
+"""edgerope.runtime.runtime: preflight refusals before any native call, and the real llama.cpp runtime's mechanics.
 
-Models: the project's tiny checkpoint converted by edgerope.export (real SentencePiece vocab), and tiny
+Models: the project's tiny checkpoint converted by edgerope.convert.export (real SentencePiece vocab), and tiny
 GGUFs written directly with gguf.GGUFWriter (test_native.write_tiny_gguf) for files the converter would
-never produce.  Logits parity with PyTorch is tested elsewhere (tests of edgerope.parity).
+never produce.  Logits parity with PyTorch is tested elsewhere (tests of edgerope.evaluation.parity).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import pytest
 from gguf import GGUFValueType
 from test_native import write_tiny_gguf
 
-from edgerope import native as N
 from edgerope.errors import GGUFError, RuntimeConfigError
-from edgerope.plan import plan_memory
-from edgerope.runtime import Runtime, plan_runtime
+from edgerope.runtime import native as N
+from edgerope.runtime.plan import plan_memory
+from edgerope.runtime.runtime import Runtime, plan_runtime
 
 pytestmark = pytest.mark.llama
 
@@ -39,8 +39,8 @@ YARN_BETAS = {
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> dict[str, Path]:
     """The tiny Llama (plain rope, context 256) and a YaRN x4 one with non-default betas, as f32 GGUFs."""
-    from edgerope.export import convert
-    from edgerope.tiny import make_tiny_checkpoint
+    from edgerope.convert.export import convert
+    from edgerope.models.tiny_random import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("runtime")
     out = {}
@@ -134,7 +134,7 @@ def test_refusals_happen_before_llama_cpp_is_even_imported(refusal_cases):
     assert set(refusal_cases) == set(CASES)
     script = (
         "import json, sys\n"
-        "from edgerope.runtime import Runtime\n"
+        "from edgerope.runtime.runtime import Runtime\n"
         "from edgerope.errors import EdgeropeError\n"
         "cases = json.loads(sys.argv[1])\n"
         "seen = {}\n"
@@ -207,11 +207,11 @@ def test_longrope_beyond_original_context_warns(tmp_path, caplog):
         "rope_factors_short.weight": np.ones(16, dtype=np.float32),
     }
     path = write_tiny_gguf(tmp_path / "longrope.gguf", context_length=1024, extra_kv=kv, extra_tensors=tensors)
-    with caplog.at_level(logging.WARNING, logger="edgerope.preflight"):
+    with caplog.at_level(logging.WARNING, logger="edgerope.runtime.preflight"):
         inside = plan_runtime(path, backend="cpu", n_ctx=256)
     assert not caplog.records and not inside.notes
     assert inside.rope_function.freq_factors == tuple(np.ones(16))
-    with caplog.at_level(logging.WARNING, logger="edgerope.preflight"):
+    with caplog.at_level(logging.WARNING, logger="edgerope.runtime.preflight"):
         beyond = plan_runtime(path, backend="cpu", n_ctx=257)  # allocated as 512 (pitfall 17)
     assert any("n_ctx 257 (allocated 512)" in r.getMessage() for r in caplog.records)
     assert any("pitfall 8" in note for note in beyond.notes)

@@ -1,4 +1,4 @@
-"""edgerope.server end to end on the tiny model's GGUF (random weights: the text is meaningless, the mechanics are
+"""edgerope.apps.server end to end on the tiny model's GGUF (random weights: the text is meaningless, the mechanics are
 tested) with the official ``openai`` client and raw http.client: chat and text completions, streaming equal to
 non-streaming (greedy), usage counts against the runtime's tokenizer, stop strings, 400s for malformed JSON, missing
 fields, too-long prompts and sampling requests, an API key, and a client disconnecting mid-stream."""
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from edgerope.chat_template import from_gguf
-from edgerope.server import EdgeropeServer, open_server
+from edgerope.apps.chat_template import from_gguf
+from edgerope.apps.server import EdgeropeServer, open_server
 
 openai = pytest.importorskip("openai", reason="the openai client is a dev dependency")
 
@@ -29,8 +29,8 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
-    from edgerope.export import convert
-    from edgerope.tiny import make_tiny_checkpoint
+    from edgerope.convert.export import convert
+    from edgerope.models.tiny_random import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("server")
     ckpt = make_tiny_checkpoint(root / "tiny", tokenizer_dir=tiny_tokenizer_dir)

@@ -1,6 +1,6 @@
 """set_rope: metadata changes exactly as planned, tensor bytes identical, input untouched, refusals, bad input.
 
-Files are read back with gguf's own ``GGUFReader`` (not edgerope.gguf_file) so the checks do not
+Files are read back with gguf's own ``GGUFReader`` (not edgerope.gguf.reader) so the checks do not
 trust the code under test; the end-to-end test runs a set-rope'd tiny model in the real llama.cpp
 runtime against transformers with the same weights and the target rope config.
 """
@@ -21,11 +21,11 @@ from gguf import GGUFValueType as VT
 from gguf import Keys
 from test_gguf_file import write_gguf
 
-from edgerope import set_rope as S
 from edgerope.cli import cli
 from edgerope.errors import EdgeropeError, GGUFError, OutputError, RopeConfigError, UnsupportedRopeError
-from edgerope.inspect import inspect_gguf
-from edgerope.set_rope import set_rope
+from edgerope.gguf import set_rope as S
+from edgerope.gguf.inspect import inspect_gguf
+from edgerope.gguf.set_rope import set_rope
 
 U32, F32, STR, BOOL = VT.UINT32, VT.FLOAT32, VT.STRING, VT.BOOL
 T, FACTOR, ORIG = Keys.Rope.SCALING_TYPE, Keys.Rope.SCALING_FACTOR, Keys.Rope.SCALING_ORIG_CTX_LEN
@@ -376,8 +376,8 @@ def test_set_rope_model_runs_in_llama_cpp_like_transformers_with_the_target_rope
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("llama_cpp")
-    from edgerope.export import convert
-    from edgerope.runtime import Runtime
+    from edgerope.convert.export import convert
+    from edgerope.runtime.runtime import Runtime
 
     def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
         opts = {"type_k": "f32", "type_v": "f32", "flash_attn": "off", "backend": "cpu", "allow_extrapolation": True}
@@ -409,7 +409,7 @@ def test_set_rope_model_runs_in_llama_cpp_like_transformers_with_the_target_rope
 def test_copy_compare_catches_a_shifted_or_corrupted_copy(tmp_path, monkeypatch, full):
     """The kernel copy is compared with the source: an off-by-some copy (the realistic bug) fails in both modes,
     one flipped byte in the middle of a run fails the full read-back."""
-    from edgerope.gguf_stream import copy_range as kernel_copy
+    from edgerope.gguf.writer import copy_range as kernel_copy
 
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, size=3 << 20, dtype=np.uint8).tobytes()

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgerope import evaluation as E
-from edgerope import synthetic as S
-from edgerope.ask import DOC_TEMPLATE, QUESTION_TEMPLATE
-from edgerope.data import load_tokenizer
+from edgerope.apps.ask import DOC_TEMPLATE, QUESTION_TEMPLATE
 from edgerope.errors import ConfigError, OutputError
+from edgerope.evaluation import protocols as E
+from edgerope.train import synthetic as S
+from edgerope.train.data import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ import gguf
 import pytest
 from gguf import TokenType
 
+from edgerope.convert.export import convert
+from edgerope.convert.vocab import byte_level_alphabet, load_vocab, parse_spm
 from edgerope.errors import TokenizerError
-from edgerope.export import convert
-from edgerope.tiny import CHAT_TEMPLATE
-from edgerope.vocab import byte_level_alphabet, load_vocab, parse_spm
+from edgerope.models.tiny_random import CHAT_TEMPLATE
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llama

@@ -44,7 +44,7 @@ def _set_cpu_repack(ctx: click.Context, param: click.Parameter, value: str | Non
 
 
 def cpu_repack_option(func: F) -> F:
-    """``--cpu-repack auto|on|off`` for a command that runs a model (``edgerope.cpu_repack``)."""
+    """``--cpu-repack auto|on|off`` for a command that runs a model (``edgerope.runtime.cpu_repack``)."""
     return click.option(
         "--cpu-repack",
         type=click.Choice(["auto", "on", "off"]),

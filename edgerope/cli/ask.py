@@ -95,8 +95,8 @@ def ask(
 ) -> None:
     """Answer QUESTION about the document DOC with MODEL (a GGUF); a second question on the same document
     restores its cached state instead of evaluating it again."""
-    from edgerope.ask import ask as run_ask
-    from edgerope.ask import read_document
+    from edgerope.apps.ask import ask as run_ask
+    from edgerope.apps.ask import read_document
 
     n_ctx = _ctx(ctx)
     text = read_document(doc)

@@ -1,4 +1,4 @@
-"""``edgerope convert``: Hugging Face folder -> GGUF (maps options to ``edgerope.export.convert``)."""
+"""``edgerope convert``: Hugging Face folder -> GGUF (maps options to ``edgerope.convert.export.convert``)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import click
 
 from edgerope.cli._common import echo_json, handle_errors, progress_bar
 
-# Outtypes written directly by edgerope.export; any other llama.cpp quantization name (Q4_K_M, Q6_K, ...)
-# is chained: convert to f16 in a hidden temp file, then llama.cpp's quantizer (edgerope.quantize).
+# Outtypes written directly by edgerope.convert.export; any other llama.cpp quantization name (Q4_K_M, Q6_K, ...)
+# is chained: convert to f16 in a hidden temp file, then llama.cpp's quantizer (edgerope.convert.quantize).
 DIRECT_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def _outtype(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if value.lower() in DIRECT_OUTTYPES:
         return value.lower()
-    from edgerope.native import QUANT_TYPES
+    from edgerope.runtime.native import QUANT_TYPES
 
     if value.upper() not in QUANT_TYPES:
         raise click.BadParameter(
@@ -61,7 +61,7 @@ def convert(
     as_json: bool,
 ) -> None:
     """Convert the Hugging Face checkpoint folder HF_DIR to a GGUF file with exact rope metadata."""
-    from edgerope.export import convert as run_convert
+    from edgerope.convert.export import convert as run_convert
 
     quant = None
     with progress_bar("writing", enabled=not as_json) as progress:
@@ -69,7 +69,7 @@ def convert(
         if outtype in DIRECT_OUTTYPES:
             report = run_convert(hf_dir, output, outtype=outtype, force=force, **options)
         else:
-            from edgerope.quantize import convert_quantized
+            from edgerope.convert.quantize import convert_quantized
 
             report, quant = convert_quantized(hf_dir, output, qtype=outtype, force=force, **options)
     if as_json:

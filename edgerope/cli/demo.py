@@ -53,14 +53,14 @@ def demo(
 
     with tempfile.TemporaryDirectory(prefix="edgerope-demo-") as tmp:
         if parity:
-            from edgerope.parity_demo import run_demo as run_parity
+            from edgerope.recipes.parity_demo import run_demo as run_parity
 
             _print_parity(run_parity(workdir or tmp, n_positions=positions, on_step=step), as_json, workdir)
             return
         from dataclasses import replace
 
-        from edgerope.demo import DEMO_SETTINGS, run_demo
-        from edgerope.extend import format_table
+        from edgerope.recipes.demo import DEMO_SETTINGS, run_demo
+        from edgerope.recipes.extend import format_table
 
         settings = replace(DEMO_SETTINGS, trials=trials, ft_steps=steps)
         report = run_demo(workdir or tmp, settings=settings, plot=plot, on_step=step)

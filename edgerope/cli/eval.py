@@ -54,7 +54,7 @@ def _bars(enabled: bool) -> Iterator[Callable[[str], Callable[[int, int], None] 
 
 
 def _write_json(out: Path, data: dict) -> None:
-    from edgerope.atomic import partial_path
+    from edgerope.system.files import partial_path
 
     tmp = partial_path(out, "json")
     try:
@@ -119,8 +119,8 @@ def eval_(
 ) -> None:
     """Evaluate MODEL (a Hugging Face checkpoint folder or a .gguf file) on long-context retrieval or
     perplexity per EVAL.md, with the same code for PyTorch and llama.cpp."""
-    from edgerope.atomic import check_output
-    from edgerope.eval_report import EvalRequest, run_eval
+    from edgerope.evaluation.report import EvalRequest, run_eval
+    from edgerope.system.files import check_output
 
     req = EvalRequest(
         task=task,
@@ -141,7 +141,7 @@ def eval_(
     for out in outs:
         check_output(out, force=force, inputs=inputs)
     if plot_out:  # fail before the run, not after it, when plotting is impossible
-        from edgerope.plots import _pyplot
+        from edgerope.evaluation.plots import _pyplot
 
         _pyplot()
     with _bars(as_json != "-") as bars:

@@ -44,7 +44,7 @@ from edgerope.cli._common import echo_json, handle_errors, step_progress
 @handle_errors
 def finetune(checkpoint: str, data: tuple[str, ...], out_dir: str, as_json: bool, **options: Any) -> None:
     """Fine-tune CHECKPOINT (an HF folder) with a scaled rope; the output's config carries the rope."""
-    from edgerope.finetune import finetune as run_finetune
+    from edgerope.train.finetune import finetune as run_finetune
 
     with step_progress("finetune", enabled=not as_json) as progress:
         report = run_finetune(checkpoint, out_dir, data=list(data), progress=progress, **options)

@@ -7,9 +7,9 @@ re-runs itself as a child with the same arguments and standard streams, and wait
 * the child's exit code is passed on unchanged (0, 2 for bad input, 130 for Ctrl-C, ...);
 * when the child dies by a signal (SIGSEGV, SIGABRT, SIGBUS, SIGILL, SIGFPE, SIGKILL), the parent prints
   what crashed: the command, the model and settings the child recorded just before its last native call
-  (``edgerope.native.note_activity``), the llama.cpp build's CPU/GPU features, the Python stack at the
+  (``edgerope.runtime.native.note_activity``), the llama.cpp build's CPU/GPU features, the Python stack at the
   crash (``faulthandler``), and what to try; temporary outputs the child had open are removed (their
-  names are recorded as they are created, ``edgerope.atomic``); exit code 70 (EX_SOFTWARE).
+  names are recorded as they are created, ``edgerope.system.files``); exit code 70 (EX_SOFTWARE).
 
 The parent imports nothing heavy and forwards SIGTERM/SIGHUP to the child; Ctrl-C reaches both through the
 terminal, so the parent ignores SIGINT and lets the child clean up and exit with its own code.  Set
@@ -28,9 +28,9 @@ from pathlib import Path
 
 GUARD_ENV = "EDGEROPE_GUARDED"  # set in the child: do not guard again
 NO_GUARD_ENV = "EDGEROPE_NO_GUARD"
-RECORD_ENV = "EDGEROPE_CRASH_RECORD"  # the child's activity record (edgerope.native.note_activity)
+RECORD_ENV = "EDGEROPE_CRASH_RECORD"  # the child's activity record (edgerope.runtime.native.note_activity)
 TRACE_ENV = "EDGEROPE_CRASH_TRACE"  # where the child's faulthandler writes its stack
-TEMPS_ENV = "EDGEROPE_TEMP_LOG"  # temporary outputs the child created (edgerope.atomic)
+TEMPS_ENV = "EDGEROPE_TEMP_LOG"  # temporary outputs the child created (edgerope.system.files)
 EXIT_CRASH = 70
 UNGUARDED = frozenset({"-h", "--help", "--version"})
 

@@ -44,7 +44,7 @@ def inspect(file: str, n_ctx: int | None, as_json: bool) -> None:
 
     Exit code 0 even with findings; 2 when FILE cannot be read as a GGUF.
     """
-    from edgerope.inspect import inspect_gguf
+    from edgerope.gguf.inspect import inspect_gguf
 
     r = inspect_gguf(file, n_ctx=n_ctx)
     if as_json:

@@ -1,4 +1,4 @@
-"""``edgerope pretrain``: rebuild the built-in tiny model from its recipe (``edgerope.pretrain``)."""
+"""``edgerope pretrain``: rebuild the built-in tiny model from its recipe (``edgerope.recipes.pretrain``)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ def pretrain(out_dir: Path, steps: int | None, seed: int | None, device: str, fo
     """
     from dataclasses import replace
 
-    from edgerope.builtin import recipe, write_manifest
     from edgerope.errors import OutputError
-    from edgerope.pretrain import TinyRecipe
-    from edgerope.pretrain import pretrain as run_pretrain
+    from edgerope.models.builtin import recipe, write_manifest
+    from edgerope.recipes.pretrain import TinyRecipe
+    from edgerope.recipes.pretrain import pretrain as run_pretrain
 
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise OutputError("the output folder is not empty", where=str(out_dir), fix="pass --force or a new folder")

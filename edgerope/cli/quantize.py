@@ -1,4 +1,4 @@
-"""``edgerope quantize``: GGUF -> quantized GGUF (maps options to ``edgerope.quantize.quantize``)."""
+"""``edgerope quantize``: GGUF -> quantized GGUF (maps options to ``edgerope.convert.quantize.quantize``)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from edgerope.cli._common import echo_json, handle_errors
 @handle_errors
 def quantize(in_path: str, output: str, qtype: str, force: bool, threads: int | None, as_json: bool) -> None:
     """Quantize the GGUF file IN with llama.cpp's quantizer; rope metadata and rope tensors are verified intact."""
-    from edgerope.quantize import quantize as run_quantize
+    from edgerope.convert.quantize import quantize as run_quantize
 
     report = run_quantize(in_path, output, qtype=qtype, force=force, n_threads=threads)
     if as_json:

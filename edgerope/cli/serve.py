@@ -1,4 +1,4 @@
-"""``edgerope serve``: an OpenAI-compatible HTTP API for one GGUF (``edgerope.server``), on 127.0.0.1 by default."""
+"""``edgerope serve``: an OpenAI-compatible HTTP API for one GGUF (``edgerope.apps.server``), on 127.0.0.1 by default."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class _JsonLines(logging.Formatter):
 
 
 def _log_setup(json_logs: bool) -> None:
-    log = logging.getLogger("edgerope.server")
+    log = logging.getLogger("edgerope.apps.server")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonLines() if json_logs else logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
@@ -82,10 +82,10 @@ def serve(
     json_logs: bool,
 ) -> None:
     """Serve MODEL (a GGUF) over an OpenAI-compatible HTTP API until Ctrl-C or SIGTERM."""
-    from edgerope.server import open_server
+    from edgerope.apps.server import open_server
 
     _log_setup(json_logs)
-    log = logging.getLogger("edgerope.server")
+    log = logging.getLogger("edgerope.apps.server")
     if host not in LOOPBACK:
         log.warning("listening on %s: reachable from other machines%s", host, "" if api_key else " without an API key")
     server = open_server(

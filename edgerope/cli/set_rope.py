@@ -1,4 +1,4 @@
-"""``edgerope set-rope``: rewrite the rope scaling metadata of a GGUF (maps options to ``edgerope.set_rope``)."""
+"""``edgerope set-rope``: rewrite the rope scaling metadata of a GGUF (maps options to ``edgerope.gguf.set_rope``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import click
 
 from edgerope.cli._common import echo_json, handle_errors, progress_bar
 
-ROPE_TYPES = ("none", "linear", "yarn", "ntk")  # edgerope.set_rope.ROPE_TYPES (not imported: --help stays light)
+ROPE_TYPES = ("none", "linear", "yarn", "ntk")  # edgerope.gguf.set_rope.ROPE_TYPES (not imported: --help stays light)
 
 
 @click.command("set-rope")
@@ -43,10 +43,10 @@ def set_rope(input_file: str, output: str | None, as_json: bool, **options: Any)
 
     Example: edgerope set-rope qwen2.5-7b.gguf -o qwen-128k.gguf --type yarn --factor 4 --original-context 32768
     """
-    from edgerope.set_rope import set_rope as run_set_rope
+    from edgerope.gguf.set_rope import set_rope as run_set_rope
 
     with progress_bar("copying", enabled=not as_json) as progress:
-        # the option names are edgerope.set_rope.set_rope's keyword arguments; an unknown one raises TypeError
+        # the option names are edgerope.gguf.set_rope.set_rope's keyword arguments; an unknown one raises TypeError
         report = run_set_rope(input_file, output, progress=progress, **options)
     if as_json:
         echo_json(report.to_dict())

@@ -1,0 +1,428 @@
+"""Convert a Hugging Face Llama / Mistral / Qwen2 checkpoint folder to one GGUF file, rope metadata exact.
+
+What it does:
+
+* reads ``config.json`` (``edgerope.models.config``), the safetensors checkpoint
+  (``edgerope.convert.safetensors_reader``, no torch) and the tokenizer (``edgerope.convert.vocab``);
+* checks every tensor against the config (missing, unexpected, unknown and
+  mis-shaped tensors are reported together) before anything is written;
+* writes rope metadata and frequency-factor tensors exactly as
+  ``edgerope.rope.ggml.plan_gguf_rope`` plans them (this module has no rope
+  math), permutes Q/K rows for the ``llama`` arch (ROPE_GGUF.md section 3.1);
+* streams tensors to a temp file beside the output: raw bytes when the stored
+  type is kept, otherwise chunked casts spread over threads while the previous
+  tensor is written; fsyncs, re-reads the file with ``edgerope.gguf.reader.open_gguf``,
+  verifies it against the plan, then renames it into place.
+
+What it does not do: K-quants (``edgerope.convert.quantize`` makes them from an f16/bf16
+GGUF with llama.cpp's own quantizer), LoRA adapters, other architectures.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from edgerope.convert.safetensors_reader import SafetensorsCheckpoint
+from edgerope.convert.vocab import load_vocab
+from edgerope.errors import (
+    CheckpointError,
+    ConfigError,
+    EdgeropeError,
+    GGUFError,
+    OutputError,
+    UnsupportedRopeError,
+)
+from edgerope.gguf.reader import open_gguf
+from edgerope.gguf.writer import SAME_BYTES, TensorJob, write_gguf
+from edgerope.models.config import ModelConfig
+from edgerope.rope import ggml as ggml_rope
+from edgerope.rope import scaling as R
+from edgerope.system.files import check_output, partial_path
+
+# outtype -> (GGML type of the big 2-D tensors, general.file_type).  K-quant outtypes are not made here:
+# they come from edgerope.convert.quantize run on an f16/bf16 GGUF (the CLI chains the two).
+OUTTYPES: dict[str, tuple[QT, gguf.LlamaFileType]] = {
+    "f32": (QT.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (QT.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (QT.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+GGUF_ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+# Of these, the arches whose llama.cpp loader creates rope_freqs / rope_factors_* tensors (src/models/<arch>.cpp);
+# qwen2 does not, and refuses a file holding them ("wrong number of tensors").
+ARCHS_WITH_ROPE_FACTOR_TENSORS = frozenset({"llama"})
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; llama.cpp has no use for them
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """What ``convert`` wrote."""
+
+    path: Path
+    arch: str
+    outtype: str
+    n_tensors: int
+    bytes: int
+    context_length: int
+    rope: str  # the rope scaling in words
+    rope_notes: tuple[str, ...]
+    runtime: dict[str, float]  # llama_context_params a runtime must pass (empty: the file alone is exact)
+    tokenizer: str  # "sentencepiece" or "bpe (<pre>)"
+    n_vocab: int
+    notes: tuple[str, ...]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        return out
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face checkpoint of ``cfg`` holds, name -> shape (rows, cols), in a fixed order."""
+    d, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q_rows, kv_rows = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (d,)
+        out[p + "self_attn.q_proj.weight"] = (q_rows, d)
+        out[p + "self_attn.k_proj.weight"] = (kv_rows, d)
+        out[p + "self_attn.v_proj.weight"] = (kv_rows, d)
+        if cfg.qkv_bias:
+            out[p + "self_attn.q_proj.bias"] = (q_rows,)
+            out[p + "self_attn.k_proj.bias"] = (kv_rows,)
+            out[p + "self_attn.v_proj.bias"] = (kv_rows,)
+        out[p + "self_attn.o_proj.weight"] = (d, q_rows)
+        if cfg.o_bias:
+            out[p + "self_attn.o_proj.bias"] = (d,)
+        out[p + "post_attention_layernorm.weight"] = (d,)
+        for proj, shape in (("gate_proj", (inter, d)), ("up_proj", (inter, d)), ("down_proj", (d, inter))):
+            out[p + f"mlp.{proj}.weight"] = shape
+            if cfg.mlp_bias:
+                out[p + f"mlp.{proj}.bias"] = (shape[0],)
+    out["model.norm.weight"] = (d,)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, d)
+    return out
+
+
+def extended_context(cfg: ModelConfig, rope: R.RopeScaling) -> int:
+    """The context the GGUF advertises: max_position_embeddings, or factor x original when a scaled config
+    keeps max_position_embeddings at the original length (the Qwen2.5 layout)."""
+    orig = R.original_context(rope)
+    if isinstance(rope, (R.Yarn, R.Llama3, R.LongRope)) and orig and cfg.max_position_embeddings <= orig:
+        return round(rope.factor * orig)
+    return cfg.max_position_embeddings
+
+
+def neox_to_norm_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order that turns HF's rotate-half pairs (i, i+d/2) into adjacent pairs (2i, 2i+1) per head.
+
+    Returns ``idx`` with ``new = old[idx]``: within each head new row 2j is old
+    row j and new row 2j+1 is old row j + d/2 (ROPE_GGUF.md section 3.1).
+    """
+    if n_rows % (2 * n_head):
+        raise CheckpointError(f"cannot split {n_rows} rows into {n_head} heads of rotary pairs")
+    half = n_rows // n_head // 2
+    # (head, which half, pair) -> (head, pair, which half)
+    return np.arange(n_rows).reshape(n_head, 2, half).swapaxes(1, 2).reshape(-1)
+
+
+def _out_type(name: str, shape: tuple[int, ...], outtype: str, notes: list[str]) -> QT:
+    qtype = OUTTYPES[outtype][0]
+    if len(shape) < 2:
+        return QT.F32  # norms and biases stay F32 (llama.cpp does the same)
+    if qtype == QT.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[QT.Q8_0][0]:
+        notes.append(f"{name}: rows of {shape[-1]} are not a multiple of 32, stored as F16 instead of Q8_0")
+        return QT.F16
+    return qtype
+
+
+def _layer_key(hf_name: str) -> tuple[int, str]:
+    m = re.match(r"model\.layers\.(\d+)\.", hf_name)
+    if m:
+        return int(m.group(1)), hf_name
+    return (-1 if "embed_tokens" in hf_name else 1 << 30), hf_name
+
+
+def plan_tensors(
+    cfg: ModelConfig, ckpt: SafetensorsCheckpoint, *, arch: str, outtype: str, notes: list[str]
+) -> list[TensorJob]:
+    """Match the checkpoint against the config and map every tensor to its GGUF name and type."""
+    where = str(ckpt.model_dir)
+    expected = hf_tensor_shapes(cfg)
+    tmap = gguf.get_tensor_name_map(GGUF_ARCHS[arch], cfg.num_hidden_layers)
+    present = dict(ckpt.entries)
+    for name in [n for n in present if n.endswith(IGNORED_SUFFIXES)]:
+        del present[name]
+    if cfg.tie_word_embeddings and "lm_head.weight" in present:
+        del present["lm_head.weight"]
+        notes.append(
+            "tie_word_embeddings is set: the checkpoint's lm_head.weight was left out (llama.cpp reuses token_embd)"
+        )
+    missing = [n for n in expected if n not in present]
+    unknown = sorted(
+        n for n in present if n not in expected and tmap.get_name(n, try_suffixes=(".weight", ".bias")) is None
+    )
+    unexpected = sorted(n for n in present if n not in expected and n not in unknown)
+    wrong_shape = [
+        f"{n}: {list(present[n].shape)} (config expects {list(s)})"
+        for n, s in expected.items()
+        if n in present and present[n].shape != s
+    ]
+    non_float = [f"{n}: {present[n].dtype}" for n in expected if n in present and present[n].dtype not in SAME_BYTES]
+    problems = []
+    for title, items in (
+        ("missing tensors", missing),
+        ("unknown tensors (not part of a Llama-family model)", unknown),
+        ("unexpected tensors for this config", unexpected),
+        ("shape mismatches", wrong_shape),
+        ("unsupported dtypes (need F32, F16 or BF16)", non_float),
+    ):
+        if items:
+            shown = items[:12] + ([f"... and {len(items) - 12} more"] if len(items) > 12 else [])
+            problems.append(f"{title} ({len(items)}):\n      " + "\n      ".join(shown))
+    if problems:
+        raise CheckpointError(
+            "the checkpoint does not match config.json:\n    " + "\n    ".join(problems),
+            where=where,
+            fix="use the config.json saved with these weights (vocab_size, hidden sizes, head counts, "
+            "layer count, attention_bias, tie_word_embeddings must describe the tensors)",
+        )
+    jobs: list[TensorJob] = []
+    for hf_name in sorted(expected, key=_layer_key):
+        entry = present[hf_name]
+        gguf_name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:  # pragma: no cover - every expected name is in gguf's map
+            raise CheckpointError(f"gguf has no name for {hf_name}", where=where)
+        order = None
+        if arch == "llama" and ".self_attn.q_proj." in hf_name:
+            order = neox_to_norm_rows(entry.shape[0], cfg.num_attention_heads)
+        elif arch == "llama" and ".self_attn.k_proj." in hf_name:
+            order = neox_to_norm_rows(entry.shape[0], cfg.num_key_value_heads)
+        shape = entry.shape
+        jobs.append(
+            TensorJob(gguf_name, shape, _out_type(gguf_name, shape, outtype, notes), entry=entry, row_order=order)
+        )
+    return jobs
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _output_error(exc: OSError, path: Path) -> OutputError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError("the disk is full", where=str(path.parent), fix="free space or write elsewhere")
+    if exc.errno == errno.EFBIG:
+        return OutputError(
+            "the output is larger than the file-size limit (ulimit -f) or the filesystem allows",
+            where=str(path),
+            fix="raise the limit or write to another filesystem",
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError("the output folder is not writable", where=str(path.parent), fix="choose a writable folder")
+    if exc.errno is None:  # numpy's tofile reports short writes without an errno
+        return OutputError(f"cannot write the output ({exc}); is the disk full?", where=str(path))
+    return OutputError(f"cannot write the output: {exc.strerror or exc}", where=str(path))
+
+
+def _add_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, hf_dir: Path, *, outtype: str, n_vocab: int) -> None:
+    try:
+        meta = gguf.Metadata.load(None, hf_dir, None, cfg.n_params)
+    except Exception as exc:  # gguf's model-card reader raises yaml/json/value errors alike
+        raise ConfigError(f"cannot read the model card metadata: {exc}", where=str(hf_dir / "README.md")) from None
+    meta.name = cfg.name or meta.name or hf_dir.resolve().name
+    meta.size_label = meta.size_label or gguf.size_label(cfg.n_params, 0, 0, 0)
+    w.add_type(gguf.GGUFType.MODEL)
+    meta.set_gguf_meta_model(w)
+    w.add_vocab_size(n_vocab)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_file_type(OUTTYPES[outtype][1])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def verify_gguf(path: Path, jobs: list[TensorJob], plan: ggml_rope.GGUFRopePlan) -> None:
+    """Re-read ``path`` and check tensors (names, shapes, types, offsets, rope factors) and rope keys against the plan."""
+    problems: list[str] = []
+    try:
+        g = open_gguf(path)
+    except GGUFError as exc:
+        raise OutputError(f"the written GGUF cannot be read back: {exc.what}", where=str(path)) from None
+    with g:
+        # TensorInfo.shape is GGUF order (ne0 first), TensorJob.shape numpy order (rows first)
+        got = [(t.name, tuple(reversed(t.shape)), t.ggml_type) for t in g.tensors]
+        want = [(j.name, tuple(j.shape), j.qtype) for j in jobs]
+        if got != want:
+            diff = [f"{a} != {b}" for a, b in zip(got, want, strict=False) if a != b][:5]
+            problems.append(f"tensors differ from the plan ({len(got)} written, {len(want)} planned): {diff}")
+        size = g.file_size
+        ends = {t.name: t.data_offset + j.nbytes for t, j in zip(g.tensors, jobs, strict=False)}
+        if any(end > size for end in ends.values()):
+            problems.append(f"tensor data runs past the end of the file ({size} bytes)")
+        for name, values in plan.tensors.items():
+            if g.tensor(name) is None or ends.get(name, size + 1) > size:
+                problems.append(f"rope tensor {name} is missing")
+                continue
+            if not np.array_equal(g.tensor_values(name), values.astype(np.float32).ravel()):
+                problems.append(f"rope tensor {name} differs from the plan")
+        for k, (value, vtype) in plan.kv.items():
+            mv = g.metadata.get(k)
+            if mv is None:
+                problems.append(f"rope key {k} is missing")
+                continue
+            stored, stype = mv.value, mv.type
+            expect = float(np.float32(value)) if vtype == gguf.GGUFValueType.FLOAT32 else value
+            if stype != vtype or stored != expect:
+                problems.append(f"rope key {k}: stored {stored!r} ({stype.name}), planned {value!r} ({vtype.name})")
+        problems += [f"rope key {k} must not be present" for k in plan.remove if k in g.metadata]
+    if problems:
+        raise OutputError("the written GGUF failed verification:\n    - " + "\n    - ".join(problems), where=str(path))
+
+
+def convert(
+    hf_dir: str | Path,
+    out_path: str | Path,
+    *,
+    outtype: str = "f16",
+    force: bool = False,
+    bake_dynamic: int | None = None,
+    allow_runtime_rope: bool = False,
+    progress: ProgressFn | None = None,
+) -> ConvertReport:
+    """Convert the HF checkpoint folder ``hf_dir`` to the GGUF file ``out_path``.
+
+    ``outtype`` is one of f32, f16, bf16, q8_0 (1-D tensors and rope factors
+    stay F32).  ``bake_dynamic=N`` freezes a dynamic-NTK model at N tokens
+    (exact only for prompts of N tokens); ``allow_runtime_rope`` accepts rope
+    settings llama.cpp can only get as runtime parameters (listed in the
+    report).  ``progress(done_bytes, total_bytes)`` is called per tensor.
+    Raises an ``EdgeropeError`` subclass on bad input; never leaves a partial file.
+    """
+    t0 = time.perf_counter()
+    hf_dir, out = Path(hf_dir), Path(out_path)
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"unknown outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
+    cfg = ModelConfig.load(hf_dir)
+    arch = cfg.gguf_arch
+    rope = cfg.rope
+    rope_words = R.describe(rope)
+    rope_notes: list[str] = []
+    context = extended_context(cfg, rope)
+    if bake_dynamic is not None:
+        if not isinstance(rope, R.DynamicNtk):
+            raise ConfigError(
+                f"--bake-dynamic applies to dynamic NTK rope scaling only; this model uses {rope.name}",
+                where=str(hf_dir / "config.json"),
+                fix="drop --bake-dynamic",
+            )
+        if bake_dynamic <= 0:
+            raise ConfigError(f"--bake-dynamic must be a positive token count, got {bake_dynamic}")
+        rope = ggml_rope.bake_dynamic(rope, seq_len=bake_dynamic, dim=cfg.head_dim)
+        context = bake_dynamic
+        rope_words += f", baked at {bake_dynamic} tokens (theta {rope.theta:.6g})"
+        rope_notes.append(
+            f"dynamic NTK was frozen at {bake_dynamic} tokens: llama.cpp matches Hugging Face only for forwards of "
+            f"exactly {bake_dynamic} positions"
+        )
+    if cfg.sliding_window is not None and cfg.sliding_window < context:
+        raise ConfigError(
+            f"sliding_window {cfg.sliding_window} is smaller than the context {context}: llama.cpp's {arch} "
+            "architecture has no sliding-window attention and would attend over the whole context",
+            where=str(hf_dir / "config.json"),
+            fix="set sliding_window to null (or >= the context) if the model was trained with full attention",
+        )
+    plan = ggml_rope.plan_gguf_rope(
+        rope,
+        arch=arch,
+        head_dim=cfg.head_dim,
+        context_length=context,
+        finetuned=cfg.rope_finetuned,
+        allow_runtime_rope=allow_runtime_rope,
+    )
+    if plan.tensors and arch not in ARCHS_WITH_ROPE_FACTOR_TENSORS:
+        raise UnsupportedRopeError(
+            f"{rope.name} rope scaling needs per-frequency factor tensors, which llama.cpp's {arch} architecture "
+            "does not load",
+            where=str(hf_dir / "config.json"),
+            fix="use YaRN or linear scaling for this model (or a Llama/Mistral model for llama3/longrope)",
+        )
+    rope_notes += plan.notes
+    notes: list[str] = []
+    with SafetensorsCheckpoint(hf_dir) as ckpt:
+        emb = ckpt.entries.get("model.embed_tokens.weight")
+        n_rows = emb.shape[0] if emb is not None and len(emb.shape) == 2 else cfg.vocab_size
+        jobs = plan_tensors(cfg, ckpt, arch=arch, outtype=outtype, notes=notes)
+        vocab = load_vocab(hf_dir, n_embd_rows=n_rows)
+        notes += vocab.notes
+        jobs = [TensorJob(name, arr.shape, QT.F32, array=arr) for name, arr in plan.tensors.items()] + jobs
+        est = sum(j.nbytes for j in jobs) + 64 * len(vocab) + (1 << 20)
+        inputs = [*ckpt.files, *(p for p in hf_dir.iterdir() if p.is_file())]
+        check_output(out, force=force, inputs=inputs, need_bytes=est, input_fix="write the GGUF elsewhere")
+
+        def add_kv(w: gguf.GGUFWriter) -> None:
+            _add_metadata(w, cfg, hf_dir, outtype=outtype, n_vocab=len(vocab))
+            for k, (value, vtype) in plan.kv.items():
+                w.add_key_value(k, value, vtype)
+            vocab.write(w)
+
+        tmp = partial_path(out)
+        try:
+            try:
+                write_gguf(tmp, arch, jobs, add_kv=add_kv, progress=progress)
+            except OSError as exc:
+                raise _output_error(exc, out) from None
+            verify_gguf(tmp, jobs, plan)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return ConvertReport(
+        path=out,
+        arch=arch,
+        outtype=outtype,
+        n_tensors=len(jobs),
+        bytes=out.stat().st_size,
+        context_length=context,
+        rope=rope_words,
+        rope_notes=tuple(rope_notes),
+        runtime=dict(plan.runtime),
+        tokenizer=vocab.kind if vocab.kind == "sentencepiece" else f"{vocab.kind} ({vocab.pre})",
+        n_vocab=len(vocab),
+        notes=tuple(notes),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+__all__ = [
+    "ConvertReport",
+    "EdgeropeError",
+    "OUTTYPES",
+    "convert",
+    "extended_context",
+    "hf_tensor_shapes",
+    "neox_to_norm_rows",
+    "verify_gguf",
+]

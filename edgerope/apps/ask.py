@@ -1,0 +1,403 @@
+"""Long-document question answering on llama.cpp, with the document's KV state cached on disk.
+
+What it does:
+
+* ``read_document`` reads UTF-8 text, refusing empty, binary (NUL bytes) or undecodable files;
+* ``ask`` builds a plain completion prompt -- ``DOC_TEMPLATE`` with the document, then
+  ``QUESTION_TEMPLATE`` with the question, tokenized separately so the document prefix is the same
+  token sequence for every question -- checks that it fits the context (truncating only when asked, below), then
+  restores the document's saved KV state from ``edgerope.runtime.doccache`` or evaluates it in n_batch chunks
+  (reporting ``progress(done, total)``) and saves it, evaluates only the question, and answers greedily
+  with llama.cpp's sampler.  Timings: document prefill (or state restore), time to first token, decode
+  tokens/s.
+
+With ``prompt_format="auto"`` (the default) a GGUF that carries a chat template gets the same text as one
+user message rendered by that template in the sandbox (``edgerope.apps.chat_template``; the rendered text is
+split where the question starts, so the document prefix still tokenizes the same for every question, and
+special tokens in the template are parsed); ``"plain"`` forces the plain prompt.
+
+A document that does not fit is refused, unless ``truncate=True``: then its **tail** is cut (the beginning is
+kept in order, so the answer rests on an unbroken leading part of the document and its cached state is a
+prefix of the whole document's), at a word boundary, leaving room for the question and ``max_tokens``
+answer tokens (at most half the free context); ``Answer.truncation`` says exactly what was cut (tokens,
+character offset, the cut part's first and last words).
+
+The answer streams through ``on_token(token)`` and ``on_text(text_so_far)``.
+
+What it does not do: summarise a document, cut its middle, or sample other than greedily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgerope.apps.chat_template import ChatTemplate, from_gguf
+from edgerope.errors import DocumentError, OutputError, RuntimeConfigError
+from edgerope.runtime import native as N
+from edgerope.runtime.doccache import DocCache, entry_key, model_identity, tokens_digest
+from edgerope.runtime.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+PROMPT_FORMAT = "plain-v1"
+DOC_TEMPLATE = "Read the document and answer the question.\n\nDocument:\n{document}\n"
+QUESTION_TEMPLATE = "\nQuestion: {question}\nAnswer:"
+PROMPT_FORMATS = ("auto", "chat", "plain")
+_SPLIT = "\ue000edgerope-question\ue000"  # a private-use marker where the question goes
+
+
+@dataclass(frozen=True)
+class Timings:
+    prefill_s: float  # document prefill, or restoring its cached state
+    question_s: float  # evaluating the question tokens
+    time_to_first_token_s: float  # from the start of prefill/restore to the first answer token
+    decode_tokens_per_s: float  # answer tokens after the first
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """The document's tail cut by ``truncate=True``: ``document[chars_kept:]`` was not used."""
+
+    document_tokens_before: int  # the document prefix's tokens with the whole document
+    tokens_cut: int  # how many fewer the kept part has
+    chars_kept: int  # character offset where the cut starts
+    chars_cut: int  # characters cut (to the document's end)
+    first_words: str  # the start of the cut part
+    last_words: str  # the end of the cut part (the document's end)
+
+    def describe(self) -> str:
+        return (
+            f"cut the document's last {self.tokens_cut} of {self.document_tokens_before} tokens (characters "
+            f'{self.chars_kept}..{self.chars_kept + self.chars_cut}): from "{self.first_words}" to "{self.last_words}"'
+        )
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int  # document + question
+    document_tokens: int
+    question_tokens: int
+    cached: bool  # the document's state came from the cache
+    stop_reason: str
+    timings: Timings
+    n_ctx: int
+    type_k: str
+    type_v: str
+    prompt_format: str = PROMPT_FORMAT
+    cache_file: str | None = None
+    truncation: Truncation | None = None  # what truncate=True cut; None: the whole document was used
+    n_ctx_source: str = ""  # how the runtime chose n_ctx
+    cpu_repack: dict[str, Any] = field(default_factory=dict)  # the CPU weight layout used (edgerope.runtime.cpu_repack)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_document(path: str | os.PathLike[str]) -> str:
+    """The text of a UTF-8 document; ``DocumentError`` for a missing, empty, binary or undecodable file."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise DocumentError(f"cannot read the document: {exc.strerror or exc}", where=str(p)) from exc
+    return check_document(data, where=str(p))
+
+
+def check_document(data: bytes | str, *, where: str = "document") -> str:
+    """Decode and check a document's content (see ``read_document``)."""
+    if isinstance(data, bytes):
+        nul = data.find(b"\x00")
+        if nul >= 0:
+            raise DocumentError(
+                f"the document is binary (NUL byte at offset {nul})",
+                where=where,
+                fix="give a UTF-8 text or markdown file",
+            )
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DocumentError(
+                f"the document is not UTF-8 text (bad byte at offset {exc.start})",
+                where=where,
+                fix="convert it to UTF-8 text first",
+            ) from None
+    else:
+        text = data
+        if "\x00" in text:
+            raise DocumentError("the document contains NUL characters", where=where, fix="give plain text")
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise DocumentError("the document is empty", where=where, fix="give a document with some text")
+    return text
+
+
+def _fit_error(rt: Runtime, n_doc: int, n_q: int, where: str) -> RuntimeConfigError:
+    need = n_doc + n_q + 1
+    n_ctx, n_train = rt.plan.n_ctx, rt.plan.hparams.n_ctx_train
+    if need <= n_train:
+        fix = (
+            f"run with --ctx {need} or more (the model's rope supports up to {n_train}), a smaller document, or "
+            "--truncate (truncate=True) to cut the document's tail"
+        )
+    else:
+        fix = (
+            f"use a smaller document: the model's context_length (rope-extended) is {n_train}, so the "
+            f"document and question must stay under {n_train} tokens, or use --truncate (truncate=True) to cut "
+            "the document's tail"
+        )
+    return RuntimeConfigError(
+        f"the prompt does not fit: document {n_doc} + question {n_q} tokens (+1 for the answer) = {need}, "
+        f"the context is {n_ctx}; nothing was truncated",
+        where=where,
+        fix=fix,
+    )
+
+
+CUT_WORDS = 8  # words of the cut part shown at each end
+_SNAP_CHARS = 200  # how far back a cut may move to land on whitespace
+
+
+def _truncate(
+    text: str, encode: Callable[[str], list[int]], *, target: int, n_before: int, where: str
+) -> tuple[str, Truncation]:
+    """The longest leading part of ``text`` (ending at whitespace when one is near) whose prompt prefix
+    ``encode(part)`` has at most ``target`` tokens, and what was cut."""
+    if len(encode("")) > target:
+        raise RuntimeConfigError(
+            f"even without the document the prompt needs more than the {target} tokens left for it",
+            where=where,
+            fix="raise --ctx, or ask a shorter question / fewer --max-tokens",
+        )
+    lo, hi = 0, len(text)  # encode(text[:lo]) fits, encode(text) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if len(encode(text[:mid])) <= target:
+            lo = mid
+        else:
+            hi = mid
+    cut_at = lo
+    space = max(text.rfind(c, max(0, lo - _SNAP_CHARS), lo + 1) for c in (" ", "\n", "\t"))
+    if space > 0 and len(encode(text[:space])) <= target:
+        cut_at = space
+    kept = text[:cut_at].rstrip()
+    cut_at = len(kept)
+    words = text[cut_at:].split()
+    n_kept = len(encode(kept))
+    return kept, Truncation(
+        document_tokens_before=n_before,
+        tokens_cut=n_before - n_kept,
+        chars_kept=cut_at,
+        chars_cut=len(text) - cut_at,
+        first_words=" ".join(words[:CUT_WORDS]),
+        last_words=" ".join(words[-CUT_WORDS:]),
+    )
+
+
+def state_fields(rt: Runtime, *, model: Any, prompt_format: str, tokens: list[int]) -> dict[str, Any]:
+    """Everything that decides the KV state after ``tokens`` in ``rt`` (the document cache's key fields)."""
+    plan = rt.plan
+    return {
+        "model": model,
+        "prompt_format": prompt_format,
+        "tokens_sha256": tokens_digest(tokens),
+        "n_tokens": len(tokens),
+        "n_ctx": plan.n_ctx,
+        "n_batch": plan.n_batch,
+        "type_k": plan.type_k.name,
+        "type_v": plan.type_v.name,
+        "flash_attn": rt.info.flash_attn,
+        "backend": rt.info.backend,
+        "rope": plan.rope_description,
+        "rope_overrides": plan.rope.explicit(),
+        "llama_cpp": N.bindings_version(),
+    }
+
+
+def chat_parts(template: ChatTemplate, document: str, question: str) -> tuple[str, str]:
+    """The chat-templated prompt for one user message (document block, then question) split into the document
+    prefix and the question part; ``RuntimeConfigError`` when the template does not keep the message intact."""
+    doc_block = DOC_TEMPLATE.format(document=document)
+    q_block = QUESTION_TEMPLATE.format(question=question)
+    marked = template.render([{"role": "user", "content": doc_block + _SPLIT}])
+    full = template.render([{"role": "user", "content": doc_block + q_block}])
+    if marked.count(_SPLIT) != 1:
+        raise RuntimeConfigError(
+            "the chat template changes the message text, so the document prefix cannot be split from the question",
+            fix="use prompt_format='plain'",
+        )
+    prefix, rest = marked.split(_SPLIT)
+    if prefix + q_block + rest != full:
+        raise RuntimeConfigError(
+            "the chat template renders the question differently from the marker text",
+            fix="use prompt_format='plain'",
+        )
+    return prefix, q_block + rest
+
+
+def ask(
+    model_path: str | os.PathLike[str],
+    document_text: str,
+    question: str,
+    *,
+    n_ctx: int | None = None,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    max_tokens: int = 128,
+    progress: Callable[[int, int], None] | None = None,
+    on_token: Callable[[int], None] | None = None,
+    runtime: Runtime | None = None,
+    prompt_format: str = "auto",
+    truncate: bool = False,
+    on_text: Callable[[str], None] | None = None,
+    **runtime_request: Any,
+) -> Answer:
+    """Answer ``question`` about ``document_text`` with the GGUF at ``model_path`` (greedy).
+
+    ``n_ctx``/``type_k``/``type_v`` and ``runtime_request`` (``plan_runtime``'s other keyword arguments)
+    open the runtime; an open ``runtime`` for the same model may be passed instead (it is not closed).
+    ``cache_dir`` None is ``edgerope.runtime.doccache.default_cache_dir()``; ``use_cache=False`` neither reads nor
+    writes it.  Raises ``DocumentError`` for bad documents and ``RuntimeConfigError`` when the prompt does
+    not fit the context (nothing is ever truncated).  ``prompt_format`` "auto" uses the GGUF's chat template
+    when it has one (``"chat"`` requires one, ``"plain"`` never uses it); ``Answer.prompt_format`` says which.
+    ``truncate=True`` cuts the tail of a document that does not fit instead of refusing (module docstring);
+    ``Answer.truncation`` reports the cut.  ``on_text(text_so_far)`` is called after each answer token whose
+    text is complete (not in the middle of a multi-byte character).  ``n_ctx`` None: the runtime's default
+    (the largest context that fits the memory budget, capped at the model's context_length).
+    """
+    text = check_document(document_text)
+    if not question.strip():
+        raise RuntimeConfigError("the question is empty", fix="ask something")
+    if max_tokens < 1:
+        raise RuntimeConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise RuntimeConfigError(f"unknown prompt_format {prompt_format!r}", fix=f"use one of {PROMPT_FORMATS}")
+    where = str(model_path)
+    template = from_gguf(model_path) if prompt_format != "plain" else None
+    if prompt_format == "chat" and template is None:
+        raise RuntimeConfigError(
+            "prompt_format 'chat' needs a chat template, and the GGUF has none",
+            where=where,
+            fix="use 'auto' or 'plain'",
+        )
+    identity = model_identity(model_path) if use_cache else None  # before loading: the file as it is now
+    owned = runtime is None
+    rt = runtime or Runtime.open(model_path, n_ctx=n_ctx, type_k=type_k, type_v=type_v, **runtime_request)
+    try:
+        if template is None:
+            fmt = PROMPT_FORMAT
+            q = rt.tokenize(QUESTION_TEMPLATE.format(question=question.strip()), add_bos=False)
+
+            def encode(doc_text: str) -> list[int]:
+                return rt.tokenize(DOC_TEMPLATE.format(document=doc_text))
+        else:
+            fmt = f"chat-{hashlib.sha256(template.source.encode()).hexdigest()[:16]}"
+            q = rt.tokenize(chat_parts(template, text, question.strip())[1], add_bos=False, special=True)
+
+            def encode(doc_text: str) -> list[int]:
+                prefix = chat_parts(template, doc_text, question.strip())[0]
+                has_bos = bool(template.bos_token) and prefix.startswith(template.bos_token)
+                return rt.tokenize(prefix, add_bos=False if has_bos else None, special=True)
+
+        doc = encode(text)
+        if len(q) + 1 > rt.plan.n_ctx:
+            raise RuntimeConfigError(
+                f"the question alone has {len(q)} tokens, the context is {rt.plan.n_ctx}",
+                where=where,
+                fix="ask a shorter question",
+            )
+        truncation = None
+        if len(doc) + len(q) + 1 > rt.plan.n_ctx:
+            if not truncate:
+                raise _fit_error(rt, len(doc), len(q), where)
+            free = rt.plan.n_ctx - len(q)
+            target = free - max(1, min(max_tokens, free // 2))
+            text, truncation = _truncate(text, encode, target=target, n_before=len(doc), where=where)
+            doc = encode(text)
+            logger.info("document truncated: %s", truncation.describe())
+
+        cache = DocCache(cache_dir) if use_cache else None
+        plan = rt.plan
+        fields = state_fields(rt, model=identity, prompt_format=fmt, tokens=doc)
+        key = entry_key(fields)
+
+        t0 = time.perf_counter()
+        entry = cache.get(key, fields) if cache is not None else None
+        cached = False
+        if entry is not None and entry.n_tokens == len(doc):
+            try:
+                rt.restore_state(entry.state, n_past=entry.n_tokens)
+                cached = True
+                if progress is not None:
+                    progress(len(doc), len(doc))
+            except RuntimeConfigError as exc:
+                logger.warning("document cache: %s; evaluating the document again", exc.what)
+        if not cached:
+            rt.prefill(doc, progress=progress)
+        cache_file = None
+        if cache is not None:
+            cache_file = str(cache.path_for(key))
+            if not cached:
+                try:
+                    cache.put(key, fields, rt.state_bytes(), n_tokens=len(doc))
+                except (OSError, OutputError) as exc:  # the answer does not depend on the cache
+                    logger.warning("document cache: could not save %s: %s", cache_file, exc)
+                    cache_file = None
+        t1 = time.perf_counter()
+
+        first: list[float] = []
+        answer: list[int] = []
+
+        def seen(tok: int) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            if on_token is not None:
+                on_token(tok)
+            if on_text is not None:
+                answer.append(tok)
+                so_far = rt.detokenize(answer)  # an end-of-generation token adds no text
+                if not so_far.endswith("\ufffd"):
+                    on_text(so_far)
+
+        room = rt.plan.n_ctx - len(doc) - len(q)
+        gen = rt.generate(q, max_tokens=min(max_tokens, room), clear=False, on_token=seen)
+        t2 = time.perf_counter()
+        t_first = first[0] if first else t2
+        n_after = max(len(gen.tokens) - 1, 0)
+        timings = Timings(
+            prefill_s=t1 - t0,
+            question_s=t_first - t1,
+            time_to_first_token_s=t_first - t0,
+            decode_tokens_per_s=n_after / (t2 - t_first) if n_after and t2 > t_first else 0.0,
+        )
+        return Answer(
+            text=gen.text,
+            tokens=gen.tokens,
+            prompt_tokens=len(doc) + len(q),
+            document_tokens=len(doc),
+            question_tokens=len(q),
+            cached=cached,
+            stop_reason=gen.stop_reason,
+            timings=timings,
+            n_ctx=plan.n_ctx,
+            type_k=plan.type_k.name,
+            type_v=plan.type_v.name,
+            prompt_format=fmt,
+            cache_file=cache_file,
+            truncation=truncation,
+            n_ctx_source=rt.info.n_ctx_source,
+            cpu_repack=rt.info.cpu_repack,
+        )
+    finally:
+        if owned:
+            rt.close()

@@ -1,0 +1,1 @@
+"""GGUF files: safe reading, the streaming header writer, lint, inspect and set-rope."""

@@ -1,0 +1,1 @@
+"""Recipes: the README demo, the context-extension experiment, the built-in model's pretraining."""

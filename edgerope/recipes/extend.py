@@ -1,0 +1,498 @@
+"""The context-extension experiment: every way to stretch a model's context, converted to GGUF, measured in llama.cpp.
+
+What it does, from one base checkpoint (by default the built-in tiny model, trained at context 256):
+
+* makes each ``Variant``: the base as is (no scaling: positions past the trained context are extrapolated),
+  rope scaling without training (``edgerope set-rope`` on the base GGUF: linear, YaRN, NTK), and rope scaling
+  plus a fine-tune (``edgerope finetune`` at the target length, or PoSE inside the original window), each
+  fine-tune run as its own ``python -m edgerope finetune`` process so that its peak memory is its own;
+* converts every checkpoint to a GGUF (Q8_0 weights by default) with ``edgerope.convert.export.convert``;
+* evaluates each GGUF in llama.cpp (``edgerope.runtime.runtime``; q8_0 KV cache by default): passkey accuracy per
+  length x depth (a prompt "at length L" leaves room for the answer inside L), multi-key accuracy, and the
+  perplexity of the same held-out documentation tokens (the first max(ppl_lengths) of each document) read
+  through a context window of each length (sliding, stride half the window; the longest is one pass: EVAL.md's
+  signature of success is that more context lowers it), all through ``edgerope.evaluation.protocols``;
+* optionally checks that PyTorch and llama.cpp give the same passkey answers for one fine-tuned variant.
+
+``run_extension`` returns an ``ExtensionReport`` (JSON-able) that the demo and ``bench/quality`` print and plot.
+
+What it does not do: pretrain (``edgerope.recipes.pretrain``), print, or choose hyper-parameters beyond ``Settings``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgerope.errors import ConfigError, TrainingError
+from edgerope.evaluation import protocols as E
+from edgerope.train.synthetic import heldout_documents, write_jsonl
+
+ROPE_TYPES = ("none", "linear", "yarn", "ntk")
+TUNES = (None, "full", "pose")
+CHARS_PER_TOKEN = 3.0  # rough size of the tiny tokenizer's tokens, only to size the fine-tuning samples
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to reach ``factor`` x the base context: a rope type, and no, full-length or PoSE fine-tuning."""
+
+    name: str
+    rope: str = "none"
+    factor: float = 1.0
+    tune: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.rope not in ROPE_TYPES:
+            raise ConfigError(f"unknown rope type {self.rope!r}", fix=f"use one of {', '.join(ROPE_TYPES)}")
+        if self.tune not in TUNES:
+            raise ConfigError(f"unknown fine-tune {self.tune!r}", fix="use None, 'full' or 'pose'")
+        if self.rope == "none" and (self.tune or self.factor != 1.0):
+            raise ConfigError(f"{self.name}: no scaling means factor 1 and no fine-tune")
+        if self.rope != "none" and self.factor <= 1.0:
+            raise ConfigError(f"{self.name}: a scaled rope needs a factor > 1, got {self.factor}")
+
+
+def demo_variants(factor: int = 8) -> tuple[Variant, ...]:
+    """The story in five rows: no scaling, linear, YaRN, YaRN + fine-tune, YaRN + PoSE fine-tune."""
+    return (
+        Variant("no scaling", "none"),
+        Variant(f"linear x{factor}", "linear", factor),
+        Variant(f"yarn x{factor}", "yarn", factor),
+        Variant(f"yarn x{factor} + fine-tune", "yarn", factor, "full"),
+        Variant(f"yarn x{factor} + PoSE", "yarn", factor, "pose"),
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What is trained and measured.  Lengths are in tokens; ``trials`` is per (length, depth) cell."""
+
+    lengths: tuple[int, ...] = (256, 512, 1024, 2048)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    trials: int = 4
+    multikey_trials: int = 0  # per length; 0 skips multi-key
+    ppl_lengths: tuple[int, ...] = (256, 2048)
+    weights: str = "q8_0"
+    kv: str = "q8_0"
+    ft_steps: int = 300
+    ft_batch: int = 1
+    # PoSE: 2 x 256 tokens a step (accumulated, so activations of one 256-token row).  pose_steps None: as many
+    # training tokens as the full fine-tune to the same target (x8: 1200 steps, x16: 2400); in tuning runs outside
+    # bench/ the previous tiny model's (4 heads of 32) x8 PoSE reached 78% passkey at 2048 with half as many, 98%
+    # with as many
+    pose_steps: int | None = None
+    pose_batch: int = 1
+    pose_chunks: int = 2  # finetune --pose-chunks: pieces of the window, each after its own position skip
+    pose_grad_accum: int = 2
+    whole_documents: bool = False  # finetune --whole-documents: no retrieval sample cut at a row boundary
+    min_fraction: int = 32  # full fine-tune samples are 1/32 .. 1 of the target: short distances stay trained
+    lr: float = 1e-3
+    seed: int = 0
+    eval_seed: int = 1234
+    n_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lengths or min(self.lengths) < 64:
+            raise ConfigError(f"lengths must be >= 64 tokens, got {self.lengths}")
+        if self.trials < 1 or self.ft_steps < 1 or (self.pose_steps is not None and self.pose_steps < 1):
+            raise ConfigError("trials and fine-tuning steps must be >= 1")
+
+    def pose_steps_for(self, target: int, window: int) -> int:
+        """PoSE steps to ``target`` in a ``window``-token window: ``pose_steps``, or the full run's token count."""
+        if self.pose_steps is not None:
+            return self.pose_steps
+        return math.ceil(self.ft_steps * self.ft_batch * target / (self.pose_batch * self.pose_grad_accum * window))
+
+
+@dataclass
+class VariantResult:
+    """One variant's files and measurements (grids as ``GridResult.to_dict``, perplexity per length)."""
+
+    name: str
+    rope: str
+    factor: float
+    tune: str | None
+    gguf: str
+    gguf_bytes: int
+    context_length: int
+    passkey: dict[str, Any]
+    passkey_by_length: dict[int, float]
+    multikey_by_length: dict[int, float] = field(default_factory=dict)
+    perplexity: dict[int, float] = field(default_factory=dict)
+    perplexity_detail: dict[int, dict[str, Any]] = field(default_factory=dict)
+    finetune: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+    @property
+    def passkey_accuracy(self) -> float:
+        return float(self.passkey.get("accuracy", 0.0))
+
+
+@dataclass
+class ExtensionReport:
+    base: str
+    original_context: int
+    settings: dict[str, Any]
+    results: list[VariantResult]
+    agreement: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def result(self, name: str) -> VariantResult:
+        for r in self.results:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+StepFn = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def _finetune_process(
+    base: Path, out: Path, data: Path, variant: Variant, s: Settings, target: int, original: int
+) -> dict[str, Any]:
+    """``python -m edgerope finetune ... --json`` in its own process; its report (peak memory is that run's)."""
+    pose = variant.tune == "pose"
+    cmd = [
+        sys.executable, "-m", "edgerope", "finetune", str(base), "--data", str(data), "-o", str(out),
+        "--rope", variant.rope, "--target-context", str(target),
+        "--steps", str(s.pose_steps_for(target, original) if pose else s.ft_steps),
+        "--batch-size", str(s.pose_batch if pose else s.ft_batch),
+        "--grad-accum", str(s.pose_grad_accum if pose else 1),
+        "--lr", str(s.lr), "--seed", str(s.seed), "--holdout", "0.02", "--device", "cpu", "--force", "--json",
+    ]  # fmt: skip
+    if pose:
+        cmd += ["--pose", "--pose-chunks", str(s.pose_chunks)]
+    if s.whole_documents:
+        cmd.append("--whole-documents")
+    env = dict(os.environ)
+    if s.n_threads:
+        env["OMP_NUM_THREADS"] = str(s.n_threads)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise TrainingError(
+            f"fine-tuning {variant.name} failed (exit {proc.returncode})",
+            where=" ".join(cmd[:6]) + " ...",
+            fix="see its message: " + (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:400],
+        )
+    report = json.loads(proc.stdout)
+    keep = ("steps", "seq_len", "tokens", "seconds", "tokens_per_s", "peak_memory_bytes",
+            "memory_before_training_bytes", "precision", "pose", "heldout_losses")  # fmt: skip
+    out_report = {k: report[k] for k in keep}
+    out_report["final_loss"] = float(sum(report["losses"][-10:]) / len(report["losses"][-10:]))
+    out_report["training_memory_bytes"] = report["peak_memory_bytes"] - report["memory_before_training_bytes"]
+    return out_report
+
+
+def _gguf_for(
+    variant: Variant, *, base: Path, base_gguf: Path, work: Path, s: Settings, data: dict[str, Path], step: StepFn
+) -> tuple[Path, dict[str, Any] | None]:
+    from edgerope.convert.export import convert
+    from edgerope.gguf.set_rope import set_rope
+    from edgerope.models.config import ModelConfig
+
+    original = ModelConfig.load(base).max_position_embeddings
+    target = int(round(original * variant.factor))
+    slug = variant.name.replace(" ", "_").replace("+", "").replace("__", "_")
+    if variant.rope == "none":
+        return base_gguf, None
+    if variant.tune is None:
+        out = work / f"{slug}.gguf"
+        step(f"{variant.name}: edgerope set-rope --type {variant.rope} --factor {variant.factor:g} (no training)")
+        set_rope(base_gguf, out, rope_type=variant.rope, factor=variant.factor, force=True)
+        return out, None
+    ckpt = work / slug
+    kind = "PoSE inside the 256 window" if variant.tune == "pose" else f"full length, {target} tokens"
+    step(f"{variant.name}: edgerope finetune --rope {variant.rope} ({kind})")
+    ft = _finetune_process(base, ckpt, data[variant.tune], variant, s, target, original)
+    out = work / f"{slug}.gguf"
+    convert(ckpt, out, outtype=s.weights, force=True)
+    return out, {**ft, "checkpoint": str(ckpt)}
+
+
+def _write_data(work: Path, base: Path, s: Settings, variants: Sequence[Variant]) -> dict[str, Path]:
+    """Fine-tuning data (JSONL): samples up to the target length (full) and up to the window (PoSE)."""
+    from edgerope.models.config import ModelConfig
+
+    original = ModelConfig.load(base).max_position_embeddings
+    out: dict[str, Path] = {}
+    for v in variants:
+        if v.tune is None or v.tune in out:
+            continue
+        if v.tune == "full":
+            target = int(original * v.factor)
+            n = max(64, math.ceil(s.ft_steps * s.ft_batch * 2.0))  # ~2 samples per row of `target` tokens
+            out["full"] = write_jsonl(
+                work / "finetune_full.jsonl", n_samples=n, max_chars=int(target * CHARS_PER_TOKEN), seed=s.seed + 1,
+                min_fraction=s.min_fraction,
+                force=True,
+            )  # fmt: skip
+        else:
+            steps = max(s.pose_steps_for(int(original * x.factor), original) for x in variants if x.tune == "pose")
+            n = max(64, math.ceil(steps * s.pose_batch * s.pose_grad_accum * 2.0))
+            out["pose"] = write_jsonl(
+                work / "finetune_pose.jsonl", n_samples=n, max_chars=int(original * CHARS_PER_TOKEN), seed=s.seed + 2,
+                force=True,
+            )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+
+ANSWER_ROOM = 16  # a passkey prompt "at length L" has L - ANSWER_ROOM tokens, so prompt + answer fit in L
+
+
+def _heldout_ids(b: E.Backend, n: int) -> list[list[int]]:
+    """The first ``n`` tokens of each held-out documentation topic that has ``n`` (perplexity and KL text)."""
+    return [ids[:n] for ids in (b.tokenize(d.text) for d in heldout_documents()) if len(ids) >= n]
+
+
+def _passkey(b: E.Backend, s: Settings, lengths: Sequence[int]) -> E.GridResult:
+    """The passkey grid with prompts of L - ANSWER_ROOM tokens for each length L (reported under L)."""
+    grid = E.passkey_grid(b.generate, b.tokenize, [n - ANSWER_ROOM for n in lengths], s.depths, s.trials, s.eval_seed)
+    for c in grid.cells:
+        c.length += ANSWER_ROOM
+    return grid
+
+
+def evaluate_gguf(gguf: Path, s: Settings, *, lengths: Sequence[int] | None = None) -> dict[str, Any]:
+    """Passkey grid, multi-key and held-out perplexity of one GGUF in llama.cpp (``s.kv`` cache)."""
+    from edgerope.evaluation.report import model_context
+
+    lengths = tuple(lengths or s.lengths)
+    ctx = model_context(gguf)
+    longest = max(max(lengths), *s.ppl_lengths) if s.ppl_lengths else max(lengths)
+    options = dict(n_ctx=longest, type_k=s.kv, type_v=s.kv, n_threads=s.n_threads)  # prompt + answer fit in L
+    with E.llama_backend(gguf, allow_extrapolation=longest > ctx, **options) as b:
+        grid = _passkey(b, s, lengths)
+        out: dict[str, Any] = {"context_length": ctx, "passkey": grid.to_dict(), "passkey_by_length": grid.by_length()}
+        if s.multikey_trials:
+            mk = E.multikey_grid(
+                b.generate, b.tokenize, [n - ANSWER_ROOM for n in lengths], s.multikey_trials, s.eval_seed
+            )
+            out["multikey_by_length"] = {n + ANSWER_ROOM: a for n, a in mk.by_length().items()}
+        if s.ppl_lengths:
+            n_max = max(s.ppl_lengths)
+            docs = _heldout_ids(b, n_max)
+            if not docs or b.bos_id is None:
+                raise ConfigError(f"no held-out document has {n_max} tokens (or no BOS)", fix="use shorter ppl_lengths")
+            # the same n_max tokens of each document read through a window of n (stride n / 2; n_max: one pass)
+            ppl = {
+                n: E.perplexity_sliding(b.logits, docs, window=n, stride=n // 2, bos_id=b.bos_id, bucket_size=256)
+                for n in s.ppl_lengths
+            }
+            out["perplexity"] = {n: p.perplexity for n, p in ppl.items()}
+            out["perplexity_detail"] = {n: p.to_dict() for n, p in ppl.items()}
+    return out
+
+
+def passkey_agreement(checkpoint: Path, gguf: Path, s: Settings, *, lengths: Sequence[int]) -> dict[str, Any]:
+    """The same passkey grid in PyTorch (fp32) and in llama.cpp (f16 KV): the fraction of equal answers."""
+    with E.torch_backend(checkpoint) as tb:
+        a = _passkey(tb, s, lengths)
+    n_ctx = max(lengths)
+    with E.llama_backend(gguf, n_ctx=n_ctx, type_k="f16", type_v="f16", n_threads=s.n_threads) as lb:
+        b = _passkey(lb, s, lengths)
+    return {
+        "checkpoint": str(checkpoint),
+        "gguf": str(gguf),
+        "kv": "f16",
+        "trials": a.total,
+        "agreement": E.agreement(a, b),
+        "torch_accuracy": a.accuracy,
+        "llama_cpp_accuracy": b.accuracy,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+def run_extension(
+    base: str | Path,
+    workdir: str | Path,
+    *,
+    variants: Sequence[Variant] | None = None,
+    settings: Settings | None = None,
+    agreement_for: str | None = None,
+    agreement_lengths: Sequence[int] = (),
+    on_step: StepFn | None = None,
+) -> ExtensionReport:
+    """Make, convert and evaluate every variant of the checkpoint ``base`` in ``workdir`` (created)."""
+    from edgerope.convert.export import convert
+    from edgerope.models.config import ModelConfig
+
+    t0 = time.perf_counter()
+    s = settings or Settings()
+    variants = tuple(variants or demo_variants())
+    step = on_step or _noop
+    base, work = Path(base), Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = ModelConfig.load(base)
+    original = cfg.max_position_embeddings
+    for v in variants:
+        longest = max(s.lengths)
+        if v.rope != "none" and original * v.factor < longest and v.tune is not None:
+            raise ConfigError(
+                f"{v.name}: the target {original * v.factor:g} is shorter than the longest length {longest}"
+            )
+    step(f"base model: {base} (trained context {original}); GGUFs with {s.weights} weights, KV cache {s.kv}")
+    base_gguf = work / "base.gguf"
+    convert(base, base_gguf, outtype=s.weights, force=True)
+    data = _write_data(work, base, s, variants)
+    results = []
+    for v in variants:
+        tv = time.perf_counter()
+        gguf, ft = _gguf_for(v, base=base, base_gguf=base_gguf, work=work, s=s, data=data, step=step)
+        target = int(original * v.factor)
+        lengths = (*s.lengths, target) if target > max(s.lengths) else s.lengths  # x16: also at its target
+        step(f"{v.name}: passkey {', '.join(map(str, lengths))} tokens in llama.cpp")
+        ev = evaluate_gguf(gguf, s, lengths=lengths)
+        results.append(
+            VariantResult(
+                name=v.name,
+                rope=v.rope,
+                factor=v.factor,
+                tune=v.tune,
+                gguf=str(gguf),
+                gguf_bytes=gguf.stat().st_size,
+                context_length=ev["context_length"],
+                passkey=ev["passkey"],
+                passkey_by_length=ev["passkey_by_length"],
+                multikey_by_length=ev.get("multikey_by_length", {}),
+                perplexity=ev.get("perplexity", {}),
+                perplexity_detail=ev.get("perplexity_detail", {}),
+                finetune=ft,
+                seconds=time.perf_counter() - tv,
+            )  # fmt: skip
+        )
+    report = ExtensionReport(str(base), original, {**asdict(s), "variants": [asdict(v) for v in variants]}, results)
+    if agreement_for is not None:
+        r = report.result(agreement_for)
+        if not r.finetune:
+            raise ConfigError(f"agreement needs a fine-tuned variant, {agreement_for!r} is not")
+        step(f"{r.name}: PyTorch vs llama.cpp (f16 KV) passkey answers")
+        f32 = work / "agreement.f32.gguf"
+        convert(r.finetune["checkpoint"], f32, outtype="f32", force=True)
+        report.agreement = passkey_agreement(
+            Path(r.finetune["checkpoint"]), f32, s, lengths=tuple(agreement_lengths) or s.lengths
+        )
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+
+
+def _lengths(report: ExtensionReport) -> list[int]:
+    return sorted({n for r in report.results for n in r.passkey_by_length})
+
+
+def format_table(report: ExtensionReport) -> str:
+    """The results as a text table: passkey accuracy per length, perplexity per length, fine-tuning cost."""
+    lengths = _lengths(report)
+    ppl = sorted({n for r in report.results for n in r.perplexity})
+    head = f"{'variant':<24}{'ctx':>6}" + "".join(f"{'pk@' + str(n):>9}" for n in lengths)
+    head += "".join(f"{'ppl@' + str(n):>10}" for n in ppl) + f"{'train tok/s':>13}{'train MiB':>11}{'train s':>9}"
+    rows = [head]
+    for r in report.results:
+        cells = "".join(
+            f"{100 * r.passkey_by_length[n]:>8.0f}%" if n in r.passkey_by_length else f"{'-':>9}" for n in lengths
+        )
+        cells += "".join(f"{r.perplexity[n]:>10.2f}" if n in r.perplexity else f"{'-':>10}" for n in ppl)
+        ft = r.finetune
+        if ft:
+            cells += f"{ft['tokens_per_s']:>13.0f}{ft['training_memory_bytes'] / 2**20:>11.0f}{ft['seconds']:>9.1f}"
+        else:
+            cells += f"{'-':>13}{'-':>11}{'-':>9}"
+        rows.append(f"{r.name:<24}{r.context_length:>6}{cells}")
+    trials = report.settings["trials"] * len(report.settings["depths"])
+    depths = ", ".join(f"{d:g}" for d in report.settings["depths"])
+    n_max = max(ppl) if ppl else 0
+    rows.append(
+        f"\npk@N: passkey accuracy, prompt and answer within N tokens ({trials} trials per length, key at depths "
+        f"{depths}).\nppl@N: perplexity of the first {n_max} tokens of held-out documentation (never trained on), "
+        f"read through a window of N tokens (ppl@{n_max}: one pass).\nGGUF {report.settings['weights']} weights, "
+        f"KV cache {report.settings['kv']}, llama.cpp.  train MiB: memory growth while fine-tuning (peak RSS)."
+    )
+    return "\n".join(rows)
+
+
+def save_plot(report: ExtensionReport, out: str | Path, *, title: str = "") -> Path:
+    """Two panels: passkey accuracy by prompt length and perplexity by length, one line per variant."""
+    from edgerope.evaluation.plots import Line, Panel, save_panels
+
+    acc = [
+        Line(
+            r.name,
+            [float(n) for n in sorted(r.passkey_by_length)],
+            [r.passkey_by_length[n] for n in sorted(r.passkey_by_length)],
+        )
+        for r in report.results
+    ]
+    ppl = [
+        Line(r.name, [float(n) for n in sorted(r.perplexity)], [r.perplexity[n] for n in sorted(r.perplexity)])
+        for r in report.results
+        if r.perplexity
+    ]
+    panels = [Panel("passkey retrieval in llama.cpp", "prompt length (tokens)", "accuracy", acc, log_x=True)]
+    if ppl:
+        panels.append(
+            Panel("held-out perplexity", "context window (tokens)", "perplexity", ppl, log_x=True, log_y=True)
+        )
+    return save_panels(out, panels, title=title).path
+
+
+# ---------------------------------------------------------------------------------------------------- KV cache types
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kv_comparison(
+    gguf: str | Path, s: Settings, *, kvs: Sequence[str] = ("f16", "q8_0", "q4_0"), reference: str = "f16"
+) -> dict[str, Any]:
+    """Passkey accuracy per length and next-token KL divergence against the ``reference`` cache, per KV type.
+
+    The KL is measured on the held-out documents cut to the longest length (mean over every position, and
+    top-1 agreement with the reference): EVAL.md's point that retrieval can pass while quality drops.
+    """
+    longest = max(s.lengths)
+    out: dict[str, Any] = {"gguf": str(gguf), "reference": reference, "kv": {}}
+    ref_logp: list[np.ndarray] = []
+    for kv in [reference, *[k for k in kvs if k != reference]]:
+        with E.llama_backend(gguf, n_ctx=longest, type_k=kv, type_v=kv, n_threads=s.n_threads) as b:
+            grid = _passkey(b, s, s.lengths)
+            docs = _heldout_ids(b, longest)
+            logp = [_log_softmax(b.logits(ids).astype(np.float64)) for ids in docs]  # (T, V) each
+        row: dict[str, Any] = {"passkey_by_length": grid.by_length(), "passkey_accuracy": grid.accuracy}
+        if kv == reference:
+            ref_logp = logp
+        else:
+            kl = [float((np.exp(r) * (r - q)).sum(-1).mean()) for r, q in zip(ref_logp, logp, strict=True)]
+            top1 = [float((r.argmax(-1) == q.argmax(-1)).mean()) for r, q in zip(ref_logp, logp, strict=True)]
+            row.update(kl_mean=float(np.mean(kl)), top1_agreement=float(np.mean(top1)), kl_tokens=longest * len(docs))
+        out["kv"][kv] = row
+    return out

@@ -1,0 +1,3 @@
+"""The rope contract (numpy only): rope scaling math and the HF config forms, and the function
+llama.cpp computes from GGUF keys.
+"""

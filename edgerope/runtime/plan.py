@@ -1,0 +1,371 @@
+"""Plan the memory llama.cpp needs to run a GGUF, and the largest context that fits a budget.
+
+What it does: read the GGUF header (``edgerope.gguf.reader``, no native code) and estimate, for a context
+length and K/V cache types, the bytes llama.cpp allocates on the CPU:
+
+* weights: the file's tensor-data region, which llama.cpp maps (``CPU_Mapped model buffer``);
+* KV cache: exact, ``edgerope.runtime.kv`` (n_ctx padded to 256, per-layer ``head_count_kv`` arrays summed);
+* compute buffer: a model of ggml-alloc's peak over llama.cpp's worst-case reserve graph
+  (``llama_context::sched_reserve``: n_tokens = min(n_ctx, n_ubatch), every token an output), see
+  ``compute_buffer_bytes``;
+* output buffer: n_vocab x n_outputs floats (``llama_context::output_reserve``);
+* CPU work buffer: the ggml CPU backend converts a matmul's f32 operand to the other operand's type in a
+  scratch buffer sized for the largest node (``work_buffer_bytes``);
+* a fixed overhead (runtime library, threads, graph metadata).
+
+Then ``largest_context`` searches the largest n_ctx (a multiple of 256, capped at the model's
+context_length) whose total fits a budget, per cache type.
+
+Sliding-window layers are planned with full-length caches: that is what llama.cpp allocates for
+edgerope's runtime, which keeps the C API's default ``swa_full`` (llama-cli and llama-server turn it off and
+allocate less; noted).  phi3's loader reads ``sliding_window`` and then disables it: no note there.
+
+What it does not do: GPU offload splits, the smaller sliding-window caches of ``swa_full`` off, recurrent
+state, multiple sequences; it loads nothing and never calls llama.cpp.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gguf import Keys
+
+from edgerope.errors import RuntimeConfigError
+from edgerope.gguf.reader import ModelHparams, model_hparams, open_gguf
+from edgerope.rope.ggml import key
+from edgerope.runtime.kv import KV_PAD, kv_bytes, kv_type, padded_ctx
+
+MiB = 2**20
+GiB = 2**30
+OVERHEAD_BYTES = 8 * MiB  # thread stacks, graph metadata, tokenizer tables: RSS beyond the buffers (bench_plan.py)
+BUDGET_SAFETY = 0.10  # the default budget keeps this fraction of MemAvailable free
+PLAN_CACHE_TYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+SWA_NOTE = (
+    "sliding-window attention: the sliding layers' caches are planned full length, as edgerope's runtime allocates "
+    "them (llama.cpp's swa_full, on in its C API; llama-cli/llama-server turn it off and allocate less)"
+)
+ARCHS_DISABLING_SWA = frozenset({"phi3"})  # the loader reads sliding_window, then runs without it
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions the compute-buffer model needs, read from the GGUF."""
+
+    n_embd: int
+    n_ff: int  # largest feed-forward width over the layers
+    n_head: int  # largest head count over the layers
+    n_vocab: int
+    n_ctx_train: int
+    sliding_window: int | None
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes llama.cpp needs for one model, context and cache-type pair (CPU backend)."""
+
+    path: str
+    architecture: str
+    n_ctx: int  # requested
+    n_ctx_allocated: int  # padded to 256
+    n_ctx_train: int
+    type_k: str
+    type_v: str
+    flash_attn: bool  # what the compute-buffer estimate assumes
+    n_batch: int
+    n_ubatch: int
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    output_bytes: int
+    work_bytes: int
+    overhead_bytes: int
+    budget_bytes: int
+    budget_source: str
+    largest_ctx: dict[str, dict[str, Any]] = field(default_factory=dict)  # cache type -> {n_ctx, limited_by}
+    notes: tuple[str, ...] = ()
+    repacked_bytes: int = 0  # weights copied into llama.cpp's repack buffers (allocated beside the mapped file)
+
+    @property
+    def total_bytes(self) -> int:
+        return (
+            self.weights_bytes
+            + self.repacked_bytes
+            + self.kv_bytes
+            + self.compute_bytes
+            + self.output_bytes
+            + self.work_bytes
+            + self.overhead_bytes
+        )
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+    @property
+    def extrapolated(self) -> bool:
+        return self.n_ctx > self.n_ctx_train
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(total_bytes=self.total_bytes, fits=self.fits, extrapolated=self.extrapolated)
+        return d
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sizes
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "8GiB", "512MiB", "8G" (binary), "8GB" (decimal) or a plain byte count."""
+    if isinstance(text, int):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B?)\s*", str(text).upper())
+        if not m:
+            raise RuntimeConfigError(
+                f"cannot read memory size {text!r}", fix='write it like "8GiB", "512MiB", "8G" or a byte count'
+            )
+        value, unit = float(m.group(1)), m.group(2) + m.group(3)
+    powers = {"K": 1, "M": 2, "G": 3, "T": 4}
+    if unit in ("", "B"):
+        n = value
+    elif unit.endswith("IB") or len(unit) == 1:
+        n = value * 1024 ** powers[unit[0]]
+    else:  # KB, MB, GB, TB
+        n = value * 1000 ** powers[unit[0]]
+    if n < 1:
+        raise RuntimeConfigError(f"memory size {text!r} is not positive", fix="give a size above zero")
+    return int(n)
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise RuntimeConfigError("cannot read MemAvailable from /proc/meminfo", fix="pass memory_budget (--memory)")
+
+
+def _max_int(value: Any) -> int:
+    return max(int(v) for v in value) if isinstance(value, list) else int(value or 0)
+
+
+def model_shape(hp: ModelHparams, kv: dict[str, Any]) -> ModelShape:
+    arch = hp.architecture
+    n_ff = _max_int(kv.get(key(Keys.LLM.FEED_FORWARD_LENGTH, arch), 0)) or 4 * hp.n_embd
+    swa = None if arch in ARCHS_DISABLING_SWA else kv.get(key(Keys.Attention.SLIDING_WINDOW, arch))
+    return ModelShape(
+        n_embd=hp.n_embd,
+        n_ff=n_ff,
+        n_head=max(hp.n_head_layers),
+        n_vocab=hp.n_vocab or 0,
+        n_ctx_train=hp.n_ctx_train,
+        sliding_window=int(swa) if swa else None,
+    )
+
+
+def kv_cache_bytes(hp: ModelHparams, n_ctx: int, *, type_k: str, type_v: str) -> int:
+    """Exact KV bytes: the formula per layer with that layer's n_head_kv, n_ctx padded to 256."""
+    return sum(
+        kv_bytes(
+            n_ctx,
+            n_layers=1,
+            n_kv_heads=h,
+            head_dim_k=hp.head_dim_k,
+            head_dim_v=hp.head_dim_v,
+            type_k=type_k,
+            type_v=type_v,
+        )
+        for h in hp.n_head_kv_layers
+    )
+
+
+def compute_buffer_bytes(shape: ModelShape, n_ctx: int, *, n_ubatch: int, flash_attn: bool) -> int:
+    """ggml-alloc's peak for llama.cpp's worst-case graph (CPU), in bytes.
+
+    T = min(n_ctx_padded, n_ubatch) tokens, all outputs; n_kv = n_ctx_padded.  The peak is the largest of
+    three phases of the llama-family graph (f32 activations, 4 bytes):
+
+    * attention: the KQ mask (n_kv x T, f32; f16 with flash attention) plus, without flash attention,
+      the scores KQ (n_kv x T x n_head; softmax runs in place) and ~7 x n_embd per token of q/k/v/residual;
+    * feed-forward / residual stream: the mask (alive until the last layer) plus max(4 n_ff + n_embd, 9 n_embd) + 8
+      floats per token;
+    * output: the logits (n_vocab x T) plus (2 n_embd + 8) floats per token (3 n_embd without flash attention).
+
+    Calibrated on the CPU backend against llama.cpp's "compute buffer size" for three shapes, n_ctx
+    256..4096, n_ubatch 64/512, flash attention on/off: within 0% .. +9% (never under).
+    """
+    n_kv = padded_ctx(n_ctx)
+    t = min(n_kv, n_ubatch)
+    mask = n_kv * t * (2 if flash_attn else 4)
+    attn = mask + (0 if flash_attn else 4 * n_kv * t * shape.n_head + 4 * t * 7 * shape.n_embd)
+    ffn = mask + 4 * t * (max(4 * shape.n_ff + shape.n_embd, 9 * shape.n_embd) + 8)
+    out = 4 * t * (shape.n_vocab + 2 * shape.n_embd + 8 + (0 if flash_attn else shape.n_embd))
+    return max(attn, ffn, out)
+
+
+def work_buffer_bytes(shape: ModelShape, n_ctx: int, *, n_ubatch: int, flash_attn: bool, type_v: str) -> int:
+    """The CPU backend's scratch buffer: the largest f32 operand converted for one matmul.
+
+    Without flash attention the softmaxed scores (n_kv x T x n_head) are converted to the V cache's type
+    (2 bytes for f16/bf16; f32 needs none) before KQ x V; otherwise the largest activation (T x n_ff)
+    converted to f16 for the weight matmuls dominates.
+    """
+    n_kv = padded_ctx(n_ctx)
+    t = min(n_kv, n_ubatch)
+    act = 2 * t * max(shape.n_ff, shape.n_embd)
+    if flash_attn or type_v == "f32":
+        return act
+    return max(act, 2 * n_kv * t * shape.n_head)
+
+
+def output_buffer_bytes(shape: ModelShape, *, n_outputs: int) -> int:
+    """llama.cpp's logits buffer: n_vocab x n_outputs floats."""
+    return 4 * shape.n_vocab * max(1, n_outputs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# planning
+
+
+@dataclass(frozen=True)
+class _Model:
+    path: str
+    hp: ModelHparams
+    shape: ModelShape
+    weights_bytes: int
+    repacked_bytes: int = 0
+
+
+def _read(path: str | Path, repacked_bytes: int) -> _Model:
+    with open_gguf(path) as f:
+        hp = model_hparams(f)
+        kv = f.kv()
+        weights = f.file_size - f.data_offset
+    return _Model(str(path), hp, model_shape(hp, kv), weights, repacked_bytes)
+
+
+def _total(m: _Model, n_ctx: int, *, type_k: str, type_v: str, flash_attn: bool, n_batch: int, n_ubatch: int) -> int:
+    ub = min(n_ubatch, n_batch, padded_ctx(n_ctx))
+    return (
+        m.weights_bytes
+        + m.repacked_bytes
+        + kv_cache_bytes(m.hp, n_ctx, type_k=type_k, type_v=type_v)
+        + compute_buffer_bytes(m.shape, n_ctx, n_ubatch=ub, flash_attn=flash_attn)
+        + output_buffer_bytes(m.shape, n_outputs=min(n_batch, padded_ctx(n_ctx)))
+        + work_buffer_bytes(m.shape, n_ctx, n_ubatch=ub, flash_attn=flash_attn, type_v=type_v)
+        + OVERHEAD_BYTES
+    )
+
+
+def _flash(type_v: str, flash_attn: bool | None) -> bool:
+    """None: on when V is quantized (required), else planned off (the larger compute buffer)."""
+    return kv_type(type_v).quantized if flash_attn is None else bool(flash_attn)
+
+
+def largest_context(
+    m: _Model, budget: int, *, type_k: str, type_v: str, flash_attn: bool | None, n_batch: int, n_ubatch: int
+) -> dict[str, Any]:
+    """Largest n_ctx (multiple of 256, <= context_length) whose planned total fits ``budget``."""
+    fa = _flash(type_v, flash_attn)
+    cap = m.hp.n_ctx_train
+
+    def fits(n: int) -> bool:
+        return _total(m, n, type_k=type_k, type_v=type_v, flash_attn=fa, n_batch=n_batch, n_ubatch=n_ubatch) <= budget
+
+    if fits(cap):
+        return {"n_ctx": cap, "limited_by": "model"}
+    lo, hi = 0, cap // KV_PAD  # fits(lo*256) holds (or lo=0), fits(hi*256) fails; total rises with n_ctx
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid * KV_PAD):
+            lo = mid
+        else:
+            hi = mid
+    return {"n_ctx": lo * KV_PAD, "limited_by": "memory"}
+
+
+def plan_memory(
+    path: str | Path,
+    *,
+    n_ctx: int | None = None,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    memory_budget: int | str | None = None,
+    n_batch: int = 512,
+    n_ubatch: int = 512,
+    flash_attn: bool | None = None,
+    repacked_bytes: int = 0,
+) -> MemoryPlan:
+    """Plan llama.cpp's memory for ``path`` at ``n_ctx`` (default: the largest that fits) and these caches.
+
+    ``memory_budget`` is bytes or a size string ("8GiB"); default: MemAvailable less 10%.  ``flash_attn``
+    None plans flash attention on when V is quantized, off otherwise (larger compute buffer).  The plan
+    also holds the largest fitting context for every cache type (K = V = that type).  ``repacked_bytes`` are
+    weights llama.cpp copies into repack buffers (``edgerope.runtime.cpu_repack``), counted beside the mapped file.  Raises
+    ``GGUFError`` for a bad file, ``RuntimeConfigError`` for bad settings.
+    """
+    tk, tv = kv_type(type_k).name, kv_type(type_v).name
+    if n_batch < 1 or n_ubatch < 1:
+        raise RuntimeConfigError(f"n_batch and n_ubatch must be >= 1, got {n_batch} and {n_ubatch}")
+    if memory_budget is None:
+        budget, source = int(available_memory() * (1 - BUDGET_SAFETY)), "MemAvailable less 10%"
+    else:
+        budget, source = parse_size(memory_budget), "given"
+    m = _read(path, repacked_bytes)
+    notes: list[str] = []
+    if m.shape.sliding_window:
+        notes.append(SWA_NOTE)
+    if not m.shape.n_vocab:
+        notes.append("the GGUF has no vocabulary size: logits not counted")
+    fa = _flash(tv, flash_attn)
+    opts = dict(flash_attn=flash_attn, n_batch=n_batch, n_ubatch=n_ubatch)
+    largest = {t: largest_context(m, budget, type_k=t, type_v=t, **opts) for t in PLAN_CACHE_TYPES}
+    pair = tk if tk == tv else f"{tk}/{tv}"  # f32/f32 is keyed "f32", like the listed types
+    if pair not in largest:
+        largest[pair] = largest_context(m, budget, type_k=tk, type_v=tv, **opts)
+    if n_ctx is None:
+        n_ctx = largest[pair]["n_ctx"] or KV_PAD
+        notes.append(f"n_ctx {n_ctx}: the largest that fits")
+    if not isinstance(n_ctx, int) or n_ctx < 1:
+        raise RuntimeConfigError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+    if n_ctx > m.hp.n_ctx_train:
+        notes.append(
+            f"n_ctx {n_ctx} is beyond the model's context_length {m.hp.n_ctx_train}: extrapolation "
+            "(the runtime refuses it unless allow_extrapolation)"
+        )
+    ub = min(n_ubatch, n_batch, padded_ctx(n_ctx))
+    return MemoryPlan(
+        path=m.path,
+        architecture=m.hp.architecture,
+        n_ctx=n_ctx,
+        n_ctx_allocated=padded_ctx(n_ctx),
+        n_ctx_train=m.hp.n_ctx_train,
+        type_k=tk,
+        type_v=tv,
+        flash_attn=fa,
+        n_batch=n_batch,
+        n_ubatch=ub,
+        weights_bytes=m.weights_bytes,
+        kv_bytes=kv_cache_bytes(m.hp, n_ctx, type_k=tk, type_v=tv),
+        compute_bytes=compute_buffer_bytes(m.shape, n_ctx, n_ubatch=ub, flash_attn=fa),
+        output_bytes=output_buffer_bytes(m.shape, n_outputs=min(n_batch, padded_ctx(n_ctx))),
+        work_bytes=work_buffer_bytes(m.shape, n_ctx, n_ubatch=ub, flash_attn=fa, type_v=tv),
+        overhead_bytes=OVERHEAD_BYTES,
+        budget_bytes=budget,
+        budget_source=source,
+        largest_ctx=largest,
+        notes=tuple(notes),
+        repacked_bytes=repacked_bytes,
+    )
+
+
+def format_bytes(n: int | float) -> str:
+    """Human size: MiB below 1 GiB, else GiB."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"

@@ -1,0 +1,389 @@
+"""Preflight for ``edgerope.runtime.runtime``: decide and check every llama.cpp setting for a GGUF before anything native.
+
+What it does: ``plan_runtime`` reads the GGUF (``edgerope.gguf.reader``) and its planned memory
+(``edgerope.runtime.plan``) and returns a ``RuntimePlan`` -- context length (default: the largest that fits the
+memory budget, capped at the model's context_length), cache types, flash attention, backend, threads, rope
+runtime parameters and the rope function llama.cpp will compute -- or refuses with a typed error what would
+make llama.cpp abort the process or silently compute something else (ROPE_GGUF.md sections 2 and 7,
+pitfalls 3, 4, 8, 13, 15-19).
+
+What it does not do: load anything.  The only native call is asking the llama.cpp build whether it can
+offload to a GPU (``backend`` auto/gpu).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, Keys, TokenType
+
+from edgerope.errors import GGUFError, RuntimeConfigError
+from edgerope.gguf.reader import GGUFFile, ModelHparams, model_hparams, open_gguf
+from edgerope.rope.ggml import ARCHS_READING_YARN_BETAS, ROPE_FACTORS_LONG, ROPE_TENSORS, LlamaCppRope, key
+from edgerope.runtime import native as N
+from edgerope.runtime.cpu_repack import CpuBackend, CpuRepack, WeightLayout, plan_layout
+from edgerope.runtime.kv import KVType, kv_bytes, kv_type, padded_ctx
+from edgerope.runtime.plan import MemoryPlan, format_bytes, plan_memory
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_CTX = 4096  # default n_ctx cap only when memory is not planned (GPU offload)
+SUGGEST_CACHE_TYPES = ("q8_0", "q4_0")  # a refusal for memory also says how far these caches reach
+DEFAULT_N_BATCH = 512
+Backend = Literal["auto", "cpu", "gpu"]
+BACKENDS = ("auto", "cpu", "gpu")
+FLASH_ATTN_CHOICES = tuple(m.value for m in N.FlashAttn)
+SUPPORTED_ARCHS = frozenset(MODEL_ARCH_NAMES.values())
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    """Every llama.cpp setting for one GGUF, decided and checked before anything native is loaded."""
+
+    path: Path
+    architecture: str
+    hparams: ModelHparams
+    n_ctx: int  # requested; llama.cpp allocates it padded to a multiple of 256
+    n_batch: int
+    n_threads: int
+    type_k: KVType
+    type_v: KVType
+    flash_attn: N.FlashAttn  # what is passed to llama.cpp (AUTO is resolved by llama.cpp)
+    backend: Backend  # the requested one
+    n_gpu_layers: int
+    rope: N.RopeOverrides  # caller overrides plus the runtime needs recorded in the GGUF
+    rope_function: LlamaCppRope  # what llama.cpp will compute with these settings
+    rope_description: str
+    notes: tuple[str, ...] = ()
+    n_ctx_source: str = "requested"  # how n_ctx was chosen, in words
+    memory_plan: MemoryPlan | None = None  # None when not planned (GPU offload)
+    weight_layout: WeightLayout | None = None  # the CPU weight-layout (repack) decision; None: llama.cpp's default
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes llama.cpp allocates for the KV cache at this n_ctx (padded to 256)."""
+        hp = self.hparams
+        return sum(
+            kv_bytes(
+                self.n_ctx,
+                n_layers=1,
+                n_kv_heads=h,
+                head_dim_k=hp.head_dim_k,
+                head_dim_v=hp.head_dim_v,
+                type_k=self.type_k.name,
+                type_v=self.type_v.name,
+            )
+            for h in hp.n_head_kv_layers
+        )
+
+    def context_params(self) -> N.ContextParams:
+        return N.ContextParams(
+            n_ctx=self.n_ctx,
+            n_batch=self.n_batch,
+            n_ubatch=self.n_batch,
+            n_threads=self.n_threads,
+            type_k=self.type_k.id,
+            type_v=self.type_v.id,
+            flash_attn=self.flash_attn,
+            offload_kqv=self.n_gpu_layers != 0,
+            rope=self.rope,
+        )
+
+
+def _flash_attn(value: str | bool) -> N.FlashAttn:
+    if isinstance(value, bool):
+        return N.FlashAttn.ON if value else N.FlashAttn.OFF
+    try:
+        return N.FlashAttn(str(value).lower())
+    except ValueError:
+        raise RuntimeConfigError(
+            f"unknown flash_attn setting {value!r}", fix=f"use one of: {', '.join(FLASH_ATTN_CHOICES)}"
+        ) from None
+
+
+def check_runnable(f: GGUFFile) -> str:
+    """Return the architecture; refuse what makes llama.cpp abort while loading or running a GGUF."""
+    where = str(f.path)
+    arch = f.architecture
+    if arch not in SUPPORTED_ARCHS:
+        raise GGUFError(
+            f"architecture {arch!r} is not one llama.cpp knows",
+            where=where,
+            fix="only GGUFs of llama.cpp architectures can run (llama, qwen2, ...)",
+        )
+    for name in ROPE_TENSORS:
+        t = f.tensor(name)
+        if t is not None and t.ggml_type != GGMLQuantizationType.F32:
+            raise GGUFError(
+                f"rope frequency-factor tensor {name} is {t.ggml_type.name}; llama.cpp aborts the process unless it "
+                "is F32 (pitfall 13)",
+                where=where,
+                fix="re-convert with edgerope convert (it keeps these tensors F32), or rewrite the rope with "
+                "edgerope set-rope",
+            )
+    if f.get(Keys.Tokenizer.MODEL) == "llama":  # SentencePiece: unseen characters need the 256 byte pieces
+        types = f.get(Keys.Tokenizer.TOKEN_TYPE) or []
+        n_bytes = sum(1 for t in types if t == TokenType.BYTE)
+        if n_bytes < 256:
+            raise GGUFError(
+                f"the SentencePiece vocab has {n_bytes} of the 256 byte pieces (<0x00>..<0xFF>); llama.cpp aborts "
+                "the process on the first character outside the vocab (pitfall 19)",
+                where=where,
+                fix="re-train the tokenizer with byte_fallback=True and convert again",
+            )
+    return arch
+
+
+def _describe(fn: LlamaCppRope, stype: str, hp: ModelHparams) -> str:
+    if fn.ext_factor != 0:
+        kind = "yarn"
+    elif stype == "longrope":
+        kind = "longrope"
+    else:
+        kind = "linear" if fn.freq_scale != 1.0 else "plain"
+    words = [f"{kind} rope, base {fn.freq_base:g}"]
+    if fn.freq_scale != 1.0:
+        words.append(f"factor {1.0 / fn.freq_scale:g}")
+    if fn.ext_factor != 0:
+        words.append(f"YaRN ramp over original context {fn.n_ctx_orig} (betas {fn.beta_fast:g}/{fn.beta_slow:g})")
+    if fn.freq_factors is not None:
+        words.append(f"per-band frequency factors ({len(fn.freq_factors)})")
+    words.append(f"magnitude {fn.magnitude:.6g}")
+    words.append(f"rotary dims {hp.n_rot}")
+    return ", ".join(words)
+
+
+def _planner_flash(fa: N.FlashAttn) -> bool | None:
+    return {N.FlashAttn.ON: True, N.FlashAttn.OFF: False}.get(fa)  # AUTO: planned off, the larger buffer
+
+
+def _plan_context(
+    path: str | Path,
+    hp: ModelHparams,
+    *,
+    n_ctx: int | None,
+    tk: KVType,
+    tv: KVType,
+    fa: N.FlashAttn,
+    n_batch: int,
+    memory_budget: int | str | None,
+    gpu: bool,
+    repacked_bytes: int = 0,
+) -> tuple[int, str, MemoryPlan | None]:
+    """(n_ctx, how it was chosen, the memory plan); refuses a context whose planned memory exceeds the budget."""
+    where = str(path)
+    if gpu:  # edgerope.runtime.plan models the CPU backend only
+        if n_ctx is not None:
+            return n_ctx, "requested (memory not planned: GPU offload)", None
+        n = min(hp.n_ctx_train, DEFAULT_MAX_CTX)
+        return n, f"context_length {hp.n_ctx_train} capped at {DEFAULT_MAX_CTX} (memory not planned: GPU offload)", None
+    opts = dict(
+        type_k=tk.name,
+        type_v=tv.name,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        flash_attn=_planner_flash(fa),
+        repacked_bytes=repacked_bytes,
+    )
+    if memory_budget is None:
+        try:
+            mem = plan_memory(path, n_ctx=n_ctx, **opts)
+        except RuntimeConfigError as exc:  # no /proc/meminfo: run without a plan rather than refuse
+            if n_ctx is not None:
+                return n_ctx, f"requested (memory not planned: {exc.what})", None
+            n = min(hp.n_ctx_train, DEFAULT_MAX_CTX)
+            return n, f"context_length capped at {DEFAULT_MAX_CTX} (memory not planned: {exc.what})", None
+    else:
+        mem = plan_memory(path, n_ctx=n_ctx, memory_budget=memory_budget, **opts)
+    pair = tk.name if tk.name == tv.name else f"{tk.name}/{tv.name}"
+    budget = f"{format_bytes(mem.budget_bytes)} ({mem.budget_source})"
+    if not mem.fits:
+        sugg = [f"n_ctx <= {mem.largest_ctx[pair]['n_ctx']} with the {pair} cache"]
+        sugg += [f"{t} cache: n_ctx <= {mem.largest_ctx[t]['n_ctx']}" for t in SUGGEST_CACHE_TYPES if t != pair]
+        asked = "n_ctx " + (str(n_ctx) if n_ctx is not None else f"{mem.n_ctx} (the smallest)")
+        raise RuntimeConfigError(
+            f"{asked} needs about {format_bytes(mem.total_bytes)} (weights {format_bytes(mem.weights_bytes)}, "
+            f"KV cache {format_bytes(mem.kv_bytes)}, compute {format_bytes(mem.compute_bytes)}), over the memory "
+            f"budget of {budget}",
+            where=where,
+            fix="use " + "; or ".join(sugg) + "; or give a larger memory_budget (--memory)",
+        )
+    if n_ctx is not None:
+        return n_ctx, f"requested (planned {format_bytes(mem.total_bytes)} of a {budget} budget)", mem
+    if mem.largest_ctx[pair]["limited_by"] == "model":
+        how = f"the model's context_length {hp.n_ctx_train}, which fits the memory budget of {budget}"
+    else:
+        how = (
+            f"the largest that fits the memory budget of {budget} (planned {format_bytes(mem.total_bytes)}); "
+            f"the model's context_length is {hp.n_ctx_train}"
+        )
+    return mem.n_ctx, how, mem
+
+
+def plan_runtime(
+    path: str | Path,
+    *,
+    n_ctx: int | None = None,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    flash_attn: str | bool = "auto",
+    backend: Backend = "auto",
+    n_threads: int | None = None,
+    n_batch: int = DEFAULT_N_BATCH,
+    rope_overrides: Mapping[str, float] | None = None,
+    allow_extrapolation: bool = False,
+    memory_budget: int | str | None = None,
+    cpu_repack: str | CpuRepack | None = None,
+) -> RuntimePlan:
+    """Check a run request against the GGUF and decide every llama.cpp setting (what ``Runtime.open`` loads).
+
+    ``n_ctx`` defaults to the largest context whose planned memory (``edgerope.runtime.plan``, for these cache
+    types and flash attention) fits ``memory_budget`` (bytes or "8GiB"; default: MemAvailable less 10%),
+    capped at the model's context_length (the rope-extended length); ``RuntimePlan.n_ctx_source`` says
+    which limit chose it.  A requested ``n_ctx`` whose planned memory exceeds the budget is refused with
+    the planner's suggestion.  With GPU offload memory is not planned (the default is context_length
+    capped at 4096, noted).  Beyond context_length only with ``allow_extrapolation``.
+    ``type_k``/``type_v`` are cache type names (``edgerope.runtime.kv``).
+    ``flash_attn`` is "auto" (on for a quantized V cache, off for an f32 cache, else llama.cpp's
+    choice), "on" or "off".  ``backend`` "auto" offloads every layer when the build can.
+    ``rope_overrides`` takes llama_context_params rope fields (``RopeOverrides``); unset ones come
+    from the GGUF.  ``cpu_repack`` is the CPU weight-layout policy (``edgerope.runtime.cpu_repack``: "auto" avoids the
+    buffer types known to crash, "on" is llama.cpp's default, "off" turns repacking off; None:
+    ``$EDGEROPE_CPU_REPACK``, else "auto").
+    Raises ``GGUFError``/``RuntimeConfigError`` before loading anything native.
+
+    Loads no model: the only native call is asking the llama.cpp build whether it can offload to a GPU.
+    """
+    with open_gguf(path) as f:
+        arch = check_runnable(f)
+        hp = model_hparams(f)
+        kv = f.kv()
+        freq_factors = f.freq_factors()
+        weights = list(f.tensors)
+    repack = CpuRepack.parse(cpu_repack)
+    where = str(path)
+    notes: list[str] = []
+
+    # context (the default is decided below, once caches and backend are known)
+    if n_ctx is not None and (not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1):
+        raise RuntimeConfigError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+    if n_ctx is not None and n_ctx > hp.n_ctx_train and not allow_extrapolation:
+        raise RuntimeConfigError(
+            f"n_ctx {n_ctx} is beyond the model's context_length {hp.n_ctx_train}: positions past it were never "
+            "trained (or extended by rope scaling)",
+            where=where,
+            fix=f"use n_ctx <= {hp.n_ctx_train}, fine-tune/convert with rope scaling for a longer context, or pass "
+            "allow_extrapolation=True to run it anyway",
+        )
+    if n_batch < 1 or n_threads is not None and n_threads < 1:
+        raise RuntimeConfigError(f"n_batch and n_threads must be >= 1, got {n_batch} and {n_threads}")
+
+    # caches and flash attention (ROPE_GGUF.md section 7, pitfall 16)
+    tk, tv = kv_type(type_k), kv_type(type_v)
+    fa = _flash_attn(flash_attn)
+    for t, head_dim, which in ((tk, hp.head_dim_k, "K"), (tv, hp.head_dim_v, "V")):
+        if t.quantized and head_dim % t.block_size:
+            raise RuntimeConfigError(
+                f"a {t.name} {which} cache needs a head size that is a multiple of {t.block_size}; this model's "
+                f"{which} head size is {head_dim}",
+                where=where,
+                fix=f"use an unquantized {which} cache (f16, bf16 or f32)",
+            )
+    if tv.quantized:
+        if fa is N.FlashAttn.OFF:
+            raise RuntimeConfigError(
+                f"a quantized V cache ({tv.name}) needs flash attention, which is off",
+                where=where,
+                fix="use flash_attn='auto' or 'on', or an unquantized V cache",
+            )
+        if fa is N.FlashAttn.AUTO:
+            fa = N.FlashAttn.ON
+            notes.append(f"flash attention on: required by the {tv.name} V cache")
+    elif fa is N.FlashAttn.AUTO and tk.name == "f32" and tv.name == "f32":
+        fa = N.FlashAttn.OFF  # llama.cpp's flash attention casts an f32 cache to f16
+        notes.append("flash attention off: llama.cpp would cast the f32 KV cache to f16 inside it")
+    elif fa is N.FlashAttn.ON and "f32" in (tk.name, tv.name):
+        notes.append("flash attention casts the f32 cache to f16 while attending: f16 precision")
+
+    # backend
+    if backend not in BACKENDS:
+        raise RuntimeConfigError(f"unknown backend {backend!r}", fix=f"use one of: {', '.join(BACKENDS)}")
+    gpu = N.supports_gpu_offload() if backend != "cpu" else False
+    if backend == "gpu" and not gpu:
+        raise RuntimeConfigError(
+            "backend 'gpu' was requested, but this llama.cpp build has no GPU support",
+            fix="reinstall llama-cpp-python with a GPU backend (e.g. CMAKE_ARGS='-DGGML_CUDA=on'), or use "
+            "backend='cpu'",
+        )
+
+    # memory (edgerope.runtime.plan): the default context is the largest that fits; a requested one must fit.  Planned
+    # first without repacked weight copies, so a request that cannot fit is refused before any native call.
+    plan_args = dict(n_ctx=n_ctx, tk=tk, tv=tv, fa=fa, n_batch=n_batch, memory_budget=memory_budget, gpu=gpu)
+    n_ctx_planned, n_ctx_source, mem = _plan_context(path, hp, **plan_args)  # type: ignore[arg-type]
+
+    n_ctx = n_ctx_planned
+    # rope: caller overrides, plus what the GGUF records but this arch does not read (pitfall 2)
+    given = dict(rope_overrides or {})
+    stype = kv.get(key(Keys.Rope.SCALING_TYPE, arch), "linear")
+    if arch == "phi3" and ROPE_FACTORS_LONG in freq_factors:  # phi3's loader takes long/short factors whatever the type
+        stype = "longrope"
+    for field_name, template in (
+        ("yarn_beta_fast", Keys.Rope.SCALING_YARN_BETA_FAST),
+        ("yarn_beta_slow", Keys.Rope.SCALING_YARN_BETA_SLOW),
+    ):
+        value = kv.get(key(template, arch))
+        if value is not None and arch not in ARCHS_READING_YARN_BETAS and field_name not in given:
+            given[field_name] = float(value)
+            notes.append(
+                f"{field_name}={float(value):g} applied at run time: the GGUF records it, llama.cpp ignores the key "
+                f"on arch {arch!r}"
+            )
+    rope = N.RopeOverrides.from_mapping(given)
+    fn = LlamaCppRope.from_gguf(arch, kv, tensors=freq_factors, n_ctx=n_ctx, runtime=rope.explicit())
+
+    # CPU weight layout, from what llama.cpp reports about this CPU (edgerope.runtime.cpu_repack): the first native call,
+    # after every refusal above.  Repacked copies are allocated beside the mapped file, so memory is planned again.
+    layout = plan_layout(repack, CpuBackend(*N.cpu_backend()), weights, gpu_offload=gpu)
+    if layout.repacked_bytes and mem is not None:
+        n_ctx, n_ctx_source, mem = _plan_context(
+            path,
+            hp,
+            **plan_args,
+            repacked_bytes=layout.repacked_bytes,  # type: ignore[arg-type]
+        )
+        fn = LlamaCppRope.from_gguf(arch, kv, tensors=freq_factors, n_ctx=n_ctx, runtime=rope.explicit())
+    if mem is not None and mem.notes:
+        notes.extend(n for n in mem.notes if not n.startswith("n_ctx "))
+    if stype == "longrope" and padded_ctx(n_ctx) > fn.n_ctx_orig:
+        msg = (
+            f"LongRoPE: n_ctx {n_ctx} (allocated {padded_ctx(n_ctx)}) exceeds the original context {fn.n_ctx_orig}, "
+            "so llama.cpp uses the long factors for every prompt, short ones included; Hugging Face uses the short "
+            f"factors for sequences up to {fn.n_ctx_orig} tokens (pitfall 8)"
+        )
+        logger.warning("%s", msg)
+        notes.append(msg)
+
+    return RuntimePlan(
+        path=Path(path),
+        architecture=arch,
+        hparams=hp,
+        n_ctx=n_ctx,
+        n_batch=min(n_batch, padded_ctx(n_ctx)),
+        n_threads=n_threads or N.default_threads(),
+        type_k=tk,
+        type_v=tv,
+        flash_attn=fa,
+        backend=backend,
+        n_gpu_layers=-1 if gpu else 0,
+        rope=rope,
+        rope_function=fn,
+        rope_description=_describe(fn, stype, hp),
+        notes=tuple(notes),
+        n_ctx_source=n_ctx_source,
+        memory_plan=mem,
+        weight_layout=layout,
+    )

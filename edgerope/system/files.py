@@ -1,0 +1,79 @@
+"""Output files written atomically: the checks before writing, and the temp name beside the output.
+
+What it does:
+
+* ``check_output`` refuses, with an ``OutputError`` saying what/where/fix, an
+  output whose folder is missing or not writable, that is a folder, that
+  would overwrite one of the inputs, that exists without ``force``, or that
+  would not fit in the free disk space;
+* ``check_free_space`` is the disk-space part alone (for in-place rewrites);
+* ``partial_path`` names the hidden temp file, in the output's folder, that
+  is written, verified and then renamed over the output.
+
+What it does not do: write, verify or rename anything (``edgerope.convert.export``,
+``edgerope.convert.quantize`` and ``edgerope.gguf.set_rope`` do, each for its format).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from edgerope.errors import OutputError
+
+
+def check_free_space(folder: Path, need_bytes: int) -> None:
+    """Raise ``OutputError`` unless ``folder``'s file system has ``need_bytes`` free."""
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise OutputError(
+            f"not enough disk space: about {need_bytes / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free",
+            where=str(folder),
+            fix="free space or write elsewhere",
+        )
+
+
+def check_output(
+    out: Path,
+    *,
+    force: bool,
+    inputs: Iterable[Path] = (),
+    need_bytes: int = 0,
+    input_fix: str = "write the output elsewhere",
+) -> None:
+    """Raise ``OutputError`` unless ``out`` can be written (see the module docstring); ``input_fix`` is the
+    advice given when ``out`` is one of ``inputs``."""
+    if not out.parent.is_dir():
+        raise OutputError("the output folder does not exist", where=str(out.parent), fix="create it first")
+    if out.is_dir():
+        raise OutputError("the output path is a folder", where=str(out), fix="give a file name ending in .gguf")
+    if out.exists() and out.resolve() in {p.resolve() for p in inputs}:
+        raise OutputError("the output would overwrite the input", where=str(out), fix=input_fix)
+    if out.exists() and not force:
+        raise OutputError("the output file already exists", where=str(out), fix="pass --force to overwrite it")
+    if not os.access(out.parent, os.W_OK):
+        raise OutputError("the output folder is not writable", where=str(out.parent), fix="choose a writable folder")
+    check_free_space(out.parent, need_bytes)
+
+
+TEMP_LOG_ENV = "EDGEROPE_TEMP_LOG"
+
+
+def track_temp(path: Path) -> Path:
+    """Note a temporary output in ``$EDGEROPE_TEMP_LOG`` (set by the ``edgerope`` command's crash guard, which
+    removes what a crashed child left behind); returns ``path``."""
+    log = os.environ.get(TEMP_LOG_ENV)
+    if log:
+        try:
+            with open(log, "a", encoding="utf-8") as fh:
+                fh.write(f"{os.path.abspath(path)}\n")
+        except OSError:
+            pass
+    return path
+
+
+def partial_path(out: Path, tag: str = "") -> Path:
+    """The hidden temp file beside ``out`` (same file system, so the final rename is atomic)."""
+    return track_temp(out.with_name(f".{out.name}.{os.getpid()}{'.' + tag if tag else ''}.partial"))

@@ -1,0 +1,202 @@
+"""The recipe of a fine-tuning run, decided before training: scaled rope, memory estimate, lr schedule, device.
+
+What it does:
+
+* ``original_context_of`` / ``scaled_rope``: the scaled rope variant (built
+  with ``edgerope.rope.scaling``) for a checkpoint, a type and a factor or target,
+  refusing inconsistent requests;
+* ``estimate_memory`` (params + grads + AdamW + activations), ``available_memory``
+  and ``peak_memory`` (measured after a run);
+* ``default_lr`` (YaRN's 2e-5 scaled to the model size) and ``lr_multiplier``
+  (linear warmup, cosine or linear decay);
+* device and autocast choice.
+
+What it does not do: train (``edgerope.train.finetune``), save state (``edgerope.train.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+from pathlib import Path
+
+import torch
+
+from edgerope.errors import ConfigError, EdgeropeError, RopeConfigError
+from edgerope.models.config import ModelConfig
+from edgerope.rope import scaling as R
+
+ROPE_TYPES = ("yarn", "linear", "ntk")
+PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("cosine", "linear")
+YARN_LR, YARN_PARAMS = 2e-5, 6.7e9  # YaRN's recipe: lr 2e-5 for Llama 2 7B
+
+
+# ---------------------------------------------------------------------------------------------------- rope
+
+
+def original_context_of(cfg: ModelConfig, *, rescale: bool = False, where: str = "config.json") -> int:
+    """The context the checkpoint was pre-trained at; refuses an already scaled one unless ``rescale``."""
+    scaled = not isinstance(cfg.rope, R.Default) or bool(cfg.rope_finetuned)
+    if scaled and not rescale:
+        raise RopeConfigError(
+            f"the checkpoint is already scaled ({R.describe(cfg.rope)}, fine-tuned: {cfg.rope_finetuned})",
+            where=where,
+            fix="fine-tune the unscaled base checkpoint, or pass rescale=True (--rescale) to scale it again",
+        )
+    return R.original_context(cfg.rope) or cfg.max_position_embeddings
+
+
+def scaled_rope(
+    rope: str, *, theta: float, head_dim: int, original: int, factor: float | None, target: int | None
+) -> tuple[R.RopeScaling, int]:
+    """(the scaled rope variant, the target context) for ``rope`` in ``ROPE_TYPES``.
+
+    NTK-aware scaling is returned in the form HF stores it: plain rope with the enlarged base.
+    """
+    if rope not in ROPE_TYPES:
+        raise RopeConfigError(f"unknown rope type {rope!r}", fix=f"use one of {', '.join(ROPE_TYPES)}")
+    if factor is None and target is None:
+        raise ConfigError("give a scaling factor or a target context", fix="e.g. --factor 8")
+    if factor is None:
+        factor = target / original  # type: ignore[operator]
+    if target is None:
+        target = int(round(factor * original))
+    if target <= original:
+        raise RopeConfigError(
+            f"the target context {target} must exceed the original context {original}",
+            fix=f"use a factor > 1, e.g. factor 8 -> target {8 * original}",
+        )
+    if abs(factor * original - target) > 0.5:
+        raise RopeConfigError(
+            f"factor {factor:g} is inconsistent with target {target}: {factor:g} x {original} = {factor * original:g}",
+            fix=f"give one of them, or factor {target / original:g} for target {target}",
+        )
+    variant: R.RopeScaling
+    if rope == "yarn":
+        variant = R.Yarn(theta=theta, factor=float(factor), original_max_position_embeddings=original)
+    elif rope == "linear":
+        variant = R.Linear(theta=theta, factor=float(factor))
+    else:
+        variant = R.Default(theta=R.ntk_theta(theta, float(factor), head_dim))
+    R.validate_for_context(variant, context_length=target)
+    return variant, target
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+
+def estimate_memory(
+    cfg: ModelConfig, *, batch_size: int, seq_len: int, grad_checkpointing: bool, bytes_per_act: int = 4
+) -> int:
+    """Bytes one training step needs: fp32 weights, grads and AdamW's two moments (16 B/param) plus activations.
+
+    Activations per layer ~ B x T x (12 d + 4 i) values (norms, q/k/v, attention output, MLP), plus
+    the B x H x T x T attention weights when the attention kernel materialises them, plus the logits
+    (B x T x V, float32, three copies: logits, log-softmax, grad).  With gradient checkpointing only each
+    layer's input is kept, plus one layer's activations during its recompute.  An estimate, not a bound.
+    """
+    n = cfg.n_params
+    states = 16 * n
+    B, T, d, i = batch_size, seq_len, cfg.hidden_size, cfg.intermediate_size
+    per_layer = B * T * (12 * d + 4 * i) * bytes_per_act + 2 * B * cfg.num_attention_heads * T * T * bytes_per_act
+    layers = cfg.num_hidden_layers
+    acts = (layers * B * T * d * bytes_per_act + per_layer) if grad_checkpointing else layers * per_layer
+    logits = 3 * B * T * cfg.vocab_size * 4
+    return int(states + acts + logits)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: CUDA free memory, else the planner's MemAvailable (unknown: do not refuse)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    from edgerope.runtime.plan import available_memory as system_available
+
+    try:
+        return system_available()
+    except EdgeropeError:
+        return 1 << 62
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes in use now (CUDA: allocated, and its peak counter is reset; CPU: resident set size)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        resident = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return resident * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: CUDA max allocated, else the process's peak resident set size.
+
+    On Linux the peak is ``VmHWM`` of this process image: ``ru_maxrss`` would also count the parent's
+    resident memory at fork time, so a small run started from a big process would report the parent's size.
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# ---------------------------------------------------------------------------------------------------- recipe
+
+
+def default_lr(n_params: int) -> float:
+    """YaRN's 2e-5 for 7B, scaled by sqrt(7B / n_params) and capped at 1e-3 for small models."""
+    return float(min(1e-3, max(YARN_LR, YARN_LR * math.sqrt(YARN_PARAMS / n_params))))
+
+
+def lr_multiplier(step: int, *, steps: int, warmup: int, schedule: str, min_ratio: float = 0.1) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup, then decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    t = (step - warmup) / max(1, steps - warmup)
+    decay = 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else 1 - t
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; a clear error for one not here."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}", fix="use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported", fix="use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {device!r}: this PyTorch sees no CUDA GPU",
+                fix="use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU",
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r}: there are {torch.cuda.device_count()} CUDA device(s)",
+                fix=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}",
+            )
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}", fix=f"use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    bf16_ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if precision == "bf16" and not bf16_ok:
+        raise ConfigError(f"bf16 is not supported on {device}", fix="use precision fp32")
+    if precision == "auto":  # bf16 where the hardware has it; CPU bf16 autocast is slow, keep fp32
+        return torch.bfloat16 if device.type == "cuda" and bf16_ok else None
+    return torch.bfloat16
