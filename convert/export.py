@@ -8,7 +8,7 @@ What it does:
   mis-shaped tensors are reported together) before anything is written;
 * writes rope metadata and frequency-factor tensors exactly as
   ``edgerope.rope.ggml.plan_gguf_rope`` plans them (this module has no rope
-  math), permutes Q/K rows for the ``llama`` arch (ROPE_GGUF.md section 3.1);
+  math), permutes Q/K rows for the ``llama`` arch (docs/llama_cpp.md §3.1);
 * streams tensors to a temp file beside the output: raw bytes when the stored
   type is kept, otherwise chunked casts spread over threads while the previous
   tensor is written; fsyncs, re-reads the file with ``edgerope.gguf.reader.open_gguf``,
@@ -34,6 +34,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from edgerope.convert.safetensors_reader import SafetensorsCheckpoint
+from edgerope.convert.stream import SAME_BYTES, TensorJob, write_gguf
 from edgerope.convert.vocab import load_vocab
 from edgerope.errors import (
     CheckpointError,
@@ -44,8 +45,7 @@ from edgerope.errors import (
     UnsupportedRopeError,
 )
 from edgerope.gguf.reader import open_gguf
-from edgerope.gguf.writer import SAME_BYTES, TensorJob, write_gguf
-from edgerope.models.config import ModelConfig
+from edgerope.models.config import ModelConfig, hf_tensor_shapes
 from edgerope.rope import ggml as ggml_rope
 from edgerope.rope import scaling as R
 from edgerope.system.files import check_output, partial_path
@@ -93,35 +93,6 @@ class ConvertReport:
 # --------------------------------------------------------------------------- planning
 
 
-def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Hugging Face checkpoint of ``cfg`` holds, name -> shape (rows, cols), in a fixed order."""
-    d, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    q_rows, kv_rows = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, d)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = (d,)
-        out[p + "self_attn.q_proj.weight"] = (q_rows, d)
-        out[p + "self_attn.k_proj.weight"] = (kv_rows, d)
-        out[p + "self_attn.v_proj.weight"] = (kv_rows, d)
-        if cfg.qkv_bias:
-            out[p + "self_attn.q_proj.bias"] = (q_rows,)
-            out[p + "self_attn.k_proj.bias"] = (kv_rows,)
-            out[p + "self_attn.v_proj.bias"] = (kv_rows,)
-        out[p + "self_attn.o_proj.weight"] = (d, q_rows)
-        if cfg.o_bias:
-            out[p + "self_attn.o_proj.bias"] = (d,)
-        out[p + "post_attention_layernorm.weight"] = (d,)
-        for proj, shape in (("gate_proj", (inter, d)), ("up_proj", (inter, d)), ("down_proj", (d, inter))):
-            out[p + f"mlp.{proj}.weight"] = shape
-            if cfg.mlp_bias:
-                out[p + f"mlp.{proj}.bias"] = (shape[0],)
-    out["model.norm.weight"] = (d,)
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = (cfg.vocab_size, d)
-    return out
-
-
 def extended_context(cfg: ModelConfig, rope: R.RopeScaling) -> int:
     """The context the GGUF advertises: max_position_embeddings, or factor x original when a scaled config
     keeps max_position_embeddings at the original length (the Qwen2.5 layout)."""
@@ -135,7 +106,7 @@ def neox_to_norm_rows(n_rows: int, n_head: int) -> np.ndarray:
     """Row order that turns HF's rotate-half pairs (i, i+d/2) into adjacent pairs (2i, 2i+1) per head.
 
     Returns ``idx`` with ``new = old[idx]``: within each head new row 2j is old
-    row j and new row 2j+1 is old row j + d/2 (ROPE_GGUF.md section 3.1).
+    row j and new row 2j+1 is old row j + d/2 (docs/llama_cpp.md §3.1).
     """
     if n_rows % (2 * n_head):
         raise CheckpointError(f"cannot split {n_rows} rows into {n_head} heads of rotary pairs")
@@ -422,7 +393,6 @@ __all__ = [
     "OUTTYPES",
     "convert",
     "extended_context",
-    "hf_tensor_shapes",
     "neox_to_norm_rows",
     "verify_gguf",
 ]

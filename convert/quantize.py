@@ -26,10 +26,10 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 
 from edgerope.errors import GGUFError, RuntimeConfigError
+from edgerope.gguf.checks import check_runnable
 from edgerope.gguf.reader import GGUFFile, open_gguf
 from edgerope.rope.ggml import ROPE_TENSORS
 from edgerope.runtime import native as N
-from edgerope.runtime.runtime import check_runnable
 from edgerope.system.files import check_output, partial_path
 
 QUANT_TYPES = N.QUANT_TYPES

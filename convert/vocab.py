@@ -6,7 +6,7 @@ What it does:
   from the model file itself (a small protobuf wire reader, no protobuf
   package needed), written as ``tokenizer.ggml.model = "llama"``.  A vocab
   without the 256 ``<0xXX>`` byte pieces is refused: llama.cpp aborts the
-  process on the first character it cannot cover (ROPE_GGUF.md section 6).
+  process on the first character it cannot cover (docs/llama_cpp.md §6).
   Normalizers llama.cpp does not apply (nmt_nfkc, extra-whitespace removal)
   and unigram models are accepted with a note;
 * Hugging Face byte-level BPE (``tokenizer.json``): tokens, merges, token

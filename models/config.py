@@ -216,3 +216,32 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face checkpoint of ``cfg`` holds, name -> shape (rows, cols), in a fixed order."""
+    d, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q_rows, kv_rows = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (d,)
+        out[p + "self_attn.q_proj.weight"] = (q_rows, d)
+        out[p + "self_attn.k_proj.weight"] = (kv_rows, d)
+        out[p + "self_attn.v_proj.weight"] = (kv_rows, d)
+        if cfg.qkv_bias:
+            out[p + "self_attn.q_proj.bias"] = (q_rows,)
+            out[p + "self_attn.k_proj.bias"] = (kv_rows,)
+            out[p + "self_attn.v_proj.bias"] = (kv_rows,)
+        out[p + "self_attn.o_proj.weight"] = (d, q_rows)
+        if cfg.o_bias:
+            out[p + "self_attn.o_proj.bias"] = (d,)
+        out[p + "post_attention_layernorm.weight"] = (d,)
+        for proj, shape in (("gate_proj", (inter, d)), ("up_proj", (inter, d)), ("down_proj", (d, inter))):
+            out[p + f"mlp.{proj}.weight"] = shape
+            if cfg.mlp_bias:
+                out[p + f"mlp.{proj}.bias"] = (shape[0],)
+    out["model.norm.weight"] = (d,)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, d)
+    return out

@@ -20,7 +20,7 @@ Rotation convention: **NEOX / Hugging Face ``rotate_half``**.  Within a head of
 rotated together by angle ``p * inv_freq[i]``:
 ``x'_i = x_i cos - x_{i+d/2} sin`` and ``x'_{i+d/2} = x_{i+d/2} cos + x_i sin``.
 (llama.cpp's ``llama`` arch rotates adjacent channels ``(2i, 2i+1)`` instead; the
-GGUF exporter permutes Q/K rows for it -- see ROPE_GGUF.md section 3.1.)
+GGUF exporter permutes Q/K rows for it -- see docs/llama_cpp.md §3.1.)
 
 What it does not do: KV caching or generation (inference runs in llama.cpp),
 the training loss or loop (``edgerope.train.finetune``), tokenization, dropout.

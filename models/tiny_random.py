@@ -4,7 +4,7 @@ What it does:
 
 * ``train_tokenizer`` trains a small SentencePiece BPE vocab (byte fallback,
   identity normalization, so llama.cpp tokenizes exactly like sentencepiece;
-  ROPE_GGUF.md section 8.4) on CPython's own documentation strings
+  docs/llama_cpp.md §8.4) on CPython's own documentation strings
   (``pydoc_data.topics``), which every Python installation ships;
 * ``make_tiny_checkpoint`` writes a Hugging Face model folder (``config.json``,
   ``model.safetensors`` in float32, tokenizer files, generation config) with
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from edgerope.errors import ConfigError
-from edgerope.models.config import MODEL_TYPES, ModelConfig
+from edgerope.models.config import MODEL_TYPES, ModelConfig, hf_tensor_shapes
 from edgerope.rope import scaling as R
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -161,7 +161,6 @@ def tiny_weights(cfg: ModelConfig, *, weight_std: float = 0.15, seed: int = 0) -
     Matrices and biases ~ N(0, weight_std); norm weights ~ 1 + N(0, 0.1), not
     exactly 1, so that a mixed-up norm shows.
     """
-    from edgerope.convert.export import hf_tensor_shapes
 
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}

@@ -187,7 +187,7 @@ def test_cli_json_and_errors(model: Path, tmp_path: Path) -> None:
 
 
 def test_truncate_cuts_the_tail_at_a_word_and_reports_exactly_what(model: Path, tmp_path: Path) -> None:
-    from edgerope.apps.ask import DOC_TEMPLATE
+    from edgerope.prompts import DOC_TEMPLATE
 
     doc = document(40)  # ~700 tokens, the context is 256
     with Runtime.open(model, n_ctx=256, n_threads=2, backend="cpu") as rt:

@@ -186,8 +186,9 @@ def ask_models(make_tiny, tmp_path: Path) -> dict[str, Path]:
 
 @pytest.mark.llama
 def test_ask_uses_the_chat_template_and_caches_it(ask_models: dict[str, Path], tmp_path: Path) -> None:
-    from edgerope.apps.ask import DOC_TEMPLATE, PROMPT_FORMAT, QUESTION_TEMPLATE, ask
+    from edgerope.apps.ask import ask
     from edgerope.models.tiny_random import EOS_ID
+    from edgerope.prompts import DOC_TEMPLATE, PLAIN_QA_FORMAT, QUESTION_TEMPLATE
     from edgerope.runtime.runtime import Runtime
 
     doc, question = "The red box holds seven keys. " * 8, "What does the red box hold?"
@@ -206,7 +207,7 @@ def test_ask_uses_the_chat_template_and_caches_it(ask_models: dict[str, Path], t
         as_text = rt.tokenize(want[len(prefix) :], add_bos=False)  # "</s>" as characters, not the EOS token
     assert EOS_ID in q_ids and len(q_ids) < len(as_text)
     assert a.prompt_format.startswith("chat-") and a.prompt_format == b.prompt_format
-    assert plain.prompt_format == PROMPT_FORMAT
+    assert plain.prompt_format == PLAIN_QA_FORMAT
     assert (a.document_tokens, a.question_tokens) == (len(doc_ids), len(q_ids))
     assert a.tokens == ref.tokens == b.tokens and not a.cached and b.cached
     assert plain.document_tokens != a.document_tokens
@@ -214,11 +215,12 @@ def test_ask_uses_the_chat_template_and_caches_it(ask_models: dict[str, Path], t
 
 @pytest.mark.llama
 def test_ask_without_a_template(ask_models: dict[str, Path]) -> None:
-    from edgerope.apps.ask import PROMPT_FORMAT, ask
+    from edgerope.apps.ask import ask
     from edgerope.errors import RuntimeConfigError
+    from edgerope.prompts import PLAIN_QA_FORMAT
 
     opts = {"n_ctx": 256, "n_threads": 2, "backend": "cpu", "use_cache": False, "max_tokens": 2}
-    assert ask(ask_models["plain"], "Some text.", "Which?", **opts).prompt_format == PROMPT_FORMAT
+    assert ask(ask_models["plain"], "Some text.", "Which?", **opts).prompt_format == PLAIN_QA_FORMAT
     with pytest.raises(RuntimeConfigError, match="needs a chat template"):
         ask(ask_models["plain"], "Some text.", "Which?", prompt_format="chat", **opts)
     with pytest.raises(RuntimeConfigError, match="unknown prompt_format"):

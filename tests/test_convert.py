@@ -1,7 +1,7 @@
 """HF checkpoint -> GGUF conversion, checked through real files.
 
 References are independent of edgerope.convert.export: the Q/K permutation is the
-formula of ROPE_GGUF.md section 3.1 applied here, rope keys are the values of
+formula of docs/llama_cpp.md §3.1 applied here, rope keys are the values of
 section 9 computed here, GGUF names come from gguf's constants, files are
 re-read with gguf.GGUFReader, bf16 checkpoints are written by torch, and the
 final check runs llama.cpp against transformers.
@@ -40,7 +40,7 @@ YARN8 = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings":
 
 
 def permute_ref(w: np.ndarray, n_head: int) -> np.ndarray:
-    """ROPE_GGUF.md 3.1: HF rotate-half rows -> adjacent pairs, per head."""
+    """docs/llama_cpp.md §3.1: HF rotate-half rows -> adjacent pairs, per head."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -245,7 +245,7 @@ def test_sharded_checkpoint_equals_single_file(make_tiny):
         np.testing.assert_array_equal(values(a[name]), values(b[name]), err_msg=name)
 
 
-# --------------------------------------------------------------------------- rope keys (ROPE_GGUF.md section 9)
+# --------------------------------------------------------------------------- rope keys (docs/llama_cpp.md §9)
 
 
 def g(f: float, m: float = 1.0) -> float:
@@ -369,8 +369,8 @@ def test_verification_catches_a_file_that_differs_from_the_plan(make_tiny):
     from dataclasses import replace
 
     from edgerope.convert.export import extended_context, plan_tensors, verify_gguf
+    from edgerope.convert.stream import TensorJob
     from edgerope.errors import OutputError
-    from edgerope.gguf.writer import TensorJob
     from edgerope.models.config import ModelConfig
     from edgerope.rope import ggml as ggml_rope
 
@@ -693,7 +693,7 @@ def test_fast_array_writer_writes_the_same_bytes_as_gguf(tmp_path):
 
 def test_bf16_to_f16_table_equals_torch_for_every_bit_pattern():
     torch = pytest.importorskip("torch")
-    from edgerope.gguf.writer import bf16_to_f16_table
+    from edgerope.convert.stream import bf16_to_f16_table
 
     bits = np.arange(1 << 16, dtype=np.uint16)
     ref = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).to(torch.float16).numpy()

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from edgerope.errors import EvalError
 from edgerope.evaluation.protocols import (
-    FILLER,
-    EvalError,
     agreement,
     first_integer,
     llama_backend,
@@ -27,6 +26,7 @@ from edgerope.evaluation.protocols import (
     token_nll,
     torch_backend,
 )
+from edgerope.prompts import FILLER
 
 EVAL_MD = Path(__file__).resolve().parents[2] / "shared" / "docs" / "EVAL.md"
 INTRO_MD = (

@@ -10,7 +10,7 @@ TORCH_FREE = [
     "edgerope.rope.scaling",
     "edgerope.rope.ggml",
     "edgerope.models.config",
-    "edgerope.runtime.kv",
+    "edgerope.gguf.kv",
     "edgerope.convert.export",
     "edgerope.gguf.inspect",
     "edgerope.gguf.set_rope",

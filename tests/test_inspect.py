@@ -1,7 +1,7 @@
 """inspect: what llama.cpp computes from synthetic GGUFs of several architectures, KV bytes, and every lint finding.
 
-Expected rope numbers come from ROPE_GGUF.md (section 3.2's worked YaRN example, section 2's magnitude)
-and the KV formula of section 7, written out here independently of edgerope.runtime.kv.
+Expected rope numbers come from docs/llama_cpp.md §3.2's worked YaRN example, section 2's magnitude)
+and the KV formula of section 7, written out here independently of edgerope.gguf.kv.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def codes(report) -> set[str]:
 
 
 def test_llama_yarn_matches_the_worked_example(tmp_path):
-    # ROPE_GGUF.md 3.2: d=64, b=1e4, L0=256, betas 32/1 -> low 0, high 13
+    # docs/llama_cpp.md §3.2: d=64, b=1e4, L0=256, betas 32/1 -> low 0, high 13
     p = write_gguf(tmp_path / "y.gguf", ctx=2048, n_embd=128, n_head=2, kv=yarn_kv(8.0, 256))
     r = inspect_gguf(p)
     d, b, L0 = 64, 1e4, 256
@@ -163,7 +163,7 @@ def test_metadata_only_shapes_of_other_arches(tmp_path):
 # --------------------------------------------------------------------------- KV cache
 
 
-BPE = {  # bytes per element, ROPE_GGUF.md section 7
+BPE = {  # bytes per element, docs/llama_cpp.md §7
     "f32": 4.0,
     "f16": 2.0,
     "bf16": 2.0,

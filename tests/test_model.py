@@ -163,7 +163,7 @@ PARITY_CASES = [
 
 @pytest.mark.parametrize("rope,max_pos,length", [c[1:] for c in PARITY_CASES], ids=[c[0] for c in PARITY_CASES])
 def test_llama_logits_match_transformers(rope, max_pos, length, tmp_path):
-    """Each rope variant, up to 8x the original context (ROPE_GGUF.md 4.2-4.3 is what HF computes)."""
+    """Each rope variant, up to 8x the original context (docs/llama_cpp.md §4.2-§4.3 is what HF computes)."""
     hf = hf_model("llama", rope, max_pos=max_pos)
     ours = load_ours(hf, tmp_path)
     ids = tokens(length=length)
@@ -308,7 +308,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 
 
 def test_rotation_convention_is_neox():
-    """Channel i rotates with channel i + d/2 (HF rotate_half), angle p * inv_freq[i] (ROPE_GGUF.md 3.1)."""
+    """Channel i rotates with channel i + d/2 (HF rotate_half), angle p * inv_freq[i] (docs/llama_cpp.md §3.1)."""
     assert ROTATION == "neox"
     rope = R.Default(theta=10000.0)
     rotary = RotaryEmbedding(rope, head_dim=8)
@@ -446,7 +446,7 @@ def test_state_dict_names_are_hf_names(tmp_path):
 
 
 def test_dynamic_recomputes_per_forward_from_the_largest_position(tmp_path):
-    """Dynamic NTK's base follows max(position_ids)+1 of each forward (HF, fresh model; ROPE_GGUF.md 4.3)."""
+    """Dynamic NTK's base follows max(position_ids)+1 of each forward (HF, fresh model; docs/llama_cpp.md §4.3)."""
     rope = R.DynamicNtk(theta=10000.0, factor=8.0, max_position_embeddings=L0)
     rotary = RotaryEmbedding(rope, head_dim=HD)
     for length in (L0 // 2, L0, 3 * L0, T):

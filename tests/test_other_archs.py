@@ -18,11 +18,12 @@ import pytest
 from click.testing import CliRunner
 from other_arch_gguf import ARCHS, BPE_SPECIALS, SPECS, write_arch_gguf
 
-from edgerope.apps.ask import DOC_TEMPLATE, PROMPT_FORMAT, QUESTION_TEMPLATE, ask
+from edgerope.apps.ask import ask
 from edgerope.gguf.inspect import inspect_gguf
+from edgerope.gguf.kv import SWA_NOTE, padded_ctx
 from edgerope.gguf.lint import ERROR
-from edgerope.runtime.kv import padded_ctx
-from edgerope.runtime.plan import SWA_NOTE, plan_memory
+from edgerope.prompts import DOC_TEMPLATE, PLAIN_QA_FORMAT, QUESTION_TEMPLATE
+from edgerope.runtime.plan import plan_memory
 from edgerope.runtime.runtime import Runtime, RuntimeInfo
 
 pytestmark = pytest.mark.llama
@@ -255,7 +256,7 @@ def test_ask_end_to_end(files: dict[str, Path], arch: str) -> None:
     kw: dict[str, Any] = {"n_ctx": 512, "n_threads": 1, "backend": "cpu", "memory_budget": BUDGET}
     a = ask(files[arch], DOCUMENT, QUESTION, use_cache=False, max_tokens=MAX_TOKENS, **kw)
     assert a.cached is False and a.cache_file is None and a.truncation is None
-    assert a.prompt_format.startswith("chat-") if arch == "qwen3" else a.prompt_format == PROMPT_FORMAT
+    assert a.prompt_format.startswith("chat-") if arch == "qwen3" else a.prompt_format == PLAIN_QA_FORMAT
     assert a.stop_reason in ("eog", "length")
     assert len(a.tokens) == MAX_TOKENS if a.stop_reason == "length" else len(a.tokens) < MAX_TOKENS
     prefix, question, special = prompt_parts(arch)

@@ -5,7 +5,7 @@ weights spread wide so rope bugs move the logits), converts it to an f32 GGUF
 with ``edgerope.convert.export``, and compares logits at all 2048 positions between
 edgerope's PyTorch model (itself checked against transformers in
 test_model.py) and the real llama.cpp runtime.  f32 KV cache: relative L2
-<= 1e-4 (ROPE_GGUF.md section 8.1 measured ~1e-5 max abs error at f32 noise).
+<= 1e-4 (docs/llama_cpp.md §8.1 measured ~1e-5 max abs error at f32 noise).
 f16 and q8_0 (+flash attention) caches are measured with their own, looser
 bounds (section 8.2: ~5e-4 and ~1e-2 max abs).  Failure messages print the
 error per position bucket.
@@ -21,8 +21,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("llama_cpp")
 
-from edgerope.evaluation import parity  # noqa: E402
 from edgerope.convert.export import convert  # noqa: E402
+from edgerope.evaluation import parity  # noqa: E402
 
 L0 = 256
 N_POS = 8 * L0
@@ -96,7 +96,7 @@ def test_logits_match_llama_cpp_at_8x_context(case, make_tiny, tmp_path):
     f32 = results[0]
     assert f32.rel_l2 <= F32_TOL, f"{case}\n{report}"
     # per bucket, float32 angle rounding (HF: one product; ggml: iterated theta_scale) grows with position
-    # (ROPE_GGUF.md 4.5), so the last bucket gets twice the budget; a rope bug is >= 1e-2 (negative control)
+    # (docs/llama_cpp.md §4.5), so the last bucket gets twice the budget; a rope bug is >= 1e-2 (negative control)
     assert all(b.rel_l2 <= 2 * F32_TOL for b in f32.buckets), f"{case}\n{report}"
     for r in results[1:]:
         tol = KV_TOL[(r.type_k, r.flash_attn)]
@@ -106,7 +106,7 @@ def test_logits_match_llama_cpp_at_8x_context(case, make_tiny, tmp_path):
 
 
 def test_longrope_short_prompt_matches_when_context_within_original(make_tiny, tmp_path):
-    """LongRoPE picks factors from the allocated n_ctx (pitfall 8): with n_ctx <= L0 short prompts match HF."""
+    """LongRoPE picks factors from the allocated n_ctx (docs/llama_cpp.md pitfall 8): with n_ctx <= L0 short prompts match HF."""
     rope_parameters, model_type, max_pos = CASES["longrope-long"]
     hf_dir = _make(make_tiny, rope_parameters, model_type, max_pos)
     gguf_path = convert(hf_dir, tmp_path / "longrope.gguf", outtype="f32").path
@@ -128,7 +128,7 @@ def test_yarn_non_default_betas_match_through_runtime_overrides(make_tiny, tmp_p
 
 def test_parity_detects_the_ignored_attention_factor(make_tiny, tmp_path):
     """Negative control: a GGUF that drops an explicit YaRN attention factor (what llama.cpp's converter
-    effectively does, ROPE_GGUF.md 8.1) must fail the same bound by orders of magnitude."""
+    effectively does, docs/llama_cpp.md §8.1) must fail the same bound by orders of magnitude."""
     hf_dir = _make(make_tiny, {**YARN, "attention_factor": 1.0}, "llama", N_POS)
     plain_dir = _make(make_tiny, YARN, "llama", N_POS)  # same seed: same weights, default attention factor
     wrong = convert(plain_dir, tmp_path / "wrong.gguf", outtype="f32").path

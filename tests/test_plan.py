@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from edgerope.errors import GGUFError, RuntimeConfigError
-from edgerope.runtime.plan import PLAN_CACHE_TYPES, parse_size, plan_memory
+from edgerope.runtime.plan import PLAN_CACHE_TYPES, plan_memory
+from edgerope.system.memory import parse_size
 
 BPE = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32}
 

@@ -4,7 +4,7 @@ The oracle for inverse frequencies and attention factors is transformers'
 own ``ROPE_INIT_FUNCTIONS`` (and ``LlamaRotaryEmbedding.compute_default_rope_parameters``
 for the default type), fed a ``LlamaConfig`` built from the same config dict
 edgerope parses, so parsing and math are checked together.  References for
-the GGUF side are ROPE_GGUF.md sections 1-3 (llama.cpp's resolution and kernel)
+the GGUF side are docs/llama_cpp.md §1-§3 (llama.cpp's resolution and kernel)
 and section 9 (what to write per variant).
 """
 
@@ -123,7 +123,7 @@ STATIC_CASES = [
 
 @pytest.mark.parametrize("raw,head_dim", [c[1:] for c in STATIC_CASES], ids=[c[0] for c in STATIC_CASES])
 def test_static_variants_match_transformers(raw, head_dim):
-    """inv_freq and attention factor equal HF's ROPE_INIT_FUNCTIONS (ROPE_GGUF.md 4.3) to 1e-6 relative."""
+    """inv_freq and attention factor equal HF's ROPE_INIT_FUNCTIONS (docs/llama_cpp.md §4.3) to 1e-6 relative."""
     assert_matches_hf({"max_position_embeddings": 512, **raw}, head_dim=head_dim)
 
 
@@ -135,7 +135,7 @@ def test_llama3_case_covers_all_three_bands():
 
 @pytest.mark.parametrize("alpha", [2.0, 8.0])
 def test_ntk_aware_is_hf_default_with_new_base(alpha):
-    """Static NTK: HF default type with rope_theta = b * alpha^(d/(d-2)) (ROPE_GGUF.md 4.6)."""
+    """Static NTK: HF default type with rope_theta = b * alpha^(d/(d-2)) (docs/llama_cpp.md §4.6)."""
     raw = {"rope_parameters": params("ntk", alpha=alpha)}
     hf_raw = {"rope_parameters": params("default", rope_theta=10000.0 * alpha ** (HD / (HD - 2)))}
     rope = assert_matches_hf(raw, hf_raw=hf_raw)
@@ -145,7 +145,7 @@ def test_ntk_aware_is_hf_default_with_new_base(alpha):
 @pytest.mark.parametrize("seq_len", [None, 32, 64, 65, 200, 512])
 @pytest.mark.parametrize("as_tensor", [False, True], ids=["int", "tensor"])
 def test_dynamic_ntk_matches_transformers_per_length(seq_len, as_tensor):
-    """HF dynamic: base * (F L / max_pos - (F - 1))^(d/(d-2)), L = max(seq_len, max_pos) (ROPE_GGUF.md 4.3).
+    """HF dynamic: base * (F L / max_pos - (F - 1))^(d/(d-2)), L = max(seq_len, max_pos) (docs/llama_cpp.md §4.3).
 
     The forward pass hands HF a tensor seq_len; init an int (or None)."""
     raw = {"max_position_embeddings": 64, "rope_parameters": params("dynamic", factor=4.0)}
@@ -166,7 +166,7 @@ LONGROPE_CASES = [
 @pytest.mark.parametrize("seq_len", [None, 64, 65, 512], ids=["init", "short-64", "long-65", "long-512"])
 @pytest.mark.parametrize("raw", [c[1] for c in LONGROPE_CASES], ids=[c[0] for c in LONGROPE_CASES])
 def test_longrope_matches_transformers(raw, seq_len):
-    """Short factors up to original length, long past it; A = sqrt(1 + ln F / ln L0) or explicit (ROPE_GGUF.md 4.3)."""
+    """Short factors up to original length, long past it; A = sqrt(1 + ln F / ln L0) or explicit (docs/llama_cpp.md §4.3)."""
     rope = assert_matches_hf(raw, seq_len=seq_len)
     expect_long = seq_len is not None and seq_len > 64
     factors = R.longrope_factors(rope, seq_len=seq_len)
@@ -184,7 +184,7 @@ def test_longrope_derived_attention_factor_value():
 
 
 def test_parse_4x_form_with_legacy_type_key_and_top_level_theta():
-    """4.x: rope_scaling {"type": ...} + top-level rope_theta (ROPE_GGUF.md 4.1)."""
+    """4.x: rope_scaling {"type": ...} + top-level rope_theta (docs/llama_cpp.md §4.1)."""
     raw = {"max_position_embeddings": 512, "rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}
     assert assert_matches_hf(raw) == R.Linear(theta=500000.0, factor=2.0)
 
@@ -207,7 +207,7 @@ def test_parse_5x_form():
 
 def test_parse_both_forms_must_agree():
     """A v5 config.json with rope_scaling added by hand (as model cards instruct): HF 5.x uses rope_scaling
-    (dropping rope_parameters' rope_theta), llama.cpp's converter rope_parameters (ROPE_GGUF.md 4.1, 5)."""
+    (dropping rope_parameters' rope_theta), llama.cpp's converter rope_parameters (docs/llama_cpp.md §4.1, §5)."""
     v5 = {"rope_type": "default", "rope_theta": 1e6}
     v4 = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
     raw = {"max_position_embeddings": 512, "rope_parameters": v5, "rope_scaling": v4}
@@ -223,14 +223,14 @@ def test_parse_no_rope_keys_is_default():
 
 
 def test_yarn_original_context_defaults_to_max_position_embeddings():
-    """v5 standardize_rope_params fills L0 = max_position_embeddings (ROPE_GGUF.md 4.1, pitfall 11)."""
+    """v5 standardize_rope_params fills L0 = max_position_embeddings (docs/llama_cpp.md §4.1, pitfall 11)."""
     raw = {"max_position_embeddings": 256, "rope_parameters": params("yarn", factor=4.0)}
     assert assert_matches_hf(raw).original_max_position_embeddings == 256
 
 
 @pytest.mark.parametrize("rope_params", [LONGROPE, YARN, LLAMA3], ids=["longrope", "yarn", "llama3"])
 def test_top_level_original_max_position_embeddings_wins(rope_params):
-    """A top-level original_max_position_embeddings beats the rope dict's (Phi-3 layout, ROPE_GGUF.md 4.1)."""
+    """A top-level original_max_position_embeddings beats the rope dict's (Phi-3 layout, docs/llama_cpp.md §4.1)."""
     raw = {"max_position_embeddings": 512, "original_max_position_embeddings": 128, "rope_parameters": rope_params}
     assert assert_matches_hf(raw, seq_len=100).original_max_position_embeddings == 128
 
@@ -312,7 +312,7 @@ def test_to_hf_ntk_becomes_default_with_new_base():
     assert rel_err(R.inv_freq(back, HD), R.inv_freq(rope, HD)) <= 1e-12
 
 
-# --------------------------------------------------------------------------- GGUF plans (ROPE_GGUF.md 9)
+# --------------------------------------------------------------------------- GGUF plans (docs/llama_cpp.md §9)
 
 ARCH = "llama"
 CTX = 512
@@ -332,7 +332,7 @@ def llama_cpp_function(plan, *, n_ctx: int | None = None) -> LlamaCppRope:
 
 
 def assert_llama_cpp_matches_hf(plan, raw: dict, *, n_ctx: int | None = None, seq_len: int | None = None) -> None:
-    """llama.cpp's function of the plan (ROPE_GGUF.md 2-3) equals HF's function of the config."""
+    """llama.cpp's function of the plan (docs/llama_cpp.md §2-§3) equals HF's function of the config."""
     want_inv, want_att = hf_rope({"max_position_embeddings": CTX, **raw}, seq_len=seq_len)
     fn = llama_cpp_function(plan, n_ctx=n_ctx)
     assert rel_err(fn.inv_freq(HD), want_inv) <= RTOL
@@ -348,7 +348,7 @@ def test_plan_always_writes_context_dimension_and_base():
 
 
 def test_plan_default_writes_no_scaling_keys():
-    """Default: nothing, not even type "none" (pitfall 6)."""
+    """Default: nothing, not even type "none" (docs/llama_cpp.md pitfall 6)."""
     raw = {"rope_parameters": params("default")}
     _, plan = plan_for(raw)
     assert k(Keys.Rope.SCALING_TYPE) not in plan.kv and k(Keys.Rope.SCALING_FACTOR) not in plan.kv
@@ -358,7 +358,7 @@ def test_plan_default_writes_no_scaling_keys():
 
 
 def test_plan_ntk_aware_is_a_new_freq_base():
-    """Static NTK: rope.freq_base = b * alpha^(d/(d-2)), no type (ROPE_GGUF.md 4.6, 9)."""
+    """Static NTK: rope.freq_base = b * alpha^(d/(d-2)), no type (docs/llama_cpp.md §4.6, §9)."""
     rope, plan = plan_for({"rope_parameters": params("ntk", alpha=4.0)})
     base, vtype = plan.kv[k(Keys.Rope.FREQ_BASE)]
     assert vtype == GGUFValueType.FLOAT32 and base == pytest.approx(10000.0 * 4.0 ** (HD / (HD - 2)), rel=1e-12)
@@ -396,7 +396,7 @@ def test_plan_yarn_default():
     ids=["attention_factor", "mscale-pair"],
 )
 def test_plan_yarn_attention_factor(extra, hf_attention):
-    """Explicit YaRN factor A: rope.scaling.attn_factor = A / (1 + 0.1 ln F) (ROPE_GGUF.md 3.3, 9; pitfall 2)."""
+    """Explicit YaRN factor A: rope.scaling.attn_factor = A / (1 + 0.1 ln F) (docs/llama_cpp.md §3.3, §9; pitfall 2)."""
     raw = {"rope_parameters": {**YARN, **extra}}
     _, plan = plan_for(raw)
     value, vtype = plan.kv[k(Keys.Rope.SCALING_ATTN_FACTOR)]
@@ -407,7 +407,7 @@ def test_plan_yarn_attention_factor(extra, hf_attention):
 
 
 def test_plan_llama3_is_a_rope_freqs_tensor():
-    """llama3: F32 rope_freqs[d/2], no scaling type or factor (pitfall 7); ff = HF's divisor per pair."""
+    """llama3: F32 rope_freqs[d/2], no scaling type or factor (docs/llama_cpp.md pitfall 7); ff = HF's divisor per pair."""
     raw = {"rope_parameters": LLAMA3}
     _, plan = plan_for(raw)
     assert k(Keys.Rope.SCALING_TYPE) not in plan.kv and k(Keys.Rope.SCALING_FACTOR) not in plan.kv
@@ -420,7 +420,7 @@ def test_plan_llama3_is_a_rope_freqs_tensor():
 
 
 def test_plan_longrope():
-    """longrope: type, L0, attn_factor = A, long/short F32 tensors, no scaling.factor (ROPE_GGUF.md 9, pitfall 7)."""
+    """longrope: type, L0, attn_factor = A, long/short F32 tensors, no scaling.factor (docs/llama_cpp.md §9, pitfall 7)."""
     raw = {"rope_parameters": LONGROPE}
     rope, plan = plan_for(raw)
     assert plan.kv[k(Keys.Rope.SCALING_TYPE)] == ("longrope", GGUFValueType.STRING)
@@ -431,19 +431,19 @@ def test_plan_longrope():
     for name, values in ((ROPE_FACTORS_LONG, LONG), (ROPE_FACTORS_SHORT, SHORT)):
         assert plan.tensors[name].dtype == np.float32
         np.testing.assert_array_equal(plan.tensors[name], np.float32(values))
-    assert plan.notes  # the n_ctx-vs-prompt-length caveat (pitfall 8)
+    assert plan.notes  # the n_ctx-vs-prompt-length caveat (docs/llama_cpp.md pitfall 8)
     # llama.cpp picks the set from the allocated n_ctx (512 > 64: long); HF from the forward's length (512: long).
     assert_llama_cpp_matches_hf(plan, raw, n_ctx=CTX, seq_len=CTX)
 
 
 def test_plan_refuses_dynamic():
-    """Dynamic NTK has no GGUF form (ROPE_GGUF.md 9, pitfall 9)."""
+    """Dynamic NTK has no GGUF form (docs/llama_cpp.md §9, pitfall 9)."""
     with pytest.raises(UnsupportedRopeError, match="dynamic"):
         plan_for({"max_position_embeddings": 64, "rope_parameters": params("dynamic", factor=4.0)})
 
 
 def test_plan_yarn_betas_need_runtime_opt_in():
-    """llama ignores yarn_beta_* keys (pitfall 2): refused unless the runtime will pass them."""
+    """llama ignores yarn_beta_* keys (docs/llama_cpp.md pitfall 2): refused unless the runtime will pass them."""
     raw = {"rope_parameters": {**YARN, "beta_fast": 16.0, "beta_slow": 2.0}}
     with pytest.raises(UnsupportedRopeError, match="beta_fast=16"):
         plan_for(raw)
@@ -458,7 +458,7 @@ def test_plan_yarn_betas_need_runtime_opt_in():
 
 
 def test_plan_refuses_untruncated_yarn_ramp():
-    """llama.cpp always floors/ceils the correction range; truncate=False cannot be stored (ROPE_GGUF.md 9)."""
+    """llama.cpp always floors/ceils the correction range; truncate=False cannot be stored (docs/llama_cpp.md §9)."""
     with pytest.raises(UnsupportedRopeError):
         plan_for({"rope_parameters": {**YARN, "truncate": False}})
 
@@ -468,7 +468,7 @@ def test_plan_finetuned_flag():
     assert plan.kv[k(Keys.Rope.SCALING_FINETUNED)] == (True, GGUFValueType.BOOL)
 
 
-# --------------------------------------------------------------------------- llama.cpp resolution (ROPE_GGUF.md 1-2)
+# --------------------------------------------------------------------------- llama.cpp resolution (docs/llama_cpp.md §1-§2)
 
 
 def gguf_kv(**rope_keys) -> dict:
@@ -484,14 +484,14 @@ def gguf_kv(**rope_keys) -> dict:
 
 
 def test_absent_scaling_type_means_linear():
-    """An absent rope.scaling.type is "linear": a factor alone scales (ROPE_GGUF.md 1)."""
+    """An absent rope.scaling.type is "linear": a factor alone scales (docs/llama_cpp.md §1)."""
     fn = LlamaCppRope.from_gguf(ARCH, gguf_kv(factor=4.0))
     assert fn.freq_scale == 0.25 and fn.ext_factor == 0.0
     assert rel_err(fn.inv_freq(HD), R.inv_freq(R.Linear(theta=10000.0, factor=4.0), HD)) <= 1e-12
 
 
 def test_scaling_type_none_forces_scale_one_even_with_runtime_freq_scale():
-    """type "none" discards a runtime rope_freq_scale unless the type is also overridden (ROPE_GGUF.md 2, pitfall 6)."""
+    """type "none" discards a runtime rope_freq_scale unless the type is also overridden (docs/llama_cpp.md §2, pitfall 6)."""
     fn = LlamaCppRope.from_gguf(ARCH, gguf_kv(type="none", factor=4.0), runtime={"rope_freq_scale": 0.5})
     assert fn.freq_scale == 1.0
     fn = LlamaCppRope.from_gguf(ARCH, gguf_kv(), runtime={"rope_freq_scale": 0.5})  # absent type: honoured
@@ -501,7 +501,7 @@ def test_scaling_type_none_forces_scale_one_even_with_runtime_freq_scale():
 
 
 def test_runtime_yarn_attn_factor_ignored_under_yarn_but_not_linear():
-    """Under YaRN the runtime yarn_attn_factor is overwritten; elsewhere it multiplies m (ROPE_GGUF.md 2, pitfall 3)."""
+    """Under YaRN the runtime yarn_attn_factor is overwritten; elsewhere it multiplies m (docs/llama_cpp.md §2, pitfall 3)."""
     yarn = gguf_kv(type="yarn", factor=8.0, orig=64, attn=1.1)
     fn = LlamaCppRope.from_gguf(ARCH, yarn, runtime={"yarn_attn_factor": 3.0})
     assert fn.magnitude == pytest.approx((1 + 0.1 * math.log(8.0)) * 1.1, rel=1e-12)
@@ -510,7 +510,7 @@ def test_runtime_yarn_attn_factor_ignored_under_yarn_but_not_linear():
 
 
 def test_missing_original_context_falls_back_to_context_length():
-    """No rope.scaling.original_context_length: n_ctx_orig = context_length (ROPE_GGUF.md 1.2, pitfall 5)."""
+    """No rope.scaling.original_context_length: n_ctx_orig = context_length (docs/llama_cpp.md §1.2, pitfall 5)."""
     fn = LlamaCppRope.from_gguf(ARCH, gguf_kv(type="yarn", factor=8.0))
     assert fn.n_ctx_orig == CTX
     with_orig = LlamaCppRope.from_gguf(ARCH, gguf_kv(type="yarn", factor=8.0, orig=64))
@@ -521,7 +521,7 @@ def test_missing_original_context_falls_back_to_context_length():
 
 
 def test_yarn_beta_keys_ignored_on_llama_read_on_mistral3():
-    """yarn_beta_* keys are read only by grok/mistral3 (ROPE_GGUF.md 1)."""
+    """yarn_beta_* keys are read only by grok/mistral3 (docs/llama_cpp.md §1)."""
     kv = {**gguf_kv(type="yarn", factor=8.0, orig=64), k(Keys.Rope.SCALING_YARN_BETA_FAST): 16.0}
     assert LlamaCppRope.from_gguf(ARCH, kv).beta_fast == 32.0
     m3 = {key.replace("llama.", "mistral3."): v for key, v in kv.items()}
@@ -529,7 +529,7 @@ def test_yarn_beta_keys_ignored_on_llama_read_on_mistral3():
 
 
 def test_longrope_switch_uses_padded_n_ctx():
-    """long factors iff n_ctx padded to 256 (per sequence) > L0 (ROPE_GGUF.md 1.1, pitfall 8)."""
+    """long factors iff n_ctx padded to 256 (per sequence) > L0 (docs/llama_cpp.md §1.1, pitfall 8)."""
     kv = gguf_kv(type="longrope", orig=256)
     tensors = {ROPE_FACTORS_LONG: np.float32(LONG), ROPE_FACTORS_SHORT: np.float32(SHORT)}
     short, long = (tuple(float(x) for x in tensors[n]) for n in (ROPE_FACTORS_SHORT, ROPE_FACTORS_LONG))
@@ -546,7 +546,7 @@ def test_from_gguf_rejects_unknown_type_and_missing_context():
 
 
 def test_from_gguf_zero_factor_means_no_scaling_even_with_the_legacy_key():
-    """ROPE_GGUF.md §1: rope.scale_linear is read only when rope.scaling.factor is absent; factor 0 gives scale 1."""
+    """docs/llama_cpp.md §1: rope.scale_linear is read only when rope.scaling.factor is absent; factor 0 gives scale 1."""
     from edgerope.rope.ggml import LlamaCppRope
 
     kv = {"llama.context_length": 2048, "llama.rope.scaling.factor": 0.0, "llama.rope.scale_linear": 4.0}

@@ -196,7 +196,7 @@ def test_gpu_backend_on_cpu_only_build_is_refused(converted):
 
 
 def test_longrope_beyond_original_context_warns(tmp_path, caplog):
-    """llama.cpp picks LongRoPE's factor set from the allocated n_ctx, not the prompt (pitfall 8)."""
+    """llama.cpp picks LongRoPE's factor set from the allocated n_ctx, not the prompt (docs/llama_cpp.md pitfall 8)."""
     kv = {
         "llama.rope.scaling.type": ("longrope", GGUFValueType.STRING),
         "llama.rope.scaling.original_context_length": (256, GGUFValueType.UINT32),
@@ -212,9 +212,9 @@ def test_longrope_beyond_original_context_warns(tmp_path, caplog):
     assert not caplog.records and not inside.notes
     assert inside.rope_function.freq_factors == tuple(np.ones(16))
     with caplog.at_level(logging.WARNING, logger="edgerope.runtime.preflight"):
-        beyond = plan_runtime(path, backend="cpu", n_ctx=257)  # allocated as 512 (pitfall 17)
+        beyond = plan_runtime(path, backend="cpu", n_ctx=257)  # allocated as 512 (docs/llama_cpp.md pitfall 17)
     assert any("n_ctx 257 (allocated 512)" in r.getMessage() for r in caplog.records)
-    assert any("pitfall 8" in note for note in beyond.notes)
+    assert any("docs/llama_cpp.md pitfall 8" in note for note in beyond.notes)
     assert beyond.rope_function.freq_factors == tuple(tensors["rope_factors_long.weight"].astype(float))
 
 
@@ -318,14 +318,14 @@ def test_allow_extrapolation_opens_past_context_length(converted):
 
 
 def test_yarn_betas_recorded_in_gguf_are_applied_at_run_time(converted):
-    """llama.cpp ignores yarn_beta_* keys on llama (pitfall 2): the runtime passes them, and it matters."""
+    """llama.cpp ignores yarn_beta_* keys on llama (docs/llama_cpp.md pitfall 2): the runtime passes them, and it matters."""
     ids = random_tokens(600, 1000, seed=5)
     kw = dict(type_k="f32", type_v="f32", n_ctx=1024)
     with open_rt(converted["yarn"], **kw) as rt:
         assert rt.info.rope_overrides == {"yarn_beta_fast": 16.0, "yarn_beta_slow": 2.0}
         assert any("yarn_beta_fast=16" in n for n in rt.info.notes)
         assert rt.info.rope.startswith("yarn rope") and "betas 16/2" in rt.info.rope
-        assert not rt.info.kv_shift_exact  # YaRN magnitude != 1 (pitfall 15)
+        assert not rt.info.kv_shift_exact  # YaRN magnitude != 1 (docs/llama_cpp.md pitfall 15)
         auto = rt.logits(ids)
     with open_rt(converted["yarn"], rope_overrides={"yarn_beta_fast": 16, "yarn_beta_slow": 2}, **kw) as rt:
         explicit = rt.logits(ids)
@@ -340,7 +340,7 @@ def test_shift_equals_reevaluation_on_linear_rope(tmp_path):
     """Magnitude 1 (linear x4): dropping cached positions and moving the rest down gives the logits of
     evaluating the kept tokens again (f32 KV).  One layer, so that the kept keys never saw the dropped
     tokens (in deeper layers they did, and a shift is then only close to re-evaluation); the same shift on
-    a model with magnitude 1.5 is visibly wrong (pitfall 15), so the comparison can fail."""
+    a model with magnitude 1.5 is visibly wrong (docs/llama_cpp.md pitfall 15), so the comparison can fail."""
     linear = {
         "llama.rope.scaling.type": ("linear", GGUFValueType.STRING),
         "llama.rope.scaling.factor": (4.0, GGUFValueType.FLOAT32),
@@ -372,7 +372,7 @@ def test_shift_equals_reevaluation_on_linear_rope(tmp_path):
 
 
 def test_shift_is_refused_for_yarn(converted):
-    """YaRN's magnitude != 1: llama.cpp's shift would scale the cached keys twice (pitfall 15)."""
+    """YaRN's magnitude != 1: llama.cpp's shift would scale the cached keys twice (docs/llama_cpp.md pitfall 15)."""
     with open_rt(converted["yarn"], n_ctx=512) as rt:
         rt.logits(random_tokens(100, 1000))
         with pytest.raises(RuntimeConfigError, match="magnitude") as info:

@@ -409,7 +409,7 @@ def test_set_rope_model_runs_in_llama_cpp_like_transformers_with_the_target_rope
 def test_copy_compare_catches_a_shifted_or_corrupted_copy(tmp_path, monkeypatch, full):
     """The kernel copy is compared with the source: an off-by-some copy (the realistic bug) fails in both modes,
     one flipped byte in the middle of a run fails the full read-back."""
-    from edgerope.gguf.writer import copy_range as kernel_copy
+    from edgerope.system.files import copy_range as kernel_copy
 
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, size=3 << 20, dtype=np.uint8).tobytes()

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgerope.apps.ask import DOC_TEMPLATE, QUESTION_TEMPLATE
+from edgerope import prompts
 from edgerope.errors import ConfigError, OutputError
-from edgerope.evaluation import protocols as E
+from edgerope.prompts import DOC_TEMPLATE, QUESTION_TEMPLATE
 from edgerope.train import synthetic as S
 from edgerope.train.data import load_tokenizer
 
@@ -26,9 +26,9 @@ def test_passkey_sample_holds_the_needle_and_ends_with_its_key(corpus: str) -> N
     for _ in range(20):
         text = S.retrieval_text(rng, "passkey", n_chars=400, corpus=corpus)
         key = int(re.search(r"The pass key is (\d+)\. Remember it\. \1 is the pass key\.", text).group(1))
-        assert text.startswith(E.INTRO + "\n")
-        assert text.endswith(f"{E.QUESTION} {key}.")
-        assert E.KEY_RANGE[0] <= key <= E.KEY_RANGE[1]
+        assert text.startswith(prompts.INTRO + "\n")
+        assert text.endswith(f"{prompts.QUESTION} {key}.")
+        assert prompts.KEY_RANGE[0] <= key <= prompts.KEY_RANGE[1]
 
 
 def test_multikey_sample_answers_the_key_it_asks_for(corpus: str) -> None:

@@ -39,16 +39,15 @@ from pathlib import Path
 from typing import Any
 
 from edgerope.apps.chat_template import ChatTemplate, from_gguf
-from edgerope.errors import DocumentError, OutputError, RuntimeConfigError
-from edgerope.runtime import native as N
-from edgerope.runtime.doccache import DocCache, entry_key, model_identity, tokens_digest
-from edgerope.runtime.runtime import Runtime
+from edgerope.errors import DocumentError, RuntimeConfigError
+from edgerope.gguf.reader import GGUFFile, using_gguf
+from edgerope.prompts import DOC_TEMPLATE, PLAIN_QA_FORMAT, QUESTION_TEMPLATE
+from edgerope.runtime.doccache import DocCache, model_identity
+from edgerope.runtime.prefix import load_prefix
+from edgerope.runtime.runtime import Generation, Runtime
 
 logger = logging.getLogger(__name__)
 
-PROMPT_FORMAT = "plain-v1"
-DOC_TEMPLATE = "Read the document and answer the question.\n\nDocument:\n{document}\n"
-QUESTION_TEMPLATE = "\nQuestion: {question}\nAnswer:"
 PROMPT_FORMATS = ("auto", "chat", "plain")
 _SPLIT = "\ue000edgerope-question\ue000"  # a private-use marker where the question goes
 
@@ -92,7 +91,7 @@ class Answer:
     n_ctx: int
     type_k: str
     type_v: str
-    prompt_format: str = PROMPT_FORMAT
+    prompt_format: str = PLAIN_QA_FORMAT
     cache_file: str | None = None
     truncation: Truncation | None = None  # what truncate=True cut; None: the whole document was used
     n_ctx_source: str = ""  # how the runtime chose n_ctx
@@ -202,26 +201,6 @@ def _truncate(
     )
 
 
-def state_fields(rt: Runtime, *, model: Any, prompt_format: str, tokens: list[int]) -> dict[str, Any]:
-    """Everything that decides the KV state after ``tokens`` in ``rt`` (the document cache's key fields)."""
-    plan = rt.plan
-    return {
-        "model": model,
-        "prompt_format": prompt_format,
-        "tokens_sha256": tokens_digest(tokens),
-        "n_tokens": len(tokens),
-        "n_ctx": plan.n_ctx,
-        "n_batch": plan.n_batch,
-        "type_k": plan.type_k.name,
-        "type_v": plan.type_v.name,
-        "flash_attn": rt.info.flash_attn,
-        "backend": rt.info.backend,
-        "rope": plan.rope_description,
-        "rope_overrides": plan.rope.explicit(),
-        "llama_cpp": N.bindings_version(),
-    }
-
-
 def chat_parts(template: ChatTemplate, document: str, question: str) -> tuple[str, str]:
     """The chat-templated prompt for one user message (document block, then question) split into the document
     prefix and the question part; ``RuntimeConfigError`` when the template does not keep the message intact."""
@@ -241,6 +220,102 @@ def chat_parts(template: ChatTemplate, document: str, question: str) -> tuple[st
             fix="use prompt_format='plain'",
         )
     return prefix, q_block + rest
+
+
+def _check_request(question: str, max_tokens: int, prompt_format: str) -> None:
+    if not question.strip():
+        raise RuntimeConfigError("the question is empty", fix="ask something")
+    if max_tokens < 1:
+        raise RuntimeConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise RuntimeConfigError(f"unknown prompt_format {prompt_format!r}", fix=f"use one of {PROMPT_FORMATS}")
+
+
+def _template(f: GGUFFile, prompt_format: str, *, where: str) -> ChatTemplate | None:
+    """The chat template to use: the GGUF's unless ``plain``; ``chat`` requires one."""
+    template = from_gguf(f) if prompt_format != "plain" else None
+    if prompt_format == "chat" and template is None:
+        raise RuntimeConfigError(
+            "prompt_format 'chat' needs a chat template, and the GGUF has none",
+            where=where,
+            fix="use 'auto' or 'plain'",
+        )
+    return template
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """The question's tokens and how a document becomes its prefix tokens, in one prompt format."""
+
+    format: str  # PLAIN_QA_FORMAT, or "chat-<template digest>"
+    question: list[int]
+    encode: Callable[[str], list[int]]  # document text -> the prefix tokens (the same for every question)
+
+    @classmethod
+    def build(cls, rt: Runtime, template: ChatTemplate | None, question: str, document: str) -> _Prompt:
+        if template is None:
+            q = rt.tokenize(QUESTION_TEMPLATE.format(question=question), add_bos=False)
+            return cls(PLAIN_QA_FORMAT, q, lambda doc_text: rt.tokenize(DOC_TEMPLATE.format(document=doc_text)))
+        fmt = f"chat-{hashlib.sha256(template.source.encode()).hexdigest()[:16]}"
+        q = rt.tokenize(chat_parts(template, document, question)[1], add_bos=False, special=True)
+
+        def encode(doc_text: str) -> list[int]:
+            prefix = chat_parts(template, doc_text, question)[0]
+            has_bos = bool(template.bos_token) and prefix.startswith(template.bos_token)
+            return rt.tokenize(prefix, add_bos=False if has_bos else None, special=True)
+
+        return cls(fmt, q, encode)
+
+
+def _fit(
+    rt: Runtime, prompt: _Prompt, text: str, *, max_tokens: int, truncate: bool, where: str
+) -> tuple[str, list[int], Truncation | None]:
+    """(the document text used, its prefix tokens, what was cut): refuses a prompt that does not fit the context,
+    or cuts the document's tail when ``truncate``."""
+    q, n_ctx = prompt.question, rt.plan.n_ctx
+    doc = prompt.encode(text)
+    if len(q) + 1 > n_ctx:
+        raise RuntimeConfigError(
+            f"the question alone has {len(q)} tokens, the context is {n_ctx}", where=where, fix="ask a shorter question"
+        )
+    if len(doc) + len(q) + 1 <= n_ctx:
+        return text, doc, None
+    if not truncate:
+        raise _fit_error(rt, len(doc), len(q), where)
+    free = n_ctx - len(q)
+    target = free - max(1, min(max_tokens, free // 2))
+    text, truncation = _truncate(text, prompt.encode, target=target, n_before=len(doc), where=where)
+    logger.info("document truncated: %s", truncation.describe())
+    return text, prompt.encode(text), truncation
+
+
+def _answer(
+    rt: Runtime,
+    question: list[int],
+    max_tokens: int,
+    *,
+    on_token: Callable[[int], None] | None,
+    on_text: Callable[[str], None] | None,
+) -> tuple[Generation, float, float]:
+    """Evaluate the question after the cached document and answer greedily: (generation, time of the first
+    token, end time)."""
+    first: list[float] = []
+    answer: list[int] = []
+
+    def seen(tok: int) -> None:
+        if not first:
+            first.append(time.perf_counter())
+        if on_token is not None:
+            on_token(tok)
+        if on_text is not None:
+            answer.append(tok)
+            so_far = rt.detokenize(answer)  # an end-of-generation token adds no text
+            if not so_far.endswith("\ufffd"):
+                on_text(so_far)
+
+    gen = rt.generate(question, max_tokens=max_tokens, clear=False, on_token=seen)
+    t_end = time.perf_counter()
+    return gen, (first[0] if first else t_end), t_end
 
 
 def ask(
@@ -276,103 +351,22 @@ def ask(
     (the largest context that fits the memory budget, capped at the model's context_length).
     """
     text = check_document(document_text)
-    if not question.strip():
-        raise RuntimeConfigError("the question is empty", fix="ask something")
-    if max_tokens < 1:
-        raise RuntimeConfigError(f"max_tokens must be >= 1, got {max_tokens}")
-    if prompt_format not in PROMPT_FORMATS:
-        raise RuntimeConfigError(f"unknown prompt_format {prompt_format!r}", fix=f"use one of {PROMPT_FORMATS}")
+    _check_request(question, max_tokens, prompt_format)
     where = str(model_path)
-    template = from_gguf(model_path) if prompt_format != "plain" else None
-    if prompt_format == "chat" and template is None:
-        raise RuntimeConfigError(
-            "prompt_format 'chat' needs a chat template, and the GGUF has none",
-            where=where,
-            fix="use 'auto' or 'plain'",
-        )
-    identity = model_identity(model_path) if use_cache else None  # before loading: the file as it is now
-    owned = runtime is None
-    rt = runtime or Runtime.open(model_path, n_ctx=n_ctx, type_k=type_k, type_v=type_v, **runtime_request)
+    with using_gguf(model_path) as gguf_file:  # the header is parsed once for the template, cache key and plan
+        template = _template(gguf_file, prompt_format, where=where)
+        identity = model_identity(gguf_file) if use_cache else None  # before loading: the file as it is now
+        owned = runtime is None
+        rt = runtime or Runtime.open(gguf_file, n_ctx=n_ctx, type_k=type_k, type_v=type_v, **runtime_request)
     try:
-        if template is None:
-            fmt = PROMPT_FORMAT
-            q = rt.tokenize(QUESTION_TEMPLATE.format(question=question.strip()), add_bos=False)
-
-            def encode(doc_text: str) -> list[int]:
-                return rt.tokenize(DOC_TEMPLATE.format(document=doc_text))
-        else:
-            fmt = f"chat-{hashlib.sha256(template.source.encode()).hexdigest()[:16]}"
-            q = rt.tokenize(chat_parts(template, text, question.strip())[1], add_bos=False, special=True)
-
-            def encode(doc_text: str) -> list[int]:
-                prefix = chat_parts(template, doc_text, question.strip())[0]
-                has_bos = bool(template.bos_token) and prefix.startswith(template.bos_token)
-                return rt.tokenize(prefix, add_bos=False if has_bos else None, special=True)
-
-        doc = encode(text)
-        if len(q) + 1 > rt.plan.n_ctx:
-            raise RuntimeConfigError(
-                f"the question alone has {len(q)} tokens, the context is {rt.plan.n_ctx}",
-                where=where,
-                fix="ask a shorter question",
-            )
-        truncation = None
-        if len(doc) + len(q) + 1 > rt.plan.n_ctx:
-            if not truncate:
-                raise _fit_error(rt, len(doc), len(q), where)
-            free = rt.plan.n_ctx - len(q)
-            target = free - max(1, min(max_tokens, free // 2))
-            text, truncation = _truncate(text, encode, target=target, n_before=len(doc), where=where)
-            doc = encode(text)
-            logger.info("document truncated: %s", truncation.describe())
-
-        cache = DocCache(cache_dir) if use_cache else None
-        plan = rt.plan
-        fields = state_fields(rt, model=identity, prompt_format=fmt, tokens=doc)
-        key = entry_key(fields)
-
+        prompt = _Prompt.build(rt, template, question.strip(), text)
+        text, doc, truncation = _fit(rt, prompt, text, max_tokens=max_tokens, truncate=truncate, where=where)
         t0 = time.perf_counter()
-        entry = cache.get(key, fields) if cache is not None else None
-        cached = False
-        if entry is not None and entry.n_tokens == len(doc):
-            try:
-                rt.restore_state(entry.state, n_past=entry.n_tokens)
-                cached = True
-                if progress is not None:
-                    progress(len(doc), len(doc))
-            except RuntimeConfigError as exc:
-                logger.warning("document cache: %s; evaluating the document again", exc.what)
-        if not cached:
-            rt.prefill(doc, progress=progress)
-        cache_file = None
-        if cache is not None:
-            cache_file = str(cache.path_for(key))
-            if not cached:
-                try:
-                    cache.put(key, fields, rt.state_bytes(), n_tokens=len(doc))
-                except (OSError, OutputError) as exc:  # the answer does not depend on the cache
-                    logger.warning("document cache: could not save %s: %s", cache_file, exc)
-                    cache_file = None
+        cache = DocCache(cache_dir) if use_cache else None
+        loaded = load_prefix(rt, doc, cache=cache, model=identity, prompt_format=prompt.format, progress=progress)
         t1 = time.perf_counter()
-
-        first: list[float] = []
-        answer: list[int] = []
-
-        def seen(tok: int) -> None:
-            if not first:
-                first.append(time.perf_counter())
-            if on_token is not None:
-                on_token(tok)
-            if on_text is not None:
-                answer.append(tok)
-                so_far = rt.detokenize(answer)  # an end-of-generation token adds no text
-                if not so_far.endswith("\ufffd"):
-                    on_text(so_far)
-
-        room = rt.plan.n_ctx - len(doc) - len(q)
-        gen = rt.generate(q, max_tokens=min(max_tokens, room), clear=False, on_token=seen)
-        t2 = time.perf_counter()
-        t_first = first[0] if first else t2
+        room = rt.plan.n_ctx - len(doc) - len(prompt.question)
+        gen, t_first, t2 = _answer(rt, prompt.question, min(max_tokens, room), on_token=on_token, on_text=on_text)
         n_after = max(len(gen.tokens) - 1, 0)
         timings = Timings(
             prefill_s=t1 - t0,
@@ -380,20 +374,21 @@ def ask(
             time_to_first_token_s=t_first - t0,
             decode_tokens_per_s=n_after / (t2 - t_first) if n_after and t2 > t_first else 0.0,
         )
+        plan = rt.plan
         return Answer(
             text=gen.text,
             tokens=gen.tokens,
-            prompt_tokens=len(doc) + len(q),
+            prompt_tokens=len(doc) + len(prompt.question),
             document_tokens=len(doc),
-            question_tokens=len(q),
-            cached=cached,
+            question_tokens=len(prompt.question),
+            cached=loaded.cached,
             stop_reason=gen.stop_reason,
             timings=timings,
             n_ctx=plan.n_ctx,
             type_k=plan.type_k.name,
             type_v=plan.type_v.name,
-            prompt_format=fmt,
-            cache_file=cache_file,
+            prompt_format=prompt.format,
+            cache_file=loaded.cache_file,
             truncation=truncation,
             n_ctx_source=rt.info.n_ctx_source,
             cpu_repack=rt.info.cpu_repack,

@@ -39,6 +39,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edgerope.errors import EdgeropeError
+from edgerope.gguf.reader import GGUFFile, using_gguf
 
 TEMPLATE_NAME = "<template>"  # the filename jinja2 gives compiled template code
 MAX_TEMPLATE_CHARS = 256 * 1024
@@ -225,14 +226,13 @@ class ChatTemplate:
         return "".join(parts)
 
 
-def from_gguf(path: str | os.PathLike[str], **limits: Any) -> ChatTemplate | None:
-    """The GGUF's chat template with its BOS/EOS token text, or None when it has none (``limits``: see
-    ``ChatTemplate``).  Raises ``TemplateError`` when the template does not compile."""
+def from_gguf(src: str | os.PathLike[str] | GGUFFile, **limits: Any) -> ChatTemplate | None:
+    """The GGUF's chat template with its BOS/EOS token text, or None when it has none (``src``: a path, or the
+    file already open; ``limits``: see ``ChatTemplate``).  Raises ``TemplateError`` when the template does not
+    compile."""
     from gguf import Keys
 
-    from edgerope.gguf.reader import open_gguf
-
-    with open_gguf(path) as f:
+    with using_gguf(src) as f:
         source = f.get(Keys.Tokenizer.CHAT_TEMPLATE)
         tokens = f.get(Keys.Tokenizer.LIST) or []
         bos, eos = f.get(Keys.Tokenizer.BOS_ID), f.get(Keys.Tokenizer.EOS_ID)

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from edgerope.apps.ask import state_fields
 from edgerope.apps.chat_template import PLAIN_FORMAT, ChatTemplate, TemplateError, plain_prompt
-from edgerope.errors import EdgeropeError, OutputError, RuntimeConfigError
-from edgerope.runtime.doccache import DocCache, entry_key
+from edgerope.errors import EdgeropeError
+from edgerope.runtime.doccache import DocCache
+from edgerope.runtime.prefix import load_prefix
 from edgerope.runtime.runtime import Runtime, Sampling
 
 logger = logging.getLogger(__name__)
@@ -234,23 +234,10 @@ class Engine:
     def _load_prefix(self, prefix: list[int]) -> int:
         """Restore the prefix's KV state from the document cache (returns its length), else evaluate and save it
         (returns 0)."""
-        rt, cache = self.runtime, self.cache
-        assert cache is not None
-        fields = state_fields(rt, model=self.model_identity, prompt_format=self.prompt_format, tokens=prefix)
-        key = entry_key(fields)
-        entry = cache.get(key, fields)
-        if entry is not None and entry.n_tokens == len(prefix):
-            try:
-                rt.restore_state(entry.state, n_past=entry.n_tokens)
-                return len(prefix)
-            except RuntimeConfigError as exc:
-                logger.warning("document cache: %s; evaluating the prefix again", exc.what)
-        rt.prefill(prefix)
-        try:
-            cache.put(key, fields, rt.state_bytes(), n_tokens=len(prefix))
-        except (OSError, OutputError) as exc:  # the answer does not depend on the cache
-            logger.warning("document cache: could not save the prefix state: %s", exc)
-        return 0
+        loaded = load_prefix(
+            self.runtime, prefix, cache=self.cache, model=self.model_identity, prompt_format=self.prompt_format
+        )
+        return len(prefix) if loaded.cached else 0
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

@@ -28,7 +28,8 @@ def plan(
     as_json: bool,
 ) -> None:
     """Plan weights + KV cache + compute memory for MODEL (a GGUF) and the largest context per cache type."""
-    from edgerope.runtime.plan import format_bytes, plan_memory
+    from edgerope.runtime.plan import plan_memory
+    from edgerope.system.memory import format_bytes
 
     p = plan_memory(
         model,

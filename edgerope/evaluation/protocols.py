@@ -31,17 +31,12 @@ from typing import Any
 import numpy as np
 
 from edgerope.errors import ConfigError, EvalError
-
-INTRO = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-    "I will quiz you about the important information there."
+from edgerope.prompts import (
+    KEY_RANGE,
+    multikey_text,
+    passkey_text,
 )
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NEEDLE = "The pass key is {k}. Remember it. {k} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
-MULTI_NEEDLE = "The value of key {k} is {v}."
-MULTI_QUESTION = "What is the value of key {k}? The value of key {k} is"
-KEY_RANGE = (1, 50000)
+
 MAX_NEW_TOKENS = 10
 
 TokenizeFn = Callable[[str], list[int]]
@@ -50,12 +45,6 @@ LogitsFn = Callable[[list[int]], np.ndarray]
 
 
 # ---------------------------------------------------------------------------------------------------- prompts
-
-
-def filler_text(n_chars: int) -> str:
-    """The filler sentence repeated (joined by spaces) and cut to ``n_chars`` characters."""
-    reps = n_chars // (len(FILLER) + 1) + 1
-    return " ".join([FILLER] * reps)[:n_chars]
 
 
 def _fit(build: Callable[[int], str], tokenize: TokenizeFn, length: int, what: str) -> tuple[str, list[int], int]:
@@ -92,13 +81,6 @@ class PasskeyPrompt:
     depth: float
     length: int  # requested total tokens (len(tokens) <= length)
     filler_chars: int
-
-
-def passkey_text(key: int, *, depth: float, filler_chars: int) -> str:
-    """The five parts of the passkey prompt joined by newlines, ``filler_chars`` of filler split at ``depth``."""
-    before = round(depth * filler_chars)
-    filler = filler_text(filler_chars)
-    return "\n".join([INTRO, filler[:before], NEEDLE.format(k=key), filler[before:], QUESTION])
 
 
 def _check_depth(depth: float) -> None:
@@ -147,18 +129,6 @@ class MultiKeyPrompt:
     @property
     def answer(self) -> int:
         return self.values[self.asked]
-
-
-def multikey_text(keys: Sequence[int], values: Sequence[int], depths: Sequence[float], asked: int, n: int) -> str:
-    """Intro, filler of ``n`` characters with each needle at its depth, then the question for key ``asked``."""
-    filler = filler_text(n)
-    cuts = [round(d * n) for d in depths]
-    parts, prev = [INTRO], 0
-    for k, v, c in zip(keys, values, cuts, strict=True):
-        parts += [filler[prev:c], MULTI_NEEDLE.format(k=k, v=v)]
-        prev = c
-    parts += [filler[prev:], MULTI_QUESTION.format(k=keys[asked])]
-    return "\n".join(parts)
 
 
 def multikey_prompt(tokenize: TokenizeFn, *, length: int, n_keys: int = 4, rng: np.random.Generator) -> MultiKeyPrompt:
@@ -444,8 +414,8 @@ def torch_backend(hf_dir: str | Path, *, dtype: str = "float32", device: str = "
     import torch
 
     from edgerope.models.llama import LlamaModel
+    from edgerope.system.device import pick_device
     from edgerope.train.data import load_tokenizer
-    from edgerope.train.recipe import pick_device
 
     dev = pick_device(device)
     model = LlamaModel.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).to(dev).eval()

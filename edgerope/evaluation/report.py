@@ -380,7 +380,7 @@ def run_eval(
             fix="drop --device (a GPU build of llama-cpp-python offloads by itself)",
         )
     if device != "cpu":
-        from edgerope.train.recipe import pick_device
+        from edgerope.system.device import pick_device
 
         pick_device(device)  # an unknown or absent device fails here, before any model is loaded
     plans = [

@@ -5,9 +5,9 @@ the model (architecture, size, tensor types), its contexts (trained, original,
 effective), the rope function llama.cpp resolves from the file (through
 ``edgerope.rope.ggml.LlamaCppRope.from_gguf``: base, scaling, YaRN ramp,
 magnitude, frequency factors, NORM/NEOX rotation, per-pair bands and
-wavelengths), KV-cache bytes per cache type (``edgerope.runtime.kv``), and findings
+wavelengths), KV-cache bytes per cache type (``edgerope.gguf.kv``), and findings
 (error / warning / info, with a fix, from ``edgerope.gguf.lint``) for the known ways a GGUF silently
-computes the wrong thing or makes llama.cpp fail (ROPE_GGUF.md section 10).
+computes the wrong thing or makes llama.cpp fail (docs/llama_cpp.md §10).
 
 What it does not do: rope math (``edgerope.rope.scaling`` / ``edgerope.rope.ggml``),
 load the model in llama.cpp, print, or change the file (``edgerope.gguf.set_rope``).
@@ -25,12 +25,12 @@ import numpy as np
 from gguf import Keys
 
 from edgerope.errors import GGUFError
+from edgerope.gguf import kv as KV
+from edgerope.gguf.kv import ARCHS_DISABLING_SWA, SWA_NOTE
 from edgerope.gguf.lint import ERROR, Finding, lint_gguf
 from edgerope.gguf.reader import GGUFFile, ModelHparams, model_hparams, open_gguf
 from edgerope.rope import ggml as G
 from edgerope.rope import scaling as R
-from edgerope.runtime import kv as KV
-from edgerope.runtime.plan import ARCHS_DISABLING_SWA, SWA_NOTE
 
 KV_REPORT_TYPES = tuple(KV.KV_TYPES)  # every cache type llama.cpp accepts
 

@@ -5,8 +5,7 @@ catalogue, ``LINTS``: rope keys llama.cpp ignores on the file's architecture,
 missing or contradictory scaling keys, frequency-factor tensors of the wrong
 type or length, partial rotary on the llama arch, the YaRN/LongRoPE magnitude
 that breaks KV shifting, LongRoPE's switch on the allocated context, tokenizer
-pieces llama.cpp needs, and key value types its loader rejects (ROPE_GGUF.md
-sections 1, 6 and 10).  Severity: "error" = llama.cpp fails, aborts or
+pieces llama.cpp needs, and key value types its loader rejects (docs/llama_cpp.md §1, §6 and §10).  Severity: "error" = llama.cpp fails, aborts or
 computes something else than the file intends; "warning" = very likely not
 what was meant; "info" = a caveat of a correct file.
 
@@ -23,10 +22,10 @@ from typing import Any
 import numpy as np
 from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, GGUFValueType, Keys
 
+from edgerope.gguf import kv as KV
 from edgerope.gguf.reader import GGUFFile, ModelHparams
 from edgerope.rope import ggml as G
 from edgerope.rope import scaling as R
-from edgerope.runtime import kv as KV
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 TOKEN_EMBD = TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight"
@@ -296,7 +295,7 @@ def _lint_rope(
 
 
 def _lint_yarn_keys(f: GGUFFile, rope: G.LlamaCppRope | None) -> list[Finding]:
-    """``rope.scaling.yarn_*`` keys present on an arch that never reads them (ROPE_GGUF.md section 1)."""
+    """``rope.scaling.yarn_*`` keys present on an arch that never reads them (docs/llama_cpp.md §1)."""
     arch = f.architecture
     out = []
     big_f = 1.0 / rope.freq_scale if rope else 1.0

@@ -24,9 +24,11 @@ or write files (``edgerope.gguf.set_rope``, ``edgerope.convert.export``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -400,6 +402,17 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     except OSError as exc:
         raise GGUFError(f"cannot read {p}: {exc}", where=where, fix="check the file's permissions") from None
     return GGUFFile(p, reader)
+
+
+@contextlib.contextmanager
+def using_gguf(src: str | os.PathLike[str] | GGUFFile) -> Iterator[GGUFFile]:
+    """The parsed file for ``src``: the ``GGUFFile`` itself (left open for its owner), or ``src`` opened and
+    closed around the block.  Lets a command parse a GGUF header once and pass the view down."""
+    if isinstance(src, GGUFFile):
+        yield src
+        return
+    with open_gguf(src) as f:
+        yield f
 
 
 # --------------------------------------------------------------------------- hyperparameters

@@ -35,10 +35,10 @@ from gguf import GGUFValueType, GGUFWriter, Keys
 
 from edgerope.errors import EdgeropeError, OutputError, RopeConfigError, UnsupportedRopeError
 from edgerope.gguf.reader import GGUFFile, TensorInfo, model_hparams, open_gguf
-from edgerope.gguf.writer import FastArrayWriter, copy_range
+from edgerope.gguf.writer import FastArrayWriter
 from edgerope.rope import ggml as G
 from edgerope.rope import scaling as R
-from edgerope.system.files import check_free_space, check_output
+from edgerope.system.files import check_free_space, check_output, copy_range
 
 ROPE_TYPES = ("none", "linear", "yarn", "ntk")
 CHUNK = 64 << 20  # kernel copy granularity (progress updates)

@@ -35,8 +35,8 @@ import torch
 
 from edgerope.models.llama import LlamaModel
 from edgerope.models.tiny_random import _write_json, tiny_config, train_tokenizer, write_tokenizer_files
+from edgerope.system.device import pick_device
 from edgerope.train.data import load_tokenizer
-from edgerope.train.recipe import pick_device
 from edgerope.train.synthetic import Mixture, RowBuilder
 
 

@@ -3,7 +3,7 @@
 Two directions, one module, so that they can check each other:
 
 * ``LlamaCppRope.from_gguf`` resolves GGUF rope keys (and runtime overrides)
-  the way llama.cpp's loader and context do (ROPE_GGUF.md sections 1-3) into
+  the way llama.cpp's loader and context do (docs/llama_cpp.md §1-§3) into
   the per-pair angles and the cos/sin magnitude the ggml kernel will use;
 * ``plan_gguf_rope`` maps a ``edgerope.rope.scaling`` variant to GGUF keys and
   frequency-factor tensors, then *verifies* that llama.cpp's function of that
@@ -26,7 +26,7 @@ from gguf import GGUFValueType, Keys
 from edgerope.errors import GGUFError, UnsupportedRopeError
 from edgerope.rope import scaling as R
 
-# Architectures whose loader reads the optional YaRN keys (ROPE_GGUF.md section 1).
+# Architectures whose loader reads the optional YaRN keys (docs/llama_cpp.md §1).
 ARCHS_READING_YARN_BETAS = frozenset({"grok", "mistral3"})
 ARCHS_READING_YARN_EXT_ATTN = frozenset({"grok"})
 ARCHS_READING_YARN_LOG_MUL = frozenset({"deepseek2", "deepseek32", "mistral3"})
@@ -270,7 +270,7 @@ def plan_gguf_rope(
 
     match rope:
         case R.Default():
-            pass  # no type key: pitfall 6 ("none" would discard a runtime rope_freq_scale)
+            pass  # no type key: docs/llama_cpp.md pitfall 6 ("none" would discard a runtime rope_freq_scale)
         case R.NtkAware():
             kv[key(Keys.Rope.FREQ_BASE, arch)] = (R.ntk_theta(rope.theta, rope.alpha, head_dim), F32)
         case R.Linear():
@@ -319,7 +319,7 @@ def plan_gguf_rope(
                     )
         case R.Llama3():
             plan.tensors[ROPE_FREQS] = R.llama3_freq_factors(rope, head_dim).astype(np.float32)
-            # no scaling type or factor: pitfall 7 (a factor would add a global 1/F on top)
+            # no scaling type or factor: docs/llama_cpp.md pitfall 7 (a factor would add a global 1/F on top)
         case R.LongRope():
             kv[key(Keys.Rope.SCALING_TYPE, arch)] = ("longrope", STR)
             kv[key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = (int(rope.original_max_position_embeddings), U32)

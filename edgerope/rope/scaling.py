@@ -12,7 +12,7 @@ the GGUF exporter use:
 ``rope_theta`` or 5.x ``rope_parameters``) into a variant; ``to_hf_rope``
 writes one back.  The formulas follow transformers >= 4.56 (explicit YaRN
 factor, ``original_max_position_embeddings`` honoured); see
-``shared/docs/ROPE_GGUF.md`` section 4.
+``docs/llama_cpp.md`` §4.
 
 What this module does not do: decide how a variant is stored in GGUF or what
 llama.cpp computes from GGUF keys -- that is ``edgerope.rope.ggml``.

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from edgerope.errors import OutputError
+from edgerope.gguf.reader import GGUFFile, using_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +61,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "edgerope" / "docs"
 
 
-def model_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The GGUF's identity: resolved path, size, mtime (ns) and the sha256 of its metadata header."""
-    from edgerope.gguf.reader import open_gguf
-
-    p = Path(path).resolve()
-    st = p.stat()
-    with open_gguf(p) as f:
+def model_identity(src: str | os.PathLike[str] | GGUFFile) -> dict[str, Any]:
+    """The GGUF's identity: resolved path, size, mtime (ns) and the sha256 of its metadata header (``src``: a
+    path, or the file already open)."""
+    with using_gguf(src) as f:
         header_end = min(f.data_offset, HEADER_HASH_BYTES)
+        p = f.path.resolve()
+    st = p.stat()
     h = hashlib.sha256()
     with open(p, "rb") as fh:
         h.update(fh.read(header_end))

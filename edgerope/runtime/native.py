@@ -22,7 +22,7 @@ What it does not do: check requests against the GGUF (``edgerope.runtime.runtime
 that *before* any native call, because llama.cpp aborts the process on some bad
 input), pick defaults, or print.  Rope overrides default to llama.cpp's C
 "from model" sentinels, never to llama-cpp-python's ``Llama()`` defaults
-(ROPE_GGUF.md section 2, pitfalls 3 and 4).
+(docs/llama_cpp.md §2, pitfalls 3 and 4).
 """
 
 from __future__ import annotations
@@ -359,7 +359,7 @@ class RopeOverrides:
 
     ``yarn_attn_factor=-1`` defers to the model (1.0 on llama/qwen2): llama-cpp-python's ``Llama()``
     passes an explicit 1.0, and a value other than 1 multiplies the cos/sin magnitude for
-    none/linear/longrope/llama3 models while YaRN discards it (pitfalls 3 and 4).  Betas at -1 keep
+    none/linear/longrope/llama3 models while YaRN discards it (docs/llama_cpp.md pitfalls 3 and 4).  Betas at -1 keep
     a GGUF value on the arches that read one (``Llama()`` would force 32/1).
     """
 
@@ -492,7 +492,7 @@ class NativeModel(_Handle):
 
     @property
     def n_ctx_train(self) -> int:
-        """As llama.cpp reports it now (a custom-YaRN context rewrites it, pitfall 17)."""
+        """As llama.cpp reports it now (a custom-YaRN context rewrites it, docs/llama_cpp.md pitfall 17)."""
         return int(_llama().llama_model_n_ctx_train(self.handle()))
 
     @property
@@ -667,7 +667,7 @@ class NativeContext(_Handle):
     def shift(self, *, n_keep: int, n_discard: int) -> None:
         """Drop the cached positions [n_keep, n_keep + n_discard) and move the later ones down by n_discard
         (``llama_memory_seq_rm`` + ``llama_memory_seq_add``; llama.cpp re-ropes the moved keys at the next
-        decode).  The caller decides whether the rope allows it (ROPE_GGUF.md pitfall 15)."""
+        decode).  The caller decides whether the rope allows it (docs/llama_cpp.md pitfall 15)."""
         lib = _llama()
         self.handle()
         if not (0 <= n_keep and 0 < n_discard and n_keep + n_discard <= self.n_past):

@@ -4,7 +4,7 @@ What it does: read the GGUF header (``edgerope.gguf.reader``, no native code) an
 length and K/V cache types, the bytes llama.cpp allocates on the CPU:
 
 * weights: the file's tensor-data region, which llama.cpp maps (``CPU_Mapped model buffer``);
-* KV cache: exact, ``edgerope.runtime.kv`` (n_ctx padded to 256, per-layer ``head_count_kv`` arrays summed);
+* KV cache: exact, ``edgerope.gguf.kv`` (n_ctx padded to 256, per-layer ``head_count_kv`` arrays summed);
 * compute buffer: a model of ggml-alloc's peak over llama.cpp's worst-case reserve graph
   (``llama_context::sched_reserve``: n_tokens = min(n_ctx, n_ubatch), every token an output), see
   ``compute_buffer_bytes``;
@@ -26,7 +26,6 @@ state, multiple sequences; it loads nothing and never calls llama.cpp.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,20 +33,14 @@ from typing import Any
 from gguf import Keys
 
 from edgerope.errors import RuntimeConfigError
-from edgerope.gguf.reader import ModelHparams, model_hparams, open_gguf
+from edgerope.gguf.kv import ARCHS_DISABLING_SWA, KV_PAD, SWA_NOTE, kv_bytes, kv_type, padded_ctx
+from edgerope.gguf.reader import GGUFFile, ModelHparams, model_hparams, using_gguf
 from edgerope.rope.ggml import key
-from edgerope.runtime.kv import KV_PAD, kv_bytes, kv_type, padded_ctx
+from edgerope.system.memory import MiB, available_memory, parse_size
 
-MiB = 2**20
-GiB = 2**30
 OVERHEAD_BYTES = 8 * MiB  # thread stacks, graph metadata, tokenizer tables: RSS beyond the buffers (bench_plan.py)
 BUDGET_SAFETY = 0.10  # the default budget keeps this fraction of MemAvailable free
 PLAN_CACHE_TYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
-SWA_NOTE = (
-    "sliding-window attention: the sliding layers' caches are planned full length, as edgerope's runtime allocates "
-    "them (llama.cpp's swa_full, on in its C API; llama-cli/llama-server turn it off and allocate less)"
-)
-ARCHS_DISABLING_SWA = frozenset({"phi3"})  # the loader reads sliding_window, then runs without it
 
 
 @dataclass(frozen=True)
@@ -116,40 +109,6 @@ class MemoryPlan:
 
 # --------------------------------------------------------------------------------------------------------------
 # sizes
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from "8GiB", "512MiB", "8G" (binary), "8GB" (decimal) or a plain byte count."""
-    if isinstance(text, int):
-        value, unit = float(text), ""
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B?)\s*", str(text).upper())
-        if not m:
-            raise RuntimeConfigError(
-                f"cannot read memory size {text!r}", fix='write it like "8GiB", "512MiB", "8G" or a byte count'
-            )
-        value, unit = float(m.group(1)), m.group(2) + m.group(3)
-    powers = {"K": 1, "M": 2, "G": 3, "T": 4}
-    if unit in ("", "B"):
-        n = value
-    elif unit.endswith("IB") or len(unit) == 1:
-        n = value * 1024 ** powers[unit[0]]
-    else:  # KB, MB, GB, TB
-        n = value * 1000 ** powers[unit[0]]
-    if n < 1:
-        raise RuntimeConfigError(f"memory size {text!r} is not positive", fix="give a size above zero")
-    return int(n)
-
-
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo, in bytes."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    raise RuntimeConfigError("cannot read MemAvailable from /proc/meminfo", fix="pass memory_budget (--memory)")
 
 
 def _max_int(value: Any) -> int:
@@ -243,12 +202,13 @@ class _Model:
     repacked_bytes: int = 0
 
 
-def _read(path: str | Path, repacked_bytes: int) -> _Model:
-    with open_gguf(path) as f:
+def _read(src: str | Path | GGUFFile, repacked_bytes: int) -> _Model:
+    with using_gguf(src) as f:
         hp = model_hparams(f)
         kv = f.kv()
         weights = f.file_size - f.data_offset
-    return _Model(str(path), hp, model_shape(hp, kv), weights, repacked_bytes)
+        path = str(f.path)
+    return _Model(path, hp, model_shape(hp, kv), weights, repacked_bytes)
 
 
 def _total(m: _Model, n_ctx: int, *, type_k: str, type_v: str, flash_attn: bool, n_batch: int, n_ubatch: int) -> int:
@@ -292,7 +252,7 @@ def largest_context(
 
 
 def plan_memory(
-    path: str | Path,
+    path: str | Path | GGUFFile,
     *,
     n_ctx: int | None = None,
     type_k: str = "f16",
@@ -364,8 +324,3 @@ def plan_memory(
         notes=tuple(notes),
         repacked_bytes=repacked_bytes,
     )
-
-
-def format_bytes(n: int | float) -> str:
-    """Human size: MiB below 1 GiB, else GiB."""
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"

@@ -4,8 +4,8 @@ What it does: ``plan_runtime`` reads the GGUF (``edgerope.gguf.reader``) and its
 (``edgerope.runtime.plan``) and returns a ``RuntimePlan`` -- context length (default: the largest that fits the
 memory budget, capped at the model's context_length), cache types, flash attention, backend, threads, rope
 runtime parameters and the rope function llama.cpp will compute -- or refuses with a typed error what would
-make llama.cpp abort the process or silently compute something else (ROPE_GGUF.md sections 2 and 7,
-pitfalls 3, 4, 8, 13, 15-19).
+make llama.cpp abort the process or silently compute something else (docs/llama_cpp.md §2 and §7,
+docs/llama_cpp.md pitfalls 3, 4, 8, 13, 15-19).
 
 What it does not do: load anything.  The only native call is asking the llama.cpp build whether it can
 offload to a GPU (``backend`` auto/gpu).
@@ -17,17 +17,19 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, Keys, TokenType
+from gguf import Keys
 
-from edgerope.errors import GGUFError, RuntimeConfigError
-from edgerope.gguf.reader import GGUFFile, ModelHparams, model_hparams, open_gguf
-from edgerope.rope.ggml import ARCHS_READING_YARN_BETAS, ROPE_FACTORS_LONG, ROPE_TENSORS, LlamaCppRope, key
+from edgerope.errors import RuntimeConfigError
+from edgerope.gguf.checks import check_runnable
+from edgerope.gguf.kv import KVType, kv_bytes, kv_type, padded_ctx
+from edgerope.gguf.reader import GGUFFile, ModelHparams, model_hparams, using_gguf
+from edgerope.rope.ggml import ARCHS_READING_YARN_BETAS, ROPE_FACTORS_LONG, LlamaCppRope, key
 from edgerope.runtime import native as N
 from edgerope.runtime.cpu_repack import CpuBackend, CpuRepack, WeightLayout, plan_layout
-from edgerope.runtime.kv import KVType, kv_bytes, kv_type, padded_ctx
-from edgerope.runtime.plan import MemoryPlan, format_bytes, plan_memory
+from edgerope.runtime.plan import MemoryPlan, plan_memory
+from edgerope.system.memory import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,6 @@ DEFAULT_N_BATCH = 512
 Backend = Literal["auto", "cpu", "gpu"]
 BACKENDS = ("auto", "cpu", "gpu")
 FLASH_ATTN_CHOICES = tuple(m.value for m in N.FlashAttn)
-SUPPORTED_ARCHS = frozenset(MODEL_ARCH_NAMES.values())
 
 
 @dataclass(frozen=True)
@@ -105,39 +106,6 @@ def _flash_attn(value: str | bool) -> N.FlashAttn:
         ) from None
 
 
-def check_runnable(f: GGUFFile) -> str:
-    """Return the architecture; refuse what makes llama.cpp abort while loading or running a GGUF."""
-    where = str(f.path)
-    arch = f.architecture
-    if arch not in SUPPORTED_ARCHS:
-        raise GGUFError(
-            f"architecture {arch!r} is not one llama.cpp knows",
-            where=where,
-            fix="only GGUFs of llama.cpp architectures can run (llama, qwen2, ...)",
-        )
-    for name in ROPE_TENSORS:
-        t = f.tensor(name)
-        if t is not None and t.ggml_type != GGMLQuantizationType.F32:
-            raise GGUFError(
-                f"rope frequency-factor tensor {name} is {t.ggml_type.name}; llama.cpp aborts the process unless it "
-                "is F32 (pitfall 13)",
-                where=where,
-                fix="re-convert with edgerope convert (it keeps these tensors F32), or rewrite the rope with "
-                "edgerope set-rope",
-            )
-    if f.get(Keys.Tokenizer.MODEL) == "llama":  # SentencePiece: unseen characters need the 256 byte pieces
-        types = f.get(Keys.Tokenizer.TOKEN_TYPE) or []
-        n_bytes = sum(1 for t in types if t == TokenType.BYTE)
-        if n_bytes < 256:
-            raise GGUFError(
-                f"the SentencePiece vocab has {n_bytes} of the 256 byte pieces (<0x00>..<0xFF>); llama.cpp aborts "
-                "the process on the first character outside the vocab (pitfall 19)",
-                where=where,
-                fix="re-train the tokenizer with byte_fallback=True and convert again",
-            )
-    return arch
-
-
 def _describe(fn: LlamaCppRope, stype: str, hp: ModelHparams) -> str:
     if fn.ext_factor != 0:
         kind = "yarn"
@@ -162,7 +130,7 @@ def _planner_flash(fa: N.FlashAttn) -> bool | None:
 
 
 def _plan_context(
-    path: str | Path,
+    path: str | Path | GGUFFile,
     hp: ModelHparams,
     *,
     n_ctx: int | None,
@@ -175,7 +143,7 @@ def _plan_context(
     repacked_bytes: int = 0,
 ) -> tuple[int, str, MemoryPlan | None]:
     """(n_ctx, how it was chosen, the memory plan); refuses a context whose planned memory exceeds the budget."""
-    where = str(path)
+    where = str(path.path if isinstance(path, GGUFFile) else path)
     if gpu:  # edgerope.runtime.plan models the CPU backend only
         if n_ctx is not None:
             return n_ctx, "requested (memory not planned: GPU offload)", None
@@ -224,54 +192,19 @@ def _plan_context(
     return mem.n_ctx, how, mem
 
 
-def plan_runtime(
-    path: str | Path,
-    *,
-    n_ctx: int | None = None,
-    type_k: str = "f16",
-    type_v: str = "f16",
-    flash_attn: str | bool = "auto",
-    backend: Backend = "auto",
-    n_threads: int | None = None,
-    n_batch: int = DEFAULT_N_BATCH,
-    rope_overrides: Mapping[str, float] | None = None,
-    allow_extrapolation: bool = False,
-    memory_budget: int | str | None = None,
-    cpu_repack: str | CpuRepack | None = None,
-) -> RuntimePlan:
-    """Check a run request against the GGUF and decide every llama.cpp setting (what ``Runtime.open`` loads).
+@dataclass(frozen=True)
+class _Caches:
+    type_k: KVType
+    type_v: KVType
+    flash_attn: N.FlashAttn
+    notes: tuple[str, ...]
 
-    ``n_ctx`` defaults to the largest context whose planned memory (``edgerope.runtime.plan``, for these cache
-    types and flash attention) fits ``memory_budget`` (bytes or "8GiB"; default: MemAvailable less 10%),
-    capped at the model's context_length (the rope-extended length); ``RuntimePlan.n_ctx_source`` says
-    which limit chose it.  A requested ``n_ctx`` whose planned memory exceeds the budget is refused with
-    the planner's suggestion.  With GPU offload memory is not planned (the default is context_length
-    capped at 4096, noted).  Beyond context_length only with ``allow_extrapolation``.
-    ``type_k``/``type_v`` are cache type names (``edgerope.runtime.kv``).
-    ``flash_attn`` is "auto" (on for a quantized V cache, off for an f32 cache, else llama.cpp's
-    choice), "on" or "off".  ``backend`` "auto" offloads every layer when the build can.
-    ``rope_overrides`` takes llama_context_params rope fields (``RopeOverrides``); unset ones come
-    from the GGUF.  ``cpu_repack`` is the CPU weight-layout policy (``edgerope.runtime.cpu_repack``: "auto" avoids the
-    buffer types known to crash, "on" is llama.cpp's default, "off" turns repacking off; None:
-    ``$EDGEROPE_CPU_REPACK``, else "auto").
-    Raises ``GGUFError``/``RuntimeConfigError`` before loading anything native.
 
-    Loads no model: the only native call is asking the llama.cpp build whether it can offload to a GPU.
-    """
-    with open_gguf(path) as f:
-        arch = check_runnable(f)
-        hp = model_hparams(f)
-        kv = f.kv()
-        freq_factors = f.freq_factors()
-        weights = list(f.tensors)
-    repack = CpuRepack.parse(cpu_repack)
-    where = str(path)
-    notes: list[str] = []
-
-    # context (the default is decided below, once caches and backend are known)
+def _check_numbers(hp: ModelHparams, n_ctx: int | None, n_batch: int, n_threads: int | None, *, extrapolate: bool,
+                   where: str) -> None:  # fmt: skip
     if n_ctx is not None and (not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1):
         raise RuntimeConfigError(f"n_ctx must be a positive integer, got {n_ctx!r}")
-    if n_ctx is not None and n_ctx > hp.n_ctx_train and not allow_extrapolation:
+    if n_ctx is not None and n_ctx > hp.n_ctx_train and not extrapolate:
         raise RuntimeConfigError(
             f"n_ctx {n_ctx} is beyond the model's context_length {hp.n_ctx_train}: positions past it were never "
             "trained (or extended by rope scaling)",
@@ -282,9 +215,12 @@ def plan_runtime(
     if n_batch < 1 or n_threads is not None and n_threads < 1:
         raise RuntimeConfigError(f"n_batch and n_threads must be >= 1, got {n_batch} and {n_threads}")
 
-    # caches and flash attention (ROPE_GGUF.md section 7, pitfall 16)
+
+def _caches(hp: ModelHparams, type_k: str, type_v: str, flash_attn: str | bool, *, where: str) -> _Caches:
+    """Cache types and flash attention, checked against the model (docs/llama_cpp.md §7, pitfall 16)."""
     tk, tv = kv_type(type_k), kv_type(type_v)
     fa = _flash_attn(flash_attn)
+    notes: list[str] = []
     for t, head_dim, which in ((tk, hp.head_dim_k, "K"), (tv, hp.head_dim_v, "V")):
         if t.quantized and head_dim % t.block_size:
             raise RuntimeConfigError(
@@ -308,8 +244,11 @@ def plan_runtime(
         notes.append("flash attention off: llama.cpp would cast the f32 KV cache to f16 inside it")
     elif fa is N.FlashAttn.ON and "f32" in (tk.name, tv.name):
         notes.append("flash attention casts the f32 cache to f16 while attending: f16 precision")
+    return _Caches(tk, tv, fa, tuple(notes))
 
-    # backend
+
+def _gpu(backend: str) -> bool:
+    """Whether the layers go to a GPU: ``backend`` checked against what this llama.cpp build can do."""
     if backend not in BACKENDS:
         raise RuntimeConfigError(f"unknown backend {backend!r}", fix=f"use one of: {', '.join(BACKENDS)}")
     gpu = N.supports_gpu_offload() if backend != "cpu" else False
@@ -319,70 +258,125 @@ def plan_runtime(
             fix="reinstall llama-cpp-python with a GPU backend (e.g. CMAKE_ARGS='-DGGML_CUDA=on'), or use "
             "backend='cpu'",
         )
+    return gpu
 
-    # memory (edgerope.runtime.plan): the default context is the largest that fits; a requested one must fit.  Planned
-    # first without repacked weight copies, so a request that cannot fit is refused before any native call.
-    plan_args = dict(n_ctx=n_ctx, tk=tk, tv=tv, fa=fa, n_batch=n_batch, memory_budget=memory_budget, gpu=gpu)
-    n_ctx_planned, n_ctx_source, mem = _plan_context(path, hp, **plan_args)  # type: ignore[arg-type]
 
-    n_ctx = n_ctx_planned
-    # rope: caller overrides, plus what the GGUF records but this arch does not read (pitfall 2)
-    given = dict(rope_overrides or {})
-    stype = kv.get(key(Keys.Rope.SCALING_TYPE, arch), "linear")
-    if arch == "phi3" and ROPE_FACTORS_LONG in freq_factors:  # phi3's loader takes long/short factors whatever the type
-        stype = "longrope"
+def _rope_overrides(
+    arch: str, kv: Mapping[str, Any], given: Mapping[str, float] | None
+) -> tuple[N.RopeOverrides, tuple[str, ...]]:
+    """The caller's rope overrides plus what the GGUF records but this arch does not read (docs/llama_cpp.md pitfall 2)."""
+    values = dict(given or {})
+    notes = []
     for field_name, template in (
         ("yarn_beta_fast", Keys.Rope.SCALING_YARN_BETA_FAST),
         ("yarn_beta_slow", Keys.Rope.SCALING_YARN_BETA_SLOW),
     ):
         value = kv.get(key(template, arch))
-        if value is not None and arch not in ARCHS_READING_YARN_BETAS and field_name not in given:
-            given[field_name] = float(value)
+        if value is not None and arch not in ARCHS_READING_YARN_BETAS and field_name not in values:
+            values[field_name] = float(value)
             notes.append(
                 f"{field_name}={float(value):g} applied at run time: the GGUF records it, llama.cpp ignores the key "
                 f"on arch {arch!r}"
             )
-    rope = N.RopeOverrides.from_mapping(given)
-    fn = LlamaCppRope.from_gguf(arch, kv, tensors=freq_factors, n_ctx=n_ctx, runtime=rope.explicit())
+    return N.RopeOverrides.from_mapping(values), tuple(notes)
 
-    # CPU weight layout, from what llama.cpp reports about this CPU (edgerope.runtime.cpu_repack): the first native call,
-    # after every refusal above.  Repacked copies are allocated beside the mapped file, so memory is planned again.
-    layout = plan_layout(repack, CpuBackend(*N.cpu_backend()), weights, gpu_offload=gpu)
-    if layout.repacked_bytes and mem is not None:
-        n_ctx, n_ctx_source, mem = _plan_context(
-            path,
-            hp,
-            **plan_args,
-            repacked_bytes=layout.repacked_bytes,  # type: ignore[arg-type]
-        )
-        fn = LlamaCppRope.from_gguf(arch, kv, tensors=freq_factors, n_ctx=n_ctx, runtime=rope.explicit())
-    if mem is not None and mem.notes:
-        notes.extend(n for n in mem.notes if not n.startswith("n_ctx "))
-    if stype == "longrope" and padded_ctx(n_ctx) > fn.n_ctx_orig:
-        msg = (
-            f"LongRoPE: n_ctx {n_ctx} (allocated {padded_ctx(n_ctx)}) exceeds the original context {fn.n_ctx_orig}, "
-            "so llama.cpp uses the long factors for every prompt, short ones included; Hugging Face uses the short "
-            f"factors for sequences up to {fn.n_ctx_orig} tokens (pitfall 8)"
-        )
-        logger.warning("%s", msg)
-        notes.append(msg)
 
+def _longrope_note(stype: str, n_ctx: int, fn: LlamaCppRope) -> str | None:
+    if stype != "longrope" or padded_ctx(n_ctx) <= fn.n_ctx_orig:
+        return None
+    msg = (
+        f"LongRoPE: n_ctx {n_ctx} (allocated {padded_ctx(n_ctx)}) exceeds the original context {fn.n_ctx_orig}, "
+        "so llama.cpp uses the long factors for every prompt, short ones included; Hugging Face uses the short "
+        f"factors for sequences up to {fn.n_ctx_orig} tokens (docs/llama_cpp.md pitfall 8)"
+    )
+    logger.warning("%s", msg)
+    return msg
+
+
+def plan_runtime(
+    src: str | Path | GGUFFile,
+    *,
+    n_ctx: int | None = None,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    flash_attn: str | bool = "auto",
+    backend: Backend = "auto",
+    n_threads: int | None = None,
+    n_batch: int = DEFAULT_N_BATCH,
+    rope_overrides: Mapping[str, float] | None = None,
+    allow_extrapolation: bool = False,
+    memory_budget: int | str | None = None,
+    cpu_repack: str | CpuRepack | None = None,
+) -> RuntimePlan:
+    """Check a run request against the GGUF and decide every llama.cpp setting (what ``Runtime.open`` loads).
+
+    ``src`` is the GGUF's path, or the file already open (``edgerope.gguf.reader``: its header is parsed once
+    per command and passed down).  ``n_ctx`` defaults to the largest context whose planned memory
+    (``edgerope.runtime.plan``, for these cache types and flash attention) fits ``memory_budget`` (bytes or
+    "8GiB"; default: MemAvailable less 10%), capped at the model's context_length (the rope-extended length);
+    ``RuntimePlan.n_ctx_source`` says which limit chose it.  A requested ``n_ctx`` whose planned memory exceeds
+    the budget is refused with the planner's suggestion.  With GPU offload memory is not planned (the default
+    is context_length capped at 4096, noted).  Beyond context_length only with ``allow_extrapolation``.
+    ``type_k``/``type_v`` are cache type names (``edgerope.gguf.kv``).  ``flash_attn`` is "auto" (on for a
+    quantized V cache, off for an f32 cache, else llama.cpp's choice), "on" or "off".  ``backend`` "auto"
+    offloads every layer when the build can.  ``rope_overrides`` takes llama_context_params rope fields
+    (``RopeOverrides``); unset ones come from the GGUF.  ``cpu_repack`` is the CPU weight-layout policy
+    (``edgerope.runtime.cpu_repack``: "auto" avoids the buffer types known to crash, "on" is llama.cpp's
+    default, "off" turns repacking off; None: ``$EDGEROPE_CPU_REPACK``, else "auto").
+
+    Raises ``GGUFError``/``RuntimeConfigError`` before anything native: every refusal comes before the
+    first native call (asking the build whether it can offload, and what CPU layouts it offers).
+    """
+    repack = CpuRepack.parse(cpu_repack)
+    with using_gguf(src) as f:
+        where = str(f.path)
+        arch = check_runnable(f)
+        hp = model_hparams(f)
+        kv, freq_factors, weights = f.kv(), f.freq_factors(), list(f.tensors)
+        _check_numbers(hp, n_ctx, n_batch, n_threads, extrapolate=allow_extrapolation, where=where)
+        caches = _caches(hp, type_k, type_v, flash_attn, where=where)
+        gpu = _gpu(backend)
+        # memory: planned first without repacked weight copies, so a request that cannot fit is refused before
+        # any native call; the default context is the largest that fits
+        plan_args = dict(
+            n_ctx=n_ctx, tk=caches.type_k, tv=caches.type_v, fa=caches.flash_attn, n_batch=n_batch,
+            memory_budget=memory_budget, gpu=gpu,
+        )  # fmt: skip
+        n_ctx_planned, n_ctx_source, mem = _plan_context(f, hp, **plan_args)  # type: ignore[arg-type]
+        rope, rope_notes = _rope_overrides(arch, kv, rope_overrides)
+        fn = LlamaCppRope.from_gguf(arch, kv, tensors=freq_factors, n_ctx=n_ctx_planned, runtime=rope.explicit())
+        # the CPU weight layout, from what llama.cpp reports about this CPU; repacked copies are allocated beside
+        # the mapped file, so memory is planned again with them
+        layout = plan_layout(repack, CpuBackend(*N.cpu_backend()), weights, gpu_offload=gpu)
+        if layout.repacked_bytes and mem is not None:
+            n_ctx_planned, n_ctx_source, mem = _plan_context(
+                f,
+                hp,
+                **plan_args,
+                repacked_bytes=layout.repacked_bytes,  # type: ignore[arg-type]
+            )
+            fn = LlamaCppRope.from_gguf(arch, kv, tensors=freq_factors, n_ctx=n_ctx_planned, runtime=rope.explicit())
+    stype = kv.get(key(Keys.Rope.SCALING_TYPE, arch), "linear")
+    if arch == "phi3" and ROPE_FACTORS_LONG in freq_factors:  # phi3's loader takes long/short factors whatever the type
+        stype = "longrope"
+    notes = [*caches.notes, *rope_notes, *(n for n in (mem.notes if mem else ()) if not n.startswith("n_ctx "))]
+    longrope = _longrope_note(stype, n_ctx_planned, fn)
     return RuntimePlan(
-        path=Path(path),
+        path=Path(where),
         architecture=arch,
         hparams=hp,
-        n_ctx=n_ctx,
-        n_batch=min(n_batch, padded_ctx(n_ctx)),
+        n_ctx=n_ctx_planned,
+        n_batch=min(n_batch, padded_ctx(n_ctx_planned)),
         n_threads=n_threads or N.default_threads(),
-        type_k=tk,
-        type_v=tv,
-        flash_attn=fa,
+        type_k=caches.type_k,
+        type_v=caches.type_v,
+        flash_attn=caches.flash_attn,
         backend=backend,
         n_gpu_layers=-1 if gpu else 0,
         rope=rope,
         rope_function=fn,
         rope_description=_describe(fn, stype, hp),
-        notes=tuple(notes),
+        notes=tuple([*notes, longrope] if longrope else notes),
         n_ctx_source=n_ctx_source,
         memory_plan=mem,
         weight_layout=layout,

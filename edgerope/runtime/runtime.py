@@ -5,7 +5,7 @@ What it does:
 * ``plan_runtime`` (``edgerope.runtime.preflight``, re-exported here) reads the GGUF (``edgerope.gguf.reader``) and decides every
   llama.cpp setting *before* any native call, refusing with a typed error what
   would make llama.cpp abort the process or silently compute something else
-  (ROPE_GGUF.md sections 2 and 7, pitfalls 3, 4, 8, 13, 15-19): a missing,
+  (docs/llama_cpp.md §2 and §7, pitfalls 3, 4, 8, 13, 15-19): a missing,
   foreign or truncated file, an architecture llama.cpp does not know, a
   context beyond the model's ``context_length``, unknown cache types, a
   quantized V cache without flash attention, quantized caches on a head size
@@ -30,7 +30,7 @@ context_length; a requested context over the budget is refused with the planner'
 
 KV shift: ``Runtime.shift`` drops cached positions and moves the rest down, only for models whose rope
 magnitude is 1 (plain, linear, llama3).  For YaRN, LongRoPE or any ``attn_factor`` llama.cpp's shift
-multiplies the cached keys by the magnitude a second time (pitfall 15), so ``shift`` refuses and edgerope
+multiplies the cached keys by the magnitude a second time (docs/llama_cpp.md pitfall 15), so ``shift`` refuses and edgerope
 never shifts such a model implicitly: nothing here or in ``ask``/``serve`` shifts on its own; callers
 re-evaluate the kept tokens.  ``info.kv_shift_exact`` says which case a model is.
 
@@ -56,10 +56,8 @@ from edgerope.runtime.preflight import (  # re-exported: the preflight half of t
     DEFAULT_MAX_CTX,
     DEFAULT_N_BATCH,
     FLASH_ATTN_CHOICES,
-    SUPPORTED_ARCHS,
     Backend,
     RuntimePlan,
-    check_runnable,
     plan_runtime,
 )
 
@@ -68,14 +66,12 @@ __all__ = [
     "DEFAULT_MAX_CTX",
     "DEFAULT_N_BATCH",
     "FLASH_ATTN_CHOICES",
-    "SUPPORTED_ARCHS",
     "Backend",
     "Generation",
     "Runtime",
     "RuntimeInfo",
     "RuntimePlan",
     "Sampling",
-    "check_runnable",
     "plan_runtime",
 ]
 
@@ -104,7 +100,9 @@ class RuntimeInfo:
     flash_attn_requested: str
     rope: str  # the rope function llama.cpp computes, in words
     rope_overrides: dict[str, float] = field(default_factory=dict)  # runtime rope parameters passed
-    kv_shift_exact: bool = True  # False when the rope magnitude is not 1 (pitfall 15): shift() refuses
+    kv_shift_exact: bool = (
+        True  # False when the rope magnitude is not 1 (docs/llama_cpp.md pitfall 15): shift() refuses
+    )
     n_ctx_source: str = "requested"  # how n_ctx was chosen: requested, or the memory budget / model limit
     memory_planned_bytes: int | None = None  # edgerope.runtime.plan's total for these settings (None: not planned)
     memory_budget_bytes: int | None = None
@@ -336,7 +334,7 @@ class Runtime:
 
         Refused (``RuntimeConfigError``) when the rope magnitude is not 1 (YaRN's default attention factor,
         LongRoPE, any ``rope.scaling.attn_factor``): llama.cpp re-ropes the moved keys and multiplies them by
-        the magnitude a second time (ROPE_GGUF.md section 7, pitfall 15); evaluate the kept tokens again
+        the magnitude a second time (docs/llama_cpp.md §7, pitfall 15); evaluate the kept tokens again
         instead.  ``info.kv_shift_exact`` tells in advance.
 
         Even an exact shift is not a re-evaluation: the kept positions keep the keys and values they were
@@ -348,7 +346,7 @@ class Runtime:
         if not self._info.kv_shift_exact:
             raise RuntimeConfigError(
                 f"this model's rope magnitude is {m:.6g}, not 1: llama.cpp's KV shift would multiply the cached "
-                "keys by it a second time and change the logits (pitfall 15)",
+                "keys by it a second time and change the logits (docs/llama_cpp.md pitfall 15)",
                 where=str(self.plan.path),
                 fix="re-evaluate the kept tokens instead: logits(kept_tokens) or prefill(kept_tokens) from an empty "
                 "cache",

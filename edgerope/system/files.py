@@ -16,6 +16,7 @@ What it does not do: write, verify or rename anything (``edgerope.convert.export
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterable
@@ -77,3 +78,20 @@ def track_temp(path: Path) -> Path:
 def partial_path(out: Path, tag: str = "") -> Path:
     """The hidden temp file beside ``out`` (same file system, so the final rename is atomic)."""
     return track_temp(out.with_name(f".{out.name}.{os.getpid()}{'.' + tag if tag else ''}.partial"))
+
+
+def copy_range(src: int, dst: int, offset: int, count: int) -> int:
+    """Copy up to ``count`` bytes from ``src`` at ``offset`` to ``dst``'s position in the kernel; returns bytes copied."""
+    count = min(count, 1 << 30)
+    for copy in (getattr(os, "copy_file_range", None), getattr(os, "sendfile", None)):
+        if copy is None:
+            continue
+        try:
+            if copy is os.sendfile:
+                return os.sendfile(dst, src, offset, count)
+            return copy(src, dst, count, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+    data = os.pread(src, min(count, 1 << 24), offset)
+    return os.write(dst, data)

@@ -46,6 +46,7 @@ from edgerope.errors import ConfigError, OutputError, TrainingError
 from edgerope.models.config import ModelConfig
 from edgerope.models.llama import LlamaModel, RotaryEmbedding
 from edgerope.rope import scaling as R
+from edgerope.system.device import pick_device
 from edgerope.train.checkpoint import (
     DistContext,
     TrainerState,
@@ -67,7 +68,6 @@ from edgerope.train.recipe import (
     memory_in_use,
     original_context_of,
     peak_memory,
-    pick_device,
     scaled_rope,
 )
 

@@ -111,7 +111,7 @@ def available_memory(device: torch.device) -> int:
     """Free bytes on ``device``: CUDA free memory, else the planner's MemAvailable (unknown: do not refuse)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    from edgerope.runtime.plan import available_memory as system_available
+    from edgerope.system.memory import available_memory as system_available
 
     try:
         return system_available()
@@ -163,30 +163,6 @@ def lr_multiplier(step: int, *, steps: int, warmup: int, schedule: str, min_rati
     t = (step - warmup) / max(1, steps - warmup)
     decay = 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else 1 - t
     return min_ratio + (1 - min_ratio) * decay
-
-
-def pick_device(device: str) -> torch.device:
-    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; a clear error for one not here."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"unknown device {device!r}", fix="use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not supported", fix="use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device {device!r}: this PyTorch sees no CUDA GPU",
-                fix="use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU",
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device {device!r}: there are {torch.cuda.device_count()} CUDA device(s)",
-                fix=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}",
-            )
-    return dev
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -31,15 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-from edgerope.apps.ask import DOC_TEMPLATE, QUESTION_TEMPLATE
 from edgerope.errors import ConfigError
-from edgerope.evaluation.protocols import (
+from edgerope.prompts import (
+    DOC_TEMPLATE,
     INTRO,
     KEY_RANGE,
     MULTI_NEEDLE,
     MULTI_QUESTION,
     NEEDLE,
     QUESTION,
+    QUESTION_TEMPLATE,
     filler_text,
 )
 from edgerope.system.files import check_output, partial_path

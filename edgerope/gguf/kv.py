@@ -1,8 +1,7 @@
 """KV-cache types llama.cpp accepts and their exact memory cost.
 
 Names are the ones ``llama-cli -ctk/-ctv`` accepts; ids and block sizes come
-from ``gguf`` (GGMLQuantizationType, GGML_QUANT_SIZES).  Formula (ROPE_GGUF.md
-section 7): bytes = n_layers x n_ctx_padded x (n_embd_k_gqa x bpe_k + n_embd_v_gqa x bpe_v),
+from ``gguf`` (GGMLQuantizationType, GGML_QUANT_SIZES).  Formula (docs/llama_cpp.md §7): bytes = n_layers x n_ctx_padded x (n_embd_k_gqa x bpe_k + n_embd_v_gqa x bpe_v),
 with n_ctx padded to a multiple of 256.
 """
 
@@ -90,3 +89,11 @@ def kv_bytes(
         type_v=type_v,
     )
     return int(round(padded_ctx(n_ctx) * per_tok))
+
+
+# Sliding-window layers: llama.cpp allocates them full length for edgerope's runtime (swa_full, on in its C API)
+SWA_NOTE = (
+    "sliding-window attention: the sliding layers' caches are planned full length, as edgerope's runtime allocates "
+    "them (llama.cpp's swa_full, on in its C API; llama-cli/llama-server turn it off and allocate less)"
+)
+ARCHS_DISABLING_SWA = frozenset({"phi3"})  # the loader reads sliding_window, then runs without it

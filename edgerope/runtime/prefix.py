@@ -1,0 +1,86 @@
+"""A token prefix's KV state kept in the document cache: restore it, or evaluate it and save it.
+
+``ask`` keeps a document's state this way and the server a long system message's; both call ``load_prefix``.
+``state_fields`` is everything that decides the state after a token prefix (model file, prompt format,
+tokens, context and cache settings, rope, llama.cpp build): the cache key is made from it, so a state is
+only ever restored into a runtime that would have computed the same one.
+
+What it does not do: choose what the prefix is, or manage the cache files (``edgerope.runtime.doccache``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edgerope.errors import OutputError, RuntimeConfigError
+from edgerope.runtime import native
+from edgerope.runtime.doccache import DocCache, entry_key, tokens_digest
+from edgerope.runtime.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefixLoad:
+    """How a prefix came into the cache: restored or evaluated, and the cache file holding its state."""
+
+    cached: bool  # restored from the document cache (not evaluated)
+    cache_file: str | None  # the entry's file; None without a cache or when saving failed
+
+
+def state_fields(rt: Runtime, *, model: Any, prompt_format: str, tokens: list[int]) -> dict[str, Any]:
+    """Everything that decides the KV state after ``tokens`` in ``rt`` (the document cache's key fields)."""
+    plan = rt.plan
+    return {
+        "model": model,
+        "prompt_format": prompt_format,
+        "tokens_sha256": tokens_digest(tokens),
+        "n_tokens": len(tokens),
+        "n_ctx": plan.n_ctx,
+        "n_batch": plan.n_batch,
+        "type_k": plan.type_k.name,
+        "type_v": plan.type_v.name,
+        "flash_attn": rt.info.flash_attn,
+        "backend": rt.info.backend,
+        "rope": plan.rope_description,
+        "rope_overrides": plan.rope.explicit(),
+        "llama_cpp": native.bindings_version(),
+    }
+
+
+def load_prefix(
+    rt: Runtime,
+    tokens: list[int],
+    *,
+    cache: DocCache | None,
+    model: Any,
+    prompt_format: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> PrefixLoad:
+    """Put ``tokens`` in ``rt``'s (emptied) KV cache: restored from ``cache`` when it holds this exact state,
+    else evaluated (``progress(done, total)``) and saved.  A cache that fails never fails the request: a bad
+    entry is evaluated again, a failed save is logged."""
+    if cache is None:
+        rt.prefill(tokens, progress=progress)
+        return PrefixLoad(cached=False, cache_file=None)
+    fields = state_fields(rt, model=model, prompt_format=prompt_format, tokens=tokens)
+    key = entry_key(fields)
+    entry = cache.get(key, fields)
+    if entry is not None and entry.n_tokens == len(tokens):
+        try:
+            rt.restore_state(entry.state, n_past=entry.n_tokens)
+            if progress is not None:
+                progress(len(tokens), len(tokens))
+            return PrefixLoad(cached=True, cache_file=str(cache.path_for(key)))
+        except RuntimeConfigError as exc:
+            logger.warning("document cache: %s; evaluating the prefix again", exc.what)
+    rt.prefill(tokens, progress=progress)
+    try:
+        cache.put(key, fields, rt.state_bytes(), n_tokens=len(tokens))
+    except (OSError, OutputError) as exc:  # the answer does not depend on the cache
+        logger.warning("document cache: could not save %s: %s", cache.path_for(key), exc)
+        return PrefixLoad(cached=False, cache_file=None)
+    return PrefixLoad(cached=False, cache_file=str(cache.path_for(key)))
