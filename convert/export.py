@@ -47,7 +47,7 @@ from edgerope.errors import (
 from edgerope.gguf.reader import open_gguf
 from edgerope.models.config import ModelConfig, hf_tensor_shapes
 from edgerope.rope import ggml as ggml_rope
-from edgerope.rope import scaling as R
+from edgerope.rope.scaling import DynamicNtk, Llama3, LongRope, RopeScaling, Yarn, describe, original_context
 from edgerope.system.files import check_output, partial_path
 
 # outtype -> (GGML type of the big 2-D tensors, general.file_type).  K-quant outtypes are not made here:
@@ -93,11 +93,11 @@ class ConvertReport:
 # --------------------------------------------------------------------------- planning
 
 
-def extended_context(cfg: ModelConfig, rope: R.RopeScaling) -> int:
+def extended_context(cfg: ModelConfig, rope: RopeScaling) -> int:
     """The context the GGUF advertises: max_position_embeddings, or factor x original when a scaled config
     keeps max_position_embeddings at the original length (the Qwen2.5 layout)."""
-    orig = R.original_context(rope)
-    if isinstance(rope, (R.Yarn, R.Llama3, R.LongRope)) and orig and cfg.max_position_embeddings <= orig:
+    orig = original_context(rope)
+    if isinstance(rope, (Yarn, Llama3, LongRope)) and orig and cfg.max_position_embeddings <= orig:
         return round(rope.factor * orig)
     return cfg.max_position_embeddings
 
@@ -299,11 +299,11 @@ def convert(
     cfg = ModelConfig.load(hf_dir)
     arch = cfg.gguf_arch
     rope = cfg.rope
-    rope_words = R.describe(rope)
+    rope_words = describe(rope)
     rope_notes: list[str] = []
     context = extended_context(cfg, rope)
     if bake_dynamic is not None:
-        if not isinstance(rope, R.DynamicNtk):
+        if not isinstance(rope, DynamicNtk):
             raise ConfigError(
                 f"--bake-dynamic applies to dynamic NTK rope scaling only; this model uses {rope.name}",
                 where=str(hf_dir / "config.json"),

@@ -29,10 +29,10 @@ from edgerope.errors import GGUFError, RuntimeConfigError
 from edgerope.gguf.checks import check_runnable
 from edgerope.gguf.reader import GGUFFile, open_gguf
 from edgerope.rope.ggml import ROPE_TENSORS
-from edgerope.runtime import native as N
+from edgerope.runtime import native
 from edgerope.system.files import check_output, partial_path
 
-QUANT_TYPES = N.QUANT_TYPES
+QUANT_TYPES = native.QUANT_TYPES
 # keys llama.cpp's quantizer rewrites; everything else must come through byte for byte
 REWRITTEN_KEYS = frozenset({Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION})
 
@@ -71,9 +71,9 @@ class QuantizeReport:
 
 def _check_qtype(qtype: str) -> str:
     name = qtype.upper()
-    if name in N.QUANT_TYPES:
+    if name in native.QUANT_TYPES:
         return name
-    if name in N.QUANT_NEEDS_IMATRIX:
+    if name in native.QUANT_NEEDS_IMATRIX:
         raise RuntimeConfigError(
             f"quantization type {qtype!r} needs an importance matrix, which edgerope does not compute",
             fix="use llama.cpp's llama-imatrix and llama-quantize, or a type such as Q4_K_M or IQ4_XS",
@@ -151,7 +151,7 @@ def quantize(
 
     tmp = partial_path(out)
     try:
-        N.quantize(src_path, tmp, ftype=N.ftype_id(name), n_threads=n_threads)
+        native.quantize(src_path, tmp, ftype=native.ftype_id(name), n_threads=n_threads)
         if not tmp.is_file():
             raise GGUFError("llama.cpp reported success but wrote no file", where=str(tmp))
         with open_gguf(src_path) as src, open_gguf(tmp) as res:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgerope.errors import ConfigError, EdgeropeError
-from edgerope.rope import scaling as R
+from edgerope.rope.scaling import Default, RopeScaling, parse_hf_rope, to_hf_rope
 
 # HF architecture class -> (model_type, GGUF architecture)
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -38,7 +38,7 @@ class ModelConfig:
     num_key_value_heads: int
     max_position_embeddings: int
     head_dim: int
-    rope: R.RopeScaling = field(default_factory=R.Default)
+    rope: RopeScaling = field(default_factory=Default)
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v (and o for Llama) biases; Qwen2 always has q/k/v bias
@@ -129,10 +129,10 @@ class ModelConfig:
         if act != "silu":
             problems.append(f"hidden_act {act!r} is not supported (only 'silu')")
         try:
-            rope = R.parse_hf_rope(raw, where=where)
+            rope = parse_hf_rope(raw, where=where)
         except EdgeropeError as exc:
             problems.append(exc.what)
-            rope = R.Default()
+            rope = Default()
         if problems:
             raise ConfigError(
                 "invalid model config:\n    - " + "\n    - ".join(problems),
@@ -181,7 +181,7 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF ``config.json`` dict (5.x ``rope_parameters`` plus the 4.x ``rope_theta``/``rope_scaling``)."""
-        rope_params = R.to_hf_rope(self.rope, head_dim=self.head_dim)
+        rope_params = to_hf_rope(self.rope, head_dim=self.head_dim)
         out: dict[str, Any] = {
             "architectures": [self.architecture],
             "model_type": self.model_type,

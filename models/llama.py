@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from edgerope.errors import CheckpointError, ConfigError, OutputError
 from edgerope.models.config import ModelConfig
-from edgerope.rope import scaling as R
+from edgerope.rope import scaling
 
 ROTATION = "neox"  # channel i rotates with channel i + head_dim/2 (HF rotate_half)
 LOADABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -65,19 +65,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for the positions of one forward; no parameters or buffers (nothing in the state dict)."""
 
-    def __init__(self, rope: R.RopeScaling, *, head_dim: int) -> None:
+    def __init__(self, rope: scaling.RopeScaling, *, head_dim: int) -> None:
         super().__init__()
         self.rope = rope
         self.head_dim = head_dim
-        self.attention_factor = R.attention_factor(rope)
+        self.attention_factor = scaling.attention_factor(rope)
         self._cache: dict[int | None, torch.Tensor] = {}
 
     def length_key(self, seq_len: int) -> int | None:
         """The length ``inv_freq`` must be computed at (None: the method does not depend on length)."""
         match self.rope:
-            case R.LongRope(original_max_position_embeddings=orig):
+            case scaling.LongRope(original_max_position_embeddings=orig):
                 return orig + 1 if seq_len > orig else None  # long factors past the original window
-            case R.DynamicNtk(max_position_embeddings=max_pos):
+            case scaling.DynamicNtk(max_position_embeddings=max_pos):
                 return seq_len if seq_len > max_pos else None  # base grows only past max_position_embeddings
         return None
 
@@ -85,9 +85,9 @@ class RotaryEmbedding(nn.Module):
         """Inverse frequencies (D/2,) float32 for a forward whose largest position is ``seq_len - 1``."""
         key = self.length_key(seq_len)
         if key not in self._cache:
-            values = R.inv_freq(self.rope, self.head_dim, seq_len=key)
+            values = scaling.inv_freq(self.rope, self.head_dim, seq_len=key)
             table = torch.from_numpy(values).to(torch.float32)
-            if isinstance(self.rope, R.DynamicNtk) and key is not None:
+            if isinstance(self.rope, scaling.DynamicNtk) and key is not None:
                 return table  # one length per forward: not worth keeping
             self._cache[key] = table
         return self._cache[key]

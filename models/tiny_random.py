@@ -29,7 +29,7 @@ import numpy as np
 
 from edgerope.errors import ConfigError
 from edgerope.models.config import MODEL_TYPES, ModelConfig, hf_tensor_shapes
-from edgerope.rope import scaling as R
+from edgerope.rope.scaling import parse_hf_rope
 
 TOKENIZER_FILE = "tokenizer.model"
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
@@ -127,7 +127,7 @@ def tiny_config(
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"unknown model_type {model_type!r}", fix=f"use one of {', '.join(MODEL_TYPES)}")
     head_dim = head_dim or hidden_size // num_attention_heads
-    rope = R.parse_hf_rope(
+    rope = parse_hf_rope(
         {
             "rope_parameters": rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
             "max_position_embeddings": max_position_embeddings,

@@ -25,7 +25,7 @@ from edgerope.cli import cli
 from edgerope.errors import ConfigError, DataError, OutputError, RopeConfigError, TrainingError
 from edgerope.models.config import ModelConfig
 from edgerope.models.llama import LlamaModel
-from edgerope.rope import scaling as R
+from edgerope.rope.scaling import Default, Linear, Yarn, ntk_theta
 from edgerope.train.finetune import finetune
 from edgerope.train.recipe import estimate_memory, lr_multiplier
 
@@ -65,7 +65,7 @@ def test_loss_decreases_and_output_carries_the_rope(make_tiny, corpus, tmp_path)
     assert rep.peak_memory_bytes > 0 and rep.memory_estimate_bytes > 0
 
     cfg = ModelConfig.load(tmp_path / "out")
-    assert cfg.rope == R.Yarn(theta=10000.0, factor=2.0, original_max_position_embeddings=256)
+    assert cfg.rope == Yarn(theta=10000.0, factor=2.0, original_max_position_embeddings=256)
     assert cfg.max_position_embeddings == 512 and cfg.rope_finetuned is True
     model = LlamaModel.from_pretrained(tmp_path / "out")
     src = LlamaModel.from_pretrained(ck)
@@ -87,7 +87,7 @@ def test_loss_decreases_and_output_carries_the_rope(make_tiny, corpus, tmp_path)
 
 @pytest.mark.parametrize(
     ("rope", "want"),
-    [("linear", R.Linear(theta=10000.0, factor=4.0)), ("ntk", R.Default(theta=R.ntk_theta(10000.0, 4.0, 64)))],
+    [("linear", Linear(theta=10000.0, factor=4.0)), ("ntk", Default(theta=ntk_theta(10000.0, 4.0, 64)))],
 )
 def test_linear_and_ntk_outputs(make_tiny, corpus, tmp_path, rope, want):
     finetune(make_tiny(), tmp_path / "o", data=[corpus], **small(rope=rope, factor=4, steps=1))

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from edgerope.errors import CheckpointError, OutputError
 from edgerope.evaluation.parity import bucket_edges
 from edgerope.models.llama import ROTATION, LlamaModel, RotaryEmbedding, apply_rope
-from edgerope.rope import scaling as R
+from edgerope.rope.scaling import Default, DynamicNtk, Linear, describe, inv_freq, parse_hf_rope
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -170,12 +170,12 @@ def test_llama_logits_match_transformers(rope, max_pos, length, tmp_path):
     ref = hf_logits(hf, ids)
     got = our_logits(ours, ids)
     assert got.shape == (2, length, VOCAB) and got.dtype == torch.float32
-    assert_logits_close(ref, got, what=R.describe(ours.config.rope))
+    assert_logits_close(ref, got, what=describe(ours.config.rope))
 
     # the tolerance is meaningful: the same weights with another rope are far off
-    other = R.Linear(theta=10000.0, factor=2.0) if rope["rope_type"] == "default" else R.Default(theta=10000.0)
+    other = Linear(theta=10000.0, factor=2.0) if rope["rope_type"] == "default" else Default(theta=10000.0)
     ours.rotary = RotaryEmbedding(other, head_dim=HD)
-    if ours.config.rope != R.parse_hf_rope({"max_position_embeddings": max_pos, "rope_parameters": rope}):
+    if ours.config.rope != parse_hf_rope({"max_position_embeddings": max_pos, "rope_parameters": rope}):
         pytest.fail("config.json did not round-trip the rope")
     if rope["rope_type"] != "dynamic" or length > max_pos:
         assert float((our_logits(ours, ids) - ref).abs().max()) > 100 * TOL
@@ -310,14 +310,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 def test_rotation_convention_is_neox():
     """Channel i rotates with channel i + d/2 (HF rotate_half), angle p * inv_freq[i] (docs/llama_cpp.md §3.1)."""
     assert ROTATION == "neox"
-    rope = R.Default(theta=10000.0)
+    rope = Default(theta=10000.0)
     rotary = RotaryEmbedding(rope, head_dim=8)
     p, i = 5, 1
     cos, sin = rotary(torch.tensor([[p]]), dtype=torch.float64)  # (1, 1, 8)
     x = torch.zeros(1, 1, 1, 8, dtype=torch.float64)
     x[..., i] = 1.0
     y = apply_rope(x, cos, sin)[0, 0, 0]
-    angle = p * R.inv_freq(rope, 8)[i]
+    angle = p * inv_freq(rope, 8)[i]
     expect = torch.zeros(8, dtype=torch.float64)
     expect[i], expect[i + 4] = math.cos(angle), math.sin(angle)
     torch.testing.assert_close(y, expect, atol=1e-6, rtol=0)
@@ -447,9 +447,9 @@ def test_state_dict_names_are_hf_names(tmp_path):
 
 def test_dynamic_recomputes_per_forward_from_the_largest_position(tmp_path):
     """Dynamic NTK's base follows max(position_ids)+1 of each forward (HF, fresh model; docs/llama_cpp.md §4.3)."""
-    rope = R.DynamicNtk(theta=10000.0, factor=8.0, max_position_embeddings=L0)
+    rope = DynamicNtk(theta=10000.0, factor=8.0, max_position_embeddings=L0)
     rotary = RotaryEmbedding(rope, head_dim=HD)
     for length in (L0 // 2, L0, 3 * L0, T):
-        want = R.inv_freq(rope, HD, seq_len=length).astype(np.float32)
+        want = inv_freq(rope, HD, seq_len=length).astype(np.float32)
         assert np.array_equal(rotary.inv_freq(length).numpy(), want)
-    assert np.array_equal(rotary.inv_freq(L0 // 2).numpy(), R.inv_freq(R.Default(10000.0), HD).astype(np.float32))
+    assert np.array_equal(rotary.inv_freq(L0 // 2).numpy(), inv_freq(Default(10000.0), HD).astype(np.float32))

@@ -14,7 +14,16 @@ import pytest
 from gguf import MODEL_TENSOR, TENSOR_NAMES, GGUFValueType, TokenType
 
 from edgerope.errors import GGUFError, RuntimeConfigError
-from edgerope.runtime import native as N
+from edgerope.runtime.native import (
+    LOGGER_NAME,
+    ContextParams,
+    FlashAttn,
+    NativeContext,
+    NativeModel,
+    NativeSampler,
+    RopeOverrides,
+    ftype_id,
+)
 
 pytestmark = pytest.mark.llama
 
@@ -119,13 +128,13 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(tiny_gguf: Path):
-    with N.NativeModel(tiny_gguf, cpu_only=True) as m:
+    with NativeModel(tiny_gguf, cpu_only=True) as m:
         yield m
 
 
-def params(**kw: Any) -> N.ContextParams:
-    base: dict[str, Any] = dict(n_ctx=256, n_batch=256, n_threads=1, type_k=F32, type_v=F32, flash_attn=N.FlashAttn.OFF)
-    return N.ContextParams(**{**base, **kw})
+def params(**kw: Any) -> ContextParams:
+    base: dict[str, Any] = dict(n_ctx=256, n_batch=256, n_threads=1, type_k=F32, type_v=F32, flash_attn=FlashAttn.OFF)
+    return ContextParams(**{**base, **kw})
 
 
 def random_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
@@ -156,13 +165,13 @@ def test_tokenize_spm_vocab_and_byte_fallback(model):
 def test_logits_all_positions_independent_of_batch_split(model):
     """One batch of 200 tokens vs chunks of 64, 7 and 1: same logits (f32 KV, no flash attention)."""
     ids = random_tokens(200, model.n_vocab)
-    with N.NativeContext(model, params()) as ctx:
+    with NativeContext(model, params()) as ctx:
         ref = ctx.logits(ids)
         assert ctx.n_past == 200
     assert ref.shape == (200, model.n_vocab) and ref.dtype == np.float32 and np.isfinite(ref).all()
     assert np.abs(ref[1:] - ref[:-1]).max() > 0.1  # positions really differ
     for n_batch in (64, 7, 1):
-        with N.NativeContext(model, params(n_batch=n_batch)) as ctx:
+        with NativeContext(model, params(n_batch=n_batch)) as ctx:
             got = ctx.logits(ids)
         err = float(np.abs(got - ref).max())
         assert err <= 1e-5, f"n_batch {n_batch}: max |d| {err:.2e}"
@@ -171,7 +180,7 @@ def test_logits_all_positions_independent_of_batch_split(model):
 def test_appending_continues_the_sequence(model):
     """logits(a) then logits(b) on one context == the tail of logits(a + b); clear() restarts at 0."""
     ids = random_tokens(40, model.n_vocab, seed=1)
-    with N.NativeContext(model, params()) as ctx:
+    with NativeContext(model, params()) as ctx:
         full = ctx.logits(ids)
         ctx.clear()
         assert ctx.n_past == 0
@@ -185,7 +194,7 @@ def test_greedy_sampler_follows_argmax_and_is_deterministic(model):
     prompt = random_tokens(12, model.n_vocab, seed=2)
 
     def run() -> list[int]:
-        with N.NativeContext(model, params()) as ctx, N.NativeSampler.greedy() as sampler:
+        with NativeContext(model, params()) as ctx, NativeSampler.greedy() as sampler:
             ctx.decode(prompt)
             out = []
             for _ in range(16):
@@ -195,23 +204,23 @@ def test_greedy_sampler_follows_argmax_and_is_deterministic(model):
 
     first = run()
     assert run() == first
-    with N.NativeContext(model, params()) as ctx:
+    with NativeContext(model, params()) as ctx:
         logits = ctx.logits(prompt + first)  # (12 + 16, V): row t predicts token t + 1
     want = logits[len(prompt) - 1 : -1].argmax(axis=1).tolist()
     assert first == want
 
 
 def test_flash_attention_resolution_is_reported(model):
-    with N.NativeContext(model, params(flash_attn=N.FlashAttn.ON)) as ctx:
+    with NativeContext(model, params(flash_attn=FlashAttn.ON)) as ctx:
         assert ctx.flash_attn
-    with N.NativeContext(model, params()) as ctx:
+    with NativeContext(model, params()) as ctx:
         assert not ctx.flash_attn
-    with N.NativeContext(model, params(flash_attn=N.FlashAttn.AUTO)) as ctx:
+    with NativeContext(model, params(flash_attn=FlashAttn.AUTO)) as ctx:
         assert ctx.flash_attn  # the CPU backend supports it, so AUTO turns it on
 
 
 def test_context_overflow_and_bad_tokens_are_refused(model):
-    with N.NativeContext(model, params(n_ctx=256)) as ctx:
+    with NativeContext(model, params(n_ctx=256)) as ctx:
         with pytest.raises(RuntimeConfigError, match="exceed the context"):
             ctx.logits(random_tokens(257, model.n_vocab))
         with pytest.raises(RuntimeConfigError, match="token ids must lie"):
@@ -220,9 +229,9 @@ def test_context_overflow_and_bad_tokens_are_refused(model):
 
 
 def test_close_is_idempotent_and_closed_handles_refuse(tiny_gguf):
-    m = N.NativeModel(tiny_gguf, cpu_only=True)
-    ctx = N.NativeContext(m, params())
-    sampler = N.NativeSampler.greedy()
+    m = NativeModel(tiny_gguf, cpu_only=True)
+    ctx = NativeContext(m, params())
+    sampler = NativeSampler.greedy()
     m.close()  # closes the context made from it first
     assert ctx.closed and m.closed
     m.close()
@@ -241,21 +250,21 @@ def test_load_failure_is_a_typed_error_with_llama_cpp_reason(tmp_path):
     """A GGUF llama.cpp refuses (but does not abort on): wrong value type for a key."""
     bad = write_tiny_gguf(tmp_path / "bad.gguf", extra_kv={"llama.rope.freq_base": ("x", GGUFValueType.STRING)})
     with pytest.raises(GGUFError, match="could not load") as info:
-        N.NativeModel(bad, cpu_only=True)
+        NativeModel(bad, cpu_only=True)
     assert "freq_base" in info.value.what  # llama.cpp's own reason is carried over
 
 
 def test_logs_go_to_python_logging_not_stderr(model, caplog, capfd):
     """Nothing native reaches fd 2 at the default level; with DEBUG enabled, llama.cpp's lines are records."""
     capfd.readouterr()
-    with N.NativeContext(model, params()) as ctx:
+    with NativeContext(model, params()) as ctx:
         ctx.logits([BOS, 5, 6])
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out == ""
-    with caplog.at_level(logging.DEBUG, logger=N.LOGGER_NAME):
-        with N.NativeContext(model, params(n_ctx=512)):
+    with caplog.at_level(logging.DEBUG, logger=LOGGER_NAME):
+        with NativeContext(model, params(n_ctx=512)):
             pass
-    lines = [r.getMessage() for r in caplog.records if r.name == N.LOGGER_NAME]
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER_NAME]
     assert any(line.startswith("llama_context: n_ctx") and "512" in line for line in lines)
     assert all("\n" not in line for line in lines)  # fragments were joined into lines
 
@@ -263,9 +272,9 @@ def test_logs_go_to_python_logging_not_stderr(model, caplog, capfd):
 def test_no_stderr_output_in_a_fresh_process(tiny_gguf):
     """Without any logging configuration a whole load/eval/free cycle prints nothing at all."""
     code = (
-        "from edgerope.runtime import native as N\n"
-        f"m = N.NativeModel({str(tiny_gguf)!r}, cpu_only=True)\n"
-        "c = N.NativeContext(m, N.ContextParams(n_ctx=256, n_threads=1))\n"
+        "from edgerope.runtime.native import ContextParams, NativeContext, NativeModel\n"
+        f"m = NativeModel({str(tiny_gguf)!r}, cpu_only=True)\n"
+        "c = NativeContext(m, ContextParams(n_ctx=256, n_threads=1))\n"
         "print(c.logits([1, 5, 6]).shape)\n"
         "m.close()\n"
     )
@@ -277,17 +286,17 @@ def test_no_stderr_output_in_a_fresh_process(tiny_gguf):
 def test_ftype_names_map_to_binding_constants():
     import llama_cpp
 
-    assert N.ftype_id("q4_k_m") == llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M == 15
-    assert N.ftype_id("Q8_0") == 7 and N.ftype_id("F32") == 0 and N.ftype_id("BF16") == 32
+    assert ftype_id("q4_k_m") == llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M == 15
+    assert ftype_id("Q8_0") == 7 and ftype_id("F32") == 0 and ftype_id("BF16") == 32
     with pytest.raises(RuntimeConfigError, match="Q4_K_M"):
-        N.ftype_id("Q7_K")
+        ftype_id("Q7_K")
 
 
 def test_rope_overrides_reject_unknown_fields():
     with pytest.raises(RuntimeConfigError, match="yarn_beta_fats"):
-        N.RopeOverrides.from_mapping({"yarn_beta_fats": 8})
+        RopeOverrides.from_mapping({"yarn_beta_fats": 8})
     with pytest.raises(RuntimeConfigError, match="rope_scaling_type"):
-        N.RopeOverrides.from_mapping({"rope_scaling_type": 7})
-    ro = N.RopeOverrides.from_mapping({"yarn_beta_fast": 8, "yarn_orig_ctx": 256})
+        RopeOverrides.from_mapping({"rope_scaling_type": 7})
+    ro = RopeOverrides.from_mapping({"yarn_beta_fast": 8, "yarn_orig_ctx": 256})
     assert ro.explicit() == {"yarn_beta_fast": 8.0, "yarn_orig_ctx": 256}
-    assert N.RopeOverrides().explicit() == {}
+    assert RopeOverrides().explicit() == {}

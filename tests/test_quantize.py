@@ -137,9 +137,9 @@ def test_refusals_leave_no_output(tmp_path, f32_gguf):
 
 
 def test_all_advertised_names_map_to_llama_cpp():
-    from edgerope.runtime import native as N
+    from edgerope.runtime import native
 
-    ids = {name: N.ftype_id(name) for name in QUANT_TYPES}
+    ids = {name: native.ftype_id(name) for name in QUANT_TYPES}
     assert ids["Q4_K"] == ids["Q4_K_M"] and ids["Q3_K"] == ids["Q3_K_M"] and ids["F32"] == 0
     assert len(set(ids.values())) == len(ids) - 3  # Q3_K, Q4_K, Q5_K are aliases
     assert {main_type(n).name for n in ("Q4_K_M", "Q3_K_L", "Q6_K", "IQ3_M", "Q2_K", "BF16")} == {

@@ -18,13 +18,29 @@ import torch
 from gguf import GGUFValueType, Keys
 
 from edgerope.errors import GGUFError, RopeConfigError, UnsupportedRopeError
-from edgerope.rope import scaling as R
 from edgerope.rope.ggml import (
     ROPE_FACTORS_LONG,
     ROPE_FACTORS_SHORT,
     ROPE_FREQS,
     LlamaCppRope,
     plan_gguf_rope,
+)
+from edgerope.rope.scaling import (
+    Default,
+    DynamicNtk,
+    Linear,
+    Llama3,
+    LongRope,
+    NtkAware,
+    RopeScaling,
+    Yarn,
+    attention_factor,
+    describe,
+    inv_freq,
+    llama3_freq_factors,
+    longrope_factors,
+    parse_hf_rope,
+    to_hf_rope,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -67,13 +83,13 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(got) - want) / np.abs(want)))
 
 
-def assert_matches_hf(raw: dict, *, head_dim: int = HD, seq_len=None, hf_raw: dict | None = None) -> R.RopeScaling:
-    rope = R.parse_hf_rope(raw)
+def assert_matches_hf(raw: dict, *, head_dim: int = HD, seq_len=None, hf_raw: dict | None = None) -> RopeScaling:
+    rope = parse_hf_rope(raw)
     want_inv, want_att = hf_rope(hf_raw or raw, head_dim=head_dim, seq_len=seq_len)
-    got_inv = R.inv_freq(rope, head_dim, seq_len=seq_len)
+    got_inv = inv_freq(rope, head_dim, seq_len=seq_len)
     assert got_inv.shape == want_inv.shape
     assert rel_err(got_inv, want_inv) <= RTOL, f"{rope}: inv_freq rel err {rel_err(got_inv, want_inv):.2e}"
-    got_att = R.attention_factor(rope)
+    got_att = attention_factor(rope)
     assert abs(got_att - want_att) / want_att <= RTOL, f"{rope}: attention factor {got_att} vs HF {want_att}"
     return rope
 
@@ -129,7 +145,7 @@ def test_static_variants_match_transformers(raw, head_dim):
 
 def test_llama3_case_covers_all_three_bands():
     """The llama3 case above exercises kept, smoothed and divided bands (otherwise it proves little)."""
-    ff = R.llama3_freq_factors(R.parse_hf_rope({"rope_parameters": LLAMA3}), HD)
+    ff = llama3_freq_factors(parse_hf_rope({"rope_parameters": LLAMA3}), HD)
     assert np.any(ff == 1.0) and np.any(ff == 8.0) and np.any((ff > 1.0) & (ff < 8.0))
 
 
@@ -139,7 +155,7 @@ def test_ntk_aware_is_hf_default_with_new_base(alpha):
     raw = {"rope_parameters": params("ntk", alpha=alpha)}
     hf_raw = {"rope_parameters": params("default", rope_theta=10000.0 * alpha ** (HD / (HD - 2)))}
     rope = assert_matches_hf(raw, hf_raw=hf_raw)
-    assert rope == R.NtkAware(theta=10000.0, alpha=alpha)
+    assert rope == NtkAware(theta=10000.0, alpha=alpha)
 
 
 @pytest.mark.parametrize("seq_len", [None, 32, 64, 65, 200, 512])
@@ -150,10 +166,10 @@ def test_dynamic_ntk_matches_transformers_per_length(seq_len, as_tensor):
     The forward pass hands HF a tensor seq_len; init an int (or None)."""
     raw = {"max_position_embeddings": 64, "rope_parameters": params("dynamic", factor=4.0)}
     hf_len = torch.tensor(seq_len) if as_tensor and seq_len is not None else seq_len
-    rope = R.parse_hf_rope(raw)
+    rope = parse_hf_rope(raw)
     want_inv, want_att = hf_rope(raw, seq_len=hf_len)
-    assert rel_err(R.inv_freq(rope, HD, seq_len=seq_len), want_inv) <= RTOL
-    assert R.attention_factor(rope) == want_att == 1.0
+    assert rel_err(inv_freq(rope, HD, seq_len=seq_len), want_inv) <= RTOL
+    assert attention_factor(rope) == want_att == 1.0
 
 
 LONGROPE_CASES = [
@@ -169,15 +185,15 @@ def test_longrope_matches_transformers(raw, seq_len):
     """Short factors up to original length, long past it; A = sqrt(1 + ln F / ln L0) or explicit (docs/llama_cpp.md §4.3)."""
     rope = assert_matches_hf(raw, seq_len=seq_len)
     expect_long = seq_len is not None and seq_len > 64
-    factors = R.longrope_factors(rope, seq_len=seq_len)
+    factors = longrope_factors(rope, seq_len=seq_len)
     assert np.array_equal(factors, LONG if expect_long else SHORT)
 
 
 def test_longrope_derived_attention_factor_value():
     """The derived factor uses F = max_pos / L0 = 8 here."""
-    rope = R.parse_hf_rope({"max_position_embeddings": 512, "rope_parameters": LONGROPE})
+    rope = parse_hf_rope({"max_position_embeddings": 512, "rope_parameters": LONGROPE})
     assert rope.factor == 8.0
-    assert R.attention_factor(rope) == pytest.approx(math.sqrt(1 + math.log(8) / math.log(64)), rel=1e-12)
+    assert attention_factor(rope) == pytest.approx(math.sqrt(1 + math.log(8) / math.log(64)), rel=1e-12)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -186,7 +202,7 @@ def test_longrope_derived_attention_factor_value():
 def test_parse_4x_form_with_legacy_type_key_and_top_level_theta():
     """4.x: rope_scaling {"type": ...} + top-level rope_theta (docs/llama_cpp.md §4.1)."""
     raw = {"max_position_embeddings": 512, "rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}
-    assert assert_matches_hf(raw) == R.Linear(theta=500000.0, factor=2.0)
+    assert assert_matches_hf(raw) == Linear(theta=500000.0, factor=2.0)
 
 
 def test_parse_4x_form_with_rope_type_key():
@@ -195,12 +211,12 @@ def test_parse_4x_form_with_rope_type_key():
         "rope_theta": 1e6,
         "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
     }
-    assert assert_matches_hf(raw) == R.Yarn(theta=1e6, factor=4.0, original_max_position_embeddings=128)
+    assert assert_matches_hf(raw) == Yarn(theta=1e6, factor=4.0, original_max_position_embeddings=128)
 
 
 def test_parse_5x_form():
     raw = {"max_position_embeddings": 512, "rope_parameters": {**LLAMA3, "rope_theta": 5e5}}
-    assert assert_matches_hf(raw) == R.Llama3(
+    assert assert_matches_hf(raw) == Llama3(
         theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
     )
 
@@ -212,14 +228,14 @@ def test_parse_both_forms_must_agree():
     v4 = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
     raw = {"max_position_embeddings": 512, "rope_parameters": v5, "rope_scaling": v4}
     with pytest.raises(RopeConfigError, match="disagree"):
-        R.parse_hf_rope(raw)
+        parse_hf_rope(raw)
     assert hf_config(raw).rope_parameters["rope_type"] == "yarn"  # why it cannot be resolved quietly
     same = {"max_position_embeddings": 512, "rope_theta": 1e6, "rope_parameters": {**v4, "rope_theta": 1e6}}
-    assert R.parse_hf_rope({**same, "rope_scaling": v4}) == R.parse_hf_rope(same)
+    assert parse_hf_rope({**same, "rope_scaling": v4}) == parse_hf_rope(same)
 
 
 def test_parse_no_rope_keys_is_default():
-    assert R.parse_hf_rope({"max_position_embeddings": 512}) == R.Default(theta=10000.0)
+    assert parse_hf_rope({"max_position_embeddings": 512}) == Default(theta=10000.0)
 
 
 def test_yarn_original_context_defaults_to_max_position_embeddings():
@@ -262,29 +278,29 @@ def test_top_level_original_max_position_embeddings_wins(rope_params):
 def test_parse_errors(raw, match):
     """Rope scaling is a closed, validated set (STYLE rule 2): bad configs raise RopeConfigError with a where."""
     with pytest.raises(RopeConfigError, match=match) as info:
-        R.parse_hf_rope({"max_position_embeddings": 512, **raw}, where="cfg.json")
+        parse_hf_rope({"max_position_embeddings": 512, **raw}, where="cfg.json")
     assert info.value.where and info.value.where.startswith("cfg.json")
 
 
 def test_longrope_factor_count_must_match_head_dim():
-    rope = R.parse_hf_rope({"max_position_embeddings": 512, "rope_parameters": LONGROPE})
+    rope = parse_hf_rope({"max_position_embeddings": 512, "rope_parameters": LONGROPE})
     with pytest.raises(RopeConfigError, match="entries"):
-        R.inv_freq(rope, 128)
+        inv_freq(rope, 128)
 
 
 ROUND_TRIP = [
-    R.Default(theta=10000.0),
-    R.Linear(theta=10000.0, factor=4.0),
-    R.DynamicNtk(theta=10000.0, factor=4.0, max_position_embeddings=64),
-    R.Yarn(theta=10000.0, factor=8.0, original_max_position_embeddings=64),
-    R.Yarn(theta=1e6, factor=4.0, original_max_position_embeddings=128, attention_factor=1.5),
-    R.Yarn(theta=1e4, factor=8.0, original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.5),
-    R.Yarn(theta=1e4, factor=8.0, original_max_position_embeddings=64, beta_fast=16.0, beta_slow=2.0, truncate=False),
-    R.Llama3(theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64),
-    R.LongRope(
+    Default(theta=10000.0),
+    Linear(theta=10000.0, factor=4.0),
+    DynamicNtk(theta=10000.0, factor=4.0, max_position_embeddings=64),
+    Yarn(theta=10000.0, factor=8.0, original_max_position_embeddings=64),
+    Yarn(theta=1e6, factor=4.0, original_max_position_embeddings=128, attention_factor=1.5),
+    Yarn(theta=1e4, factor=8.0, original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.5),
+    Yarn(theta=1e4, factor=8.0, original_max_position_embeddings=64, beta_fast=16.0, beta_slow=2.0, truncate=False),
+    Llama3(theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64),
+    LongRope(
         theta=1e4, short_factor=tuple(SHORT), long_factor=tuple(LONG), original_max_position_embeddings=64, factor=8.0
     ),
-    R.LongRope(
+    LongRope(
         theta=1e4,
         short_factor=tuple(SHORT),
         long_factor=tuple(LONG),
@@ -295,21 +311,21 @@ ROUND_TRIP = [
 ]
 
 
-@pytest.mark.parametrize("rope", ROUND_TRIP, ids=lambda r: R.describe(r))
+@pytest.mark.parametrize("rope", ROUND_TRIP, ids=lambda r: describe(r))
 def test_to_hf_round_trip(rope):
     """parse(to_hf(x)) == x, and transformers reads to_hf(x) as the same function."""
-    max_pos = rope.max_position_embeddings if isinstance(rope, R.DynamicNtk) else 512
-    raw = {"max_position_embeddings": max_pos, "rope_parameters": R.to_hf_rope(rope, head_dim=HD)}
-    assert R.parse_hf_rope(raw) == rope
+    max_pos = rope.max_position_embeddings if isinstance(rope, DynamicNtk) else 512
+    raw = {"max_position_embeddings": max_pos, "rope_parameters": to_hf_rope(rope, head_dim=HD)}
+    assert parse_hf_rope(raw) == rope
     assert_matches_hf(raw, seq_len=512)
 
 
 def test_to_hf_ntk_becomes_default_with_new_base():
-    rope = R.NtkAware(theta=10000.0, alpha=4.0)
-    raw = {"rope_parameters": R.to_hf_rope(rope, head_dim=HD)}
-    back = R.parse_hf_rope(raw)
-    assert back == R.Default(theta=10000.0 * 4.0 ** (HD / (HD - 2)))
-    assert rel_err(R.inv_freq(back, HD), R.inv_freq(rope, HD)) <= 1e-12
+    rope = NtkAware(theta=10000.0, alpha=4.0)
+    raw = {"rope_parameters": to_hf_rope(rope, head_dim=HD)}
+    back = parse_hf_rope(raw)
+    assert back == Default(theta=10000.0 * 4.0 ** (HD / (HD - 2)))
+    assert rel_err(inv_freq(back, HD), inv_freq(rope, HD)) <= 1e-12
 
 
 # --------------------------------------------------------------------------- GGUF plans (docs/llama_cpp.md §9)
@@ -323,7 +339,7 @@ def k(template: str) -> str:
 
 
 def plan_for(raw: dict, **kw):
-    rope = R.parse_hf_rope({"max_position_embeddings": CTX, **raw})
+    rope = parse_hf_rope({"max_position_embeddings": CTX, **raw})
     return rope, plan_gguf_rope(rope, arch=ARCH, head_dim=HD, context_length=CTX, **kw)
 
 
@@ -487,7 +503,7 @@ def test_absent_scaling_type_means_linear():
     """An absent rope.scaling.type is "linear": a factor alone scales (docs/llama_cpp.md §1)."""
     fn = LlamaCppRope.from_gguf(ARCH, gguf_kv(factor=4.0))
     assert fn.freq_scale == 0.25 and fn.ext_factor == 0.0
-    assert rel_err(fn.inv_freq(HD), R.inv_freq(R.Linear(theta=10000.0, factor=4.0), HD)) <= 1e-12
+    assert rel_err(fn.inv_freq(HD), inv_freq(Linear(theta=10000.0, factor=4.0), HD)) <= 1e-12
 
 
 def test_scaling_type_none_forces_scale_one_even_with_runtime_freq_scale():

@@ -20,7 +20,7 @@ from gguf import GGUFValueType
 from test_native import write_tiny_gguf
 
 from edgerope.errors import GGUFError, RuntimeConfigError
-from edgerope.runtime import native as N
+from edgerope.runtime.native import supports_gpu_offload
 from edgerope.runtime.plan import plan_memory
 from edgerope.runtime.runtime import Runtime, plan_runtime
 
@@ -187,7 +187,7 @@ def test_requested_n_ctx_over_the_memory_budget_is_refused_with_the_planners_sug
 
 
 def test_gpu_backend_on_cpu_only_build_is_refused(converted):
-    if N.supports_gpu_offload():
+    if supports_gpu_offload():
         pytest.skip("this llama.cpp build supports GPU offload")
     with pytest.raises(RuntimeConfigError, match="no GPU support"):
         Runtime.open(converted["plain"], backend="gpu")

@@ -21,11 +21,14 @@ from gguf import GGUFValueType as VT
 from gguf import Keys
 from test_gguf_file import write_gguf
 
+import edgerope.gguf.set_rope as set_rope_module
 from edgerope.cli import cli
 from edgerope.errors import EdgeropeError, GGUFError, OutputError, RopeConfigError, UnsupportedRopeError
-from edgerope.gguf import set_rope as S
 from edgerope.gguf.inspect import inspect_gguf
-from edgerope.gguf.set_rope import set_rope
+from edgerope.gguf.reader import open_gguf
+from edgerope.gguf.set_rope import _copy_verified, _Raw, _verify, set_rope
+from edgerope.rope.ggml import plan_gguf_rope
+from edgerope.rope.scaling import Linear
 
 U32, F32, STR, BOOL = VT.UINT32, VT.FLOAT32, VT.STRING, VT.BOOL
 T, FACTOR, ORIG = Keys.Rope.SCALING_TYPE, Keys.Rope.SCALING_FACTOR, Keys.Rope.SCALING_ORIG_CTX_LEN
@@ -284,7 +287,7 @@ def test_a_failed_verification_deletes_the_output(tmp_path, monkeypatch):
     def failing_verify(*args, **kwargs):
         raise OutputError("verification of the written file failed: injected")
 
-    monkeypatch.setattr(S, "_verify", failing_verify)
+    monkeypatch.setattr(set_rope_module, "_verify", failing_verify)
     for kwargs in ({"out_path": tmp_path / "o.gguf"}, {"in_place": True}):
         with pytest.raises(OutputError, match="injected"):
             set_rope(src, rope_type="linear", factor=2, **kwargs)
@@ -295,27 +298,25 @@ def test_verification_catches_a_changed_tensor_byte(tmp_path):
     src = write_gguf(tmp_path / "in.gguf")
     out = tmp_path / "o.gguf"
     set_rope(src, out, rope_type="linear", factor=2)
-    f_in, f_out = S.open_gguf(src), S.open_gguf(out)
+    f_in, f_out = open_gguf(src), open_gguf(out)
     t = f_out.tensor("blk.1.attn_output.weight")
     raw = bytearray(out.read_bytes())
     raw[t.data_offset + t.n_bytes - 1] ^= 0xFF
     out.write_bytes(bytes(raw))
     assert read(out)[1] != read(src)[1]
-    f_out = S.open_gguf(out)
-    kv = {k: (S._Raw(f_in.raw_value(k)), mv.type) for k, mv in f_in.metadata.items() if k != "general.architecture"}
+    f_out = open_gguf(out)
+    kv = {k: (_Raw(f_in.raw_value(k)), mv.type) for k, mv in f_in.metadata.items() if k != "general.architecture"}
     for k in (
         "llama.context_length",
         "llama.rope.dimension_count",
         "llama.rope.scaling.type",
         "llama.rope.scaling.factor",
     ):
-        kv[k] = (S._Raw(f_out.raw_value(k)), f_out.metadata[k].type)
+        kv[k] = (_Raw(f_out.raw_value(k)), f_out.metadata[k].type)
     offsets = {x.name: x.data_offset for x in f_out.tensors}
-    plan = S.G.plan_gguf_rope(S.R.Linear(theta=1e4, factor=2), arch="llama", head_dim=64, context_length=8192)
+    plan = plan_gguf_rope(Linear(theta=1e4, factor=2), arch="llama", head_dim=64, context_length=8192)
     with pytest.raises(OutputError, match="tensor data of blk.1.attn_output.weight differs"):
-        S._verify(
-            f_in, out, kv=kv, tensors=f_in.tensors, dst_offsets=offsets, rope=S.R.Linear(1e4, 2), n_rot=64, plan=plan
-        )
+        _verify(f_in, out, kv=kv, tensors=f_in.tensors, dst_offsets=offsets, rope=Linear(1e4, 2), n_rot=64, plan=plan)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -418,12 +419,12 @@ def test_copy_compare_catches_a_shifted_or_corrupted_copy(tmp_path, monkeypatch,
     runs = [(0, 0, len(data))]
 
     def run(copy):
-        monkeypatch.setattr(S, "copy_range", copy)
+        monkeypatch.setattr(set_rope_module, "copy_range", copy)
         dst = tmp_path / "dst.bin"
         dst.write_bytes(b"")
         s_fd, d_fd = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDWR)
         try:
-            S._copy_verified(s_fd, d_fd, runs, lambda n: None, full=full)
+            _copy_verified(s_fd, d_fd, runs, lambda n: None, full=full)
         finally:
             os.close(s_fd)
             os.close(d_fd)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edgerope.errors import DataError, EvalError
-from edgerope.evaluation import protocols as E
+from edgerope.evaluation import protocols
 
 TASKS = ("passkey", "multikey", "perplexity")
 MODES = ("truncated", "sliding")
@@ -49,7 +49,7 @@ class EvalRequest:
     mode: str = "truncated"
     window: int | None = None
     stride: int | None = None
-    max_new_tokens: int = E.MAX_NEW_TOKENS
+    max_new_tokens: int = protocols.MAX_NEW_TOKENS
     n_keys: int = 4
     bucket_size: int | None = None  # default: max(lengths) // 8 (at least 16)
     max_docs: int = 16
@@ -161,11 +161,11 @@ def plan_model(
     return ModelPlan(str(model), "llama.cpp", ctx, n_ctx, kv or "f16", extrapolate, tuple(notes))
 
 
-def open_model(plan: ModelPlan, *, n_threads: int | None = None) -> E.Backend:
+def open_model(plan: ModelPlan, *, n_threads: int | None = None) -> protocols.Backend:
     """The evaluation backend for a planned model (loads it)."""
     if plan.backend == "torch":
-        return E.torch_backend(plan.path, device=plan.device)
-    return E.llama_backend(
+        return protocols.torch_backend(plan.path, device=plan.device)
+    return protocols.llama_backend(
         plan.path,
         n_ctx=plan.n_ctx,
         type_k=plan.kv,
@@ -193,7 +193,7 @@ def load_eval_documents(data: str | Path | None) -> tuple[list[Any], str]:
     return load_documents(data), str(data)
 
 
-def _select_docs(docs: Sequence[Any], tokenize: E.TokenizeFn, *, need: int, max_docs: int) -> list[list[int]]:
+def _select_docs(docs: Sequence[Any], tokenize: protocols.TokenizeFn, *, need: int, max_docs: int) -> list[list[int]]:
     """The first ``max_docs`` documents (in order) with at least ``need`` tokens, tokenized with BOS."""
     out = []
     for d in docs:
@@ -216,8 +216,8 @@ class ModelResult:
 
     plan: ModelPlan
     backend: str
-    grid: E.GridResult | None = None
-    perplexity: dict[int, E.Perplexity] | None = None
+    grid: protocols.GridResult | None = None
+    perplexity: dict[int, protocols.Perplexity] | None = None
     n_documents: int = 0
     seconds: float = 0.0
 
@@ -269,12 +269,12 @@ def evaluate_model(
         if req.task == "passkey":
             total = len(req.lengths) * len(req.depths) * req.trials
             gen = _counted(b.generate, progress, total)
-            res.grid = E.passkey_grid(
+            res.grid = protocols.passkey_grid(
                 gen, b.tokenize, req.lengths, req.depths, req.trials, req.seed, max_new_tokens=req.max_new_tokens
             )
         elif req.task == "multikey":
             gen = _counted(b.generate, progress, len(req.lengths) * req.trials)
-            res.grid = E.multikey_grid(
+            res.grid = protocols.multikey_grid(
                 gen, b.tokenize, req.lengths, req.trials, req.seed, n_keys=req.n_keys, max_new_tokens=req.max_new_tokens
             )
         else:
@@ -282,7 +282,7 @@ def evaluate_model(
             res.n_documents = len(docs)
             if req.mode == "truncated":
                 logits = _counted(b.logits, progress, len(docs) * len(req.lengths))
-                res.perplexity = E.perplexity_sweep(logits, docs, req.lengths, bucket_size=req.bucket)
+                res.perplexity = protocols.perplexity_sweep(logits, docs, req.lengths, bucket_size=req.bucket)
             else:
                 w, s = int(req.window), int(req.stride)
                 total = len(docs) * sum(_sliding_windows(n, w, s) for n in req.lengths)
@@ -290,7 +290,7 @@ def evaluate_model(
                 if b.bos_id is None:
                     raise EvalError("sliding-window perplexity needs a BOS token; this tokenizer has none")
                 res.perplexity = {
-                    n: E.perplexity_sliding(
+                    n: protocols.perplexity_sliding(
                         logits, [d[:n] for d in docs], window=w, stride=s, bos_id=b.bos_id, bucket_size=req.bucket
                     )
                     for n in req.lengths
@@ -393,7 +393,7 @@ def run_eval(
         cb = progress(Path(p.path).name) if progress else None
         report.results.append(evaluate_model(p, req, documents=documents, n_threads=n_threads, progress=cb))
     if len(report.results) == 2 and req.task != "perplexity":
-        report.agreement = E.agreement(report.results[0].grid, report.results[1].grid)
+        report.agreement = protocols.agreement(report.results[0].grid, report.results[1].grid)
     return report
 
 

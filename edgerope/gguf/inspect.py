@@ -25,14 +25,13 @@ import numpy as np
 from gguf import Keys
 
 from edgerope.errors import GGUFError
-from edgerope.gguf import kv as KV
-from edgerope.gguf.kv import ARCHS_DISABLING_SWA, SWA_NOTE
+from edgerope.gguf.kv import ARCHS_DISABLING_SWA, KV_TYPES, SWA_NOTE, kv_bytes_per_token, padded_ctx
 from edgerope.gguf.lint import ERROR, Finding, lint_gguf
 from edgerope.gguf.reader import GGUFFile, ModelHparams, model_hparams, open_gguf
-from edgerope.rope import ggml as G
-from edgerope.rope import scaling as R
+from edgerope.rope.ggml import NEOX_ARCHS, LlamaCppRope
+from edgerope.rope.scaling import base_inv_freq
 
-KV_REPORT_TYPES = tuple(KV.KV_TYPES)  # every cache type llama.cpp accepts
+KV_REPORT_TYPES = tuple(KV_TYPES)  # every cache type llama.cpp accepts
 
 
 @dataclass
@@ -115,11 +114,11 @@ def _ranges(idx: np.ndarray) -> str:
     return ", ".join(out)
 
 
-def _rope_report(f: GGUFFile, rope: G.LlamaCppRope, n_rot: int, factors: dict[str, np.ndarray]) -> RopeReport:
+def _rope_report(f: GGUFFile, rope: LlamaCppRope, n_rot: int, factors: dict[str, np.ndarray]) -> RopeReport:
     arch = f.architecture
     stype_key = f.arch_get(Keys.Rope.SCALING_TYPE)
     stype = stype_key if isinstance(stype_key, str) else "linear"
-    base = R.base_inv_freq(rope.freq_base, n_rot)  # shape (n_rot/2,)
+    base = base_inv_freq(rope.freq_base, n_rot)  # shape (n_rot/2,)
     eff = rope.inv_freq(n_rot)
     ratio = eff / base
     wavelength = 2 * math.pi / eff
@@ -162,7 +161,7 @@ def _rope_report(f: GGUFFile, rope: G.LlamaCppRope, n_rot: int, factors: dict[st
     pairs["beyond_original_context"] = int(np.sum(wavelength > rope.n_ctx_orig))
     return RopeReport(
         summary=summary,
-        rotation="NEOX" if arch in G.NEOX_ARCHS else "NORM",
+        rotation="NEOX" if arch in NEOX_ARCHS else "NORM",
         n_rot=n_rot,
         scaling_type=stype,
         scaling_type_key_present=stype_key is not None,
@@ -189,14 +188,14 @@ def _kv_report(hp: ModelHparams, contexts: list[int], sliding: bool) -> KVReport
     layers = hp.n_head_kv_layers
     per_token = {
         t: sum(
-            KV.kv_bytes_per_token(
+            kv_bytes_per_token(
                 n_layers=1, n_kv_heads=h, head_dim_k=hp.head_dim_k, head_dim_v=hp.head_dim_v, type_k=t, type_v=t
             )
             for h in layers
         )
         for t in KV_REPORT_TYPES
     }
-    at = {c: {t: int(round(KV.padded_ctx(c) * b)) for t, b in per_token.items()} for c in contexts}
+    at = {c: {t: int(round(padded_ctx(c) * b)) for t, b in per_token.items()} for c in contexts}
     notes = []
     if hp.head_dim_k % 32 or hp.head_dim_v % 32:
         notes.append("quantized cache types need head dims divisible by 32 (flash attention); this model has not")
@@ -239,7 +238,7 @@ def inspect_gguf(path: str | os.PathLike[str], *, n_ctx: int | None = None) -> I
     factors = f.freq_factors()
     rope = rope_rep = None
     try:
-        rope = G.LlamaCppRope.from_gguf(arch, f.arch_kv(), tensors=factors, n_ctx=n_ctx)
+        rope = LlamaCppRope.from_gguf(arch, f.arch_kv(), tensors=factors, n_ctx=n_ctx)
     except GGUFError as exc:
         findings.append(Finding(ERROR, "rope_unreadable", exc.what, exc.fix))
     if rope is not None and hp is not None and hp.n_rot > 0:
@@ -266,7 +265,7 @@ def inspect_gguf(path: str | os.PathLike[str], *, n_ctx: int | None = None) -> I
         hparams=None if hp is None else {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(hp).items()},
         context_trained=ctx_train,
         context_original=rope.n_ctx_orig if rope else None,
-        context_effective=KV.padded_ctx(n_ctx or ctx_train) if (n_ctx or ctx_train) else None,
+        context_effective=padded_ctx(n_ctx or ctx_train) if (n_ctx or ctx_train) else None,
         rope=rope_rep,
         kv=kv,
         findings=findings,

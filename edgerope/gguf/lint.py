@@ -22,10 +22,20 @@ from typing import Any
 import numpy as np
 from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, GGUFValueType, Keys
 
-from edgerope.gguf import kv as KV
+from edgerope.gguf import kv
 from edgerope.gguf.reader import GGUFFile, ModelHparams
-from edgerope.rope import ggml as G
-from edgerope.rope import scaling as R
+from edgerope.rope.ggml import (
+    ARCHS_READING_YARN_BETAS,
+    ARCHS_READING_YARN_EXT_ATTN,
+    ARCHS_READING_YARN_LOG_MUL,
+    ROPE_FACTORS_LONG,
+    ROPE_FACTORS_SHORT,
+    ROPE_FREQS,
+    ROPE_TENSORS,
+    LlamaCppRope,
+    key,
+)
+from edgerope.rope.scaling import yarn_mscale
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 TOKEN_EMBD = TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight"
@@ -209,7 +219,7 @@ def finding(code: str, severity: str | None = None, **values: Any) -> Finding:
 
 def _lint_types(f: GGUFFile, arch: str) -> list[Finding]:
     out = []
-    for k, (want, array_ok) in ({G.key(t, arch): v for t, v in STRICT_ARCH_KEYS.items()} | STRICT_KEYS).items():
+    for k, (want, array_ok) in ({key(t, arch): v for t, v in STRICT_ARCH_KEYS.items()} | STRICT_KEYS).items():
         mv = f.metadata.get(k)
         if mv is None or mv.type == want or (array_ok and mv.type == GGUFValueType.ARRAY and mv.sub_type in (U32, I32)):
             continue
@@ -245,7 +255,7 @@ def _lint_tokenizer(f: GGUFFile) -> list[Finding]:
 
 
 def _lint_rope(
-    f: GGUFFile, hp: ModelHparams | None, rope: G.LlamaCppRope | None, factors: dict[str, np.ndarray], n_ctx: int | None
+    f: GGUFFile, hp: ModelHparams | None, rope: LlamaCppRope | None, factors: dict[str, np.ndarray], n_ctx: int | None
 ) -> list[Finding]:
     arch = f.architecture
     out: list[Finding] = []
@@ -265,28 +275,28 @@ def _lint_rope(
                     "context_inconsistent", ctx=ctx, factor=factor, orig=orig, want=round(factor * orig), stype=stype
                 )
             )
-    if scaled and stype != "yarn" and (stype == "longrope" or G.ROPE_FREQS in factors):
+    if scaled and stype != "yarn" and (stype == "longrope" or ROPE_FREQS in factors):
         out.append(
-            finding("factor_with_freq_factors", factor=factor, what="longrope" if stype == "longrope" else G.ROPE_FREQS)
+            finding("factor_with_freq_factors", factor=factor, what="longrope" if stype == "longrope" else ROPE_FREQS)
         )
-    long_short = {G.ROPE_FACTORS_LONG, G.ROPE_FACTORS_SHORT} & set(factors)
+    long_short = {ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT} & set(factors)
     if stype == "longrope" and not long_short:
         out.append(finding("longrope_no_factors"))
     n_rot = hp.n_rot if hp else 0
-    for name in G.ROPE_TENSORS:
+    for name in ROPE_TENSORS:
         t = f.tensor(name)
         if t is not None and t.ggml_type != GGMLQuantizationType.F32:
             out.append(finding("freq_factors_not_f32", name=name, type=t.ggml_type.name))
         if t is not None and n_rot and t.n_elements != n_rot // 2:
             out.append(finding("freq_factors_length", name=name, n=t.n_elements, n_rot=n_rot, half=n_rot // 2))
     if hp and arch in ARCHS_FULL_ROTARY and hp.n_rot != hp.head_dim_k:
-        key_name = G.key(Keys.Rope.DIMENSION_COUNT, arch)
+        key_name = key(Keys.Rope.DIMENSION_COUNT, arch)
         out.append(finding("n_rot_not_head_dim", n_rot=hp.n_rot, head_dim=hp.head_dim_k, arch=arch, key=key_name))
     out += _lint_yarn_keys(f, rope)
     if rope is not None and not math.isclose(rope.magnitude, 1.0, rel_tol=1e-6):  # f32 keys
         out.append(finding("kv_shift_magnitude", m=rope.magnitude))
-    if long_short and (stype == "longrope" or arch == "phi3") and G.ROPE_FREQS not in factors and rope is not None:
-        alloc = KV.padded_ctx(n_ctx or (ctx if isinstance(ctx, int) else 0))
+    if long_short and (stype == "longrope" or arch == "phi3") and ROPE_FREQS not in factors and rope is not None:
+        alloc = kv.padded_ctx(n_ctx or (ctx if isinstance(ctx, int) else 0))
         which = "long" if alloc > rope.n_ctx_orig else "short"
         out.append(finding("longrope_switch", ctx=alloc, which=which, orig=rope.n_ctx_orig))
     if n_ctx and isinstance(ctx, int) and n_ctx > ctx:
@@ -294,7 +304,7 @@ def _lint_rope(
     return out
 
 
-def _lint_yarn_keys(f: GGUFFile, rope: G.LlamaCppRope | None) -> list[Finding]:
+def _lint_yarn_keys(f: GGUFFile, rope: LlamaCppRope | None) -> list[Finding]:
     """``rope.scaling.yarn_*`` keys present on an arch that never reads them (docs/llama_cpp.md §1)."""
     arch = f.architecture
     out = []
@@ -303,27 +313,27 @@ def _lint_yarn_keys(f: GGUFFile, rope: G.LlamaCppRope | None) -> list[Finding]:
     checks = [  # key, arches reading it, value llama.cpp uses instead, runtime parameter that sets it
         (
             Keys.Rope.SCALING_YARN_BETA_FAST,
-            G.ARCHS_READING_YARN_BETAS,
+            ARCHS_READING_YARN_BETAS,
             rope.beta_fast if rope else 32.0,
             "yarn_beta_fast",
         ),
         (
             Keys.Rope.SCALING_YARN_BETA_SLOW,
-            G.ARCHS_READING_YARN_BETAS,
+            ARCHS_READING_YARN_BETAS,
             rope.beta_slow if rope else 1.0,
             "yarn_beta_slow",
         ),
         (
             Keys.Rope.SCALING_YARN_EXT_FACTOR,
-            G.ARCHS_READING_YARN_EXT_ATTN,
+            ARCHS_READING_YARN_EXT_ATTN,
             rope.ext_factor if rope else 0.0,
             "yarn_ext_factor",
         ),
-        (Keys.Rope.SCALING_YARN_LOG_MUL, G.ARCHS_READING_YARN_LOG_MUL, 0.0, None),
-        (Keys.Rope.SCALING_YARN_ATTN_FACTOR, G.ARCHS_READING_YARN_EXT_ATTN, m, None),
+        (Keys.Rope.SCALING_YARN_LOG_MUL, ARCHS_READING_YARN_LOG_MUL, 0.0, None),
+        (Keys.Rope.SCALING_YARN_ATTN_FACTOR, ARCHS_READING_YARN_EXT_ATTN, m, None),
     ]
     for template, readers, used, runtime in checks:
-        k = G.key(template, arch)
+        k = key(template, arch)
         value = f.get(k)
         if not isinstance(value, (int, float)) or arch in readers:
             continue
@@ -331,7 +341,7 @@ def _lint_yarn_keys(f: GGUFFile, rope: G.LlamaCppRope | None) -> list[Finding]:
         if harmless:
             fix = ""
         elif template == Keys.Rope.SCALING_YARN_ATTN_FACTOR:
-            target = value / R.yarn_mscale(big_f)
+            target = value / yarn_mscale(big_f)
             fix = f"if {value:g} is the intended magnitude, write rope.scaling.attn_factor = {target:.6g} (edgerope set-rope --attn-factor {value:g})"
         elif runtime:
             fix = f"pass {runtime}={value:g} at run time, or use an arch that reads the key"
@@ -350,7 +360,7 @@ def _lint_yarn_keys(f: GGUFFile, rope: G.LlamaCppRope | None) -> list[Finding]:
                 fix=fix,
             )
         )
-    if arch in G.ARCHS_READING_YARN_BETAS and rope is not None and (rope.beta_fast, rope.beta_slow) != (32.0, 1.0):
+    if arch in ARCHS_READING_YARN_BETAS and rope is not None and (rope.beta_fast, rope.beta_slow) != (32.0, 1.0):
         out.append(finding("llama_cpp_python_betas", fast=rope.beta_fast, slow=rope.beta_slow))
     return out
 
@@ -359,7 +369,7 @@ def lint_gguf(
     f: GGUFFile,
     *,
     hparams: ModelHparams | None,
-    rope: G.LlamaCppRope | None,
+    rope: LlamaCppRope | None,
     factors: dict[str, np.ndarray],
     n_ctx: int | None = None,
 ) -> list[Finding]:

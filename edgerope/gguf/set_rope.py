@@ -36,8 +36,21 @@ from gguf import GGUFValueType, GGUFWriter, Keys
 from edgerope.errors import EdgeropeError, OutputError, RopeConfigError, UnsupportedRopeError
 from edgerope.gguf.reader import GGUFFile, TensorInfo, model_hparams, open_gguf
 from edgerope.gguf.writer import FastArrayWriter
-from edgerope.rope import ggml as G
-from edgerope.rope import scaling as R
+from edgerope.rope.ggml import ARCHS_READING_YARN_BETAS, ROPE_TENSORS, GGUFRopePlan, LlamaCppRope, key, plan_gguf_rope
+from edgerope.rope.scaling import (
+    DEFAULT_THETA,
+    YARN_BETA_FAST,
+    YARN_BETA_SLOW,
+    Default,
+    Linear,
+    NtkAware,
+    RopeScaling,
+    Yarn,
+    attention_factor,
+    describe,
+    inv_freq,
+    validate_for_context,
+)
 from edgerope.system.files import check_free_space, check_output, copy_range
 
 ROPE_TYPES = ("none", "linear", "yarn", "ntk")
@@ -99,7 +112,7 @@ class _HeaderWriter(FastArrayWriter):
 def _file_is_unscaled(f: GGUFFile) -> bool:
     stype = f.arch_get(Keys.Rope.SCALING_TYPE)
     factor = f.arch_get(Keys.Rope.SCALING_FACTOR) or f.get(f"{f.architecture}.rope.scale_linear")
-    has_factors = any(f.tensor(n) is not None for n in G.ROPE_TENSORS)
+    has_factors = any(f.tensor(n) is not None for n in ROPE_TENSORS)
     return stype in (None, "none", "linear") and factor in (None, 0, 1) and not has_factors
 
 
@@ -114,7 +127,7 @@ def _build_variant(
     attn_factor: float | None,
     beta_fast: float | None,
     beta_slow: float | None,
-) -> tuple[R.RopeScaling, int]:
+) -> tuple[RopeScaling, int]:
     where = f"set-rope --type {rope_type}"
     if rope_type not in ROPE_TYPES:
         raise RopeConfigError(
@@ -126,7 +139,7 @@ def _build_variant(
             where=where,
             fix="drop them, or use --type yarn",
         )
-    theta = float(freq_base) if freq_base is not None else float(f.arch_get(Keys.Rope.FREQ_BASE, R.DEFAULT_THETA))
+    theta = float(freq_base) if freq_base is not None else float(f.arch_get(Keys.Rope.FREQ_BASE, DEFAULT_THETA))
     ctx_file = int(f.arch_get(Keys.LLM.CONTEXT_LENGTH))
     orig_file = f.arch_get(Keys.Rope.SCALING_ORIG_CTX_LEN)
     scaled = rope_type in ("linear", "yarn") or (rope_type == "ntk" and factor is not None)
@@ -162,25 +175,25 @@ def _build_variant(
             where=where,
             fix=f"set the context length to factor x original, e.g. {int(round(factor * original_context))}",
         )
-    rope: R.RopeScaling
+    rope: RopeScaling
     if rope_type == "none":
-        rope = R.Default(theta=theta)
+        rope = Default(theta=theta)
     elif rope_type == "linear":
-        rope = R.Linear(theta=theta, factor=float(factor))
+        rope = Linear(theta=theta, factor=float(factor))
     elif rope_type == "yarn":
-        rope = R.Yarn(
+        rope = Yarn(
             theta=theta,
             factor=float(factor),
             original_max_position_embeddings=int(original_context),
-            beta_fast=R.YARN_BETA_FAST if beta_fast is None else float(beta_fast),
-            beta_slow=R.YARN_BETA_SLOW if beta_slow is None else float(beta_slow),
+            beta_fast=YARN_BETA_FAST if beta_fast is None else float(beta_fast),
+            beta_slow=YARN_BETA_SLOW if beta_slow is None else float(beta_slow),
             attention_factor=attn_factor,
         )
-        R.validate_for_context(rope, context_length=context_length, where=where)
+        validate_for_context(rope, context_length=context_length, where=where)
     elif factor is not None:
-        rope = R.NtkAware(theta=theta, alpha=float(factor))
+        rope = NtkAware(theta=theta, alpha=float(factor))
     elif freq_base is not None:
-        rope = R.Default(theta=theta)  # NTK given directly as the new base
+        rope = Default(theta=theta)  # NTK given directly as the new base
     else:
         raise RopeConfigError("--type ntk needs --factor (alpha) or --freq-base (the new base)", where=where)
     return rope, int(context_length)
@@ -327,7 +340,7 @@ def set_rope(
         raise UnsupportedRopeError(
             f"arch {arch!r} has no rotary embedding to scale (no attention heads)", where=str(src)
         )
-    stale_tensors = [n for n in G.ROPE_TENSORS if f.tensor(n) is not None]
+    stale_tensors = [n for n in ROPE_TENSORS if f.tensor(n) is not None]
     if stale_tensors and arch in ARCHS_WITH_INTRINSIC_ROPE_FREQS:
         raise UnsupportedRopeError(
             f"{', '.join(stale_tensors)} is part of the {arch!r} architecture, not a rope scaling: set-rope would "
@@ -346,31 +359,31 @@ def set_rope(
         beta_fast=beta_fast,
         beta_slow=beta_slow,
     )
-    if isinstance(rope, R.Yarn) and (rope.beta_fast, rope.beta_slow) != (R.YARN_BETA_FAST, R.YARN_BETA_SLOW):
-        if arch not in G.ARCHS_READING_YARN_BETAS:
+    if isinstance(rope, Yarn) and (rope.beta_fast, rope.beta_slow) != (YARN_BETA_FAST, YARN_BETA_SLOW):
+        if arch not in ARCHS_READING_YARN_BETAS:
             fast, slow = f"{rope.beta_fast:g}", f"{rope.beta_slow:g}"
             raise UnsupportedRopeError(
                 f"llama.cpp ignores the yarn_beta_* keys on arch {arch!r} (only "
-                f"{', '.join(sorted(G.ARCHS_READING_YARN_BETAS))} read them): the file cannot carry "
+                f"{', '.join(sorted(ARCHS_READING_YARN_BETAS))} read them): the file cannot carry "
                 f"beta_fast={fast}, beta_slow={slow}",
                 where=str(src),
                 fix=f"set-rope without --beta-fast/--beta-slow and pass them at run time: llama-cli "
                 f"--yarn-beta-fast {fast} --yarn-beta-slow {slow}, or Llama(yarn_beta_fast={fast}, yarn_beta_slow={slow})",
             )
-    plan = G.plan_gguf_rope(rope, arch=arch, head_dim=hp.n_rot, context_length=ctx)
+    plan = plan_gguf_rope(rope, arch=arch, head_dim=hp.n_rot, context_length=ctx)
     if plan.tensors:  # only llama3/longrope produce tensors, and set-rope does not build those
         raise UnsupportedRopeError(f"set-rope cannot write frequency-factor tensors ({', '.join(plan.tensors)})")
     previous = {
         k: v.value
         for k, v in f.metadata.items()
-        if k.startswith(f"{arch}.rope.") or k == G.key(Keys.LLM.CONTEXT_LENGTH, arch)
+        if k.startswith(f"{arch}.rope.") or k == key(Keys.LLM.CONTEXT_LENGTH, arch)
     }
     report = SetRopeReport(
         input=str(src),
         output=str(dest),
         in_place=in_place,
         architecture=arch,
-        rope=R.describe(rope),
+        rope=describe(rope),
         previous=previous,
         context_length=ctx,
         changed_keys={},
@@ -391,7 +404,7 @@ def set_rope(
     for name in stale_tensors:
         report.notes.append(
             f"removed {name}: its per-pair factors belong to the previous rope scaling; the new function is "
-            f"{R.describe(rope)} without them"
+            f"{describe(rope)} without them"
         )
     # --- header plan: source order, rope keys replaced in place, new keys appended
     kv: dict[str, tuple[Any, GGUFValueType]] = {}
@@ -463,9 +476,9 @@ def _verify(
     kv: dict[str, tuple[Any, GGUFValueType]],
     tensors: list[TensorInfo],
     dst_offsets: dict[str, int],
-    rope: R.RopeScaling,
+    rope: RopeScaling,
     n_rot: int,
-    plan: G.GGUFRopePlan,
+    plan: GGUFRopePlan,
 ) -> None:
     """Re-open the written file and check it is exactly what was planned; raise ``OutputError`` otherwise."""
 
@@ -502,8 +515,8 @@ def _verify(
             a, b = f.tensor_bytes(t.name), g.tensor_bytes(t.name)
             if not (np.array_equal(a[:n], b[:n]) and np.array_equal(a[t.n_bytes - n :], b[t.n_bytes - n :])):
                 raise fail(f"tensor data of {t.name} differs")
-        got = G.LlamaCppRope.from_gguf(g.architecture, g.arch_kv(), tensors=g.freq_factors(), runtime=plan.runtime)
-        want = R.inv_freq(rope, n_rot)
+        got = LlamaCppRope.from_gguf(g.architecture, g.arch_kv(), tensors=g.freq_factors(), runtime=plan.runtime)
+        want = inv_freq(rope, n_rot)
         err = float(np.max(np.abs(got.inv_freq(n_rot) - want) / want))
-        if err > 1e-6 or not math.isclose(got.magnitude, R.attention_factor(rope), rel_tol=1e-6):
+        if err > 1e-6 or not math.isclose(got.magnitude, attention_factor(rope), rel_tol=1e-6):
             raise fail(f"llama.cpp would resolve a different rope function (frequency error {err:.2e})")

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from edgerope.errors import ConfigError, TrainingError
-from edgerope.evaluation import protocols as E
+from edgerope.evaluation import protocols
 from edgerope.train.synthetic import heldout_documents, write_jsonl
 
 ROPE_TYPES = ("none", "linear", "yarn", "ntk")
@@ -263,14 +263,16 @@ def _write_data(work: Path, base: Path, s: Settings, variants: Sequence[Variant]
 ANSWER_ROOM = 16  # a passkey prompt "at length L" has L - ANSWER_ROOM tokens, so prompt + answer fit in L
 
 
-def _heldout_ids(b: E.Backend, n: int) -> list[list[int]]:
+def _heldout_ids(b: protocols.Backend, n: int) -> list[list[int]]:
     """The first ``n`` tokens of each held-out documentation topic that has ``n`` (perplexity and KL text)."""
     return [ids[:n] for ids in (b.tokenize(d.text) for d in heldout_documents()) if len(ids) >= n]
 
 
-def _passkey(b: E.Backend, s: Settings, lengths: Sequence[int]) -> E.GridResult:
+def _passkey(b: protocols.Backend, s: Settings, lengths: Sequence[int]) -> protocols.GridResult:
     """The passkey grid with prompts of L - ANSWER_ROOM tokens for each length L (reported under L)."""
-    grid = E.passkey_grid(b.generate, b.tokenize, [n - ANSWER_ROOM for n in lengths], s.depths, s.trials, s.eval_seed)
+    grid = protocols.passkey_grid(
+        b.generate, b.tokenize, [n - ANSWER_ROOM for n in lengths], s.depths, s.trials, s.eval_seed
+    )
     for c in grid.cells:
         c.length += ANSWER_ROOM
     return grid
@@ -284,11 +286,11 @@ def evaluate_gguf(gguf: Path, s: Settings, *, lengths: Sequence[int] | None = No
     ctx = model_context(gguf)
     longest = max(max(lengths), *s.ppl_lengths) if s.ppl_lengths else max(lengths)
     options = dict(n_ctx=longest, type_k=s.kv, type_v=s.kv, n_threads=s.n_threads)  # prompt + answer fit in L
-    with E.llama_backend(gguf, allow_extrapolation=longest > ctx, **options) as b:
+    with protocols.llama_backend(gguf, allow_extrapolation=longest > ctx, **options) as b:
         grid = _passkey(b, s, lengths)
         out: dict[str, Any] = {"context_length": ctx, "passkey": grid.to_dict(), "passkey_by_length": grid.by_length()}
         if s.multikey_trials:
-            mk = E.multikey_grid(
+            mk = protocols.multikey_grid(
                 b.generate, b.tokenize, [n - ANSWER_ROOM for n in lengths], s.multikey_trials, s.eval_seed
             )
             out["multikey_by_length"] = {n + ANSWER_ROOM: a for n, a in mk.by_length().items()}
@@ -299,7 +301,9 @@ def evaluate_gguf(gguf: Path, s: Settings, *, lengths: Sequence[int] | None = No
                 raise ConfigError(f"no held-out document has {n_max} tokens (or no BOS)", fix="use shorter ppl_lengths")
             # the same n_max tokens of each document read through a window of n (stride n / 2; n_max: one pass)
             ppl = {
-                n: E.perplexity_sliding(b.logits, docs, window=n, stride=n // 2, bos_id=b.bos_id, bucket_size=256)
+                n: protocols.perplexity_sliding(
+                    b.logits, docs, window=n, stride=n // 2, bos_id=b.bos_id, bucket_size=256
+                )
                 for n in s.ppl_lengths
             }
             out["perplexity"] = {n: p.perplexity for n, p in ppl.items()}
@@ -309,17 +313,17 @@ def evaluate_gguf(gguf: Path, s: Settings, *, lengths: Sequence[int] | None = No
 
 def passkey_agreement(checkpoint: Path, gguf: Path, s: Settings, *, lengths: Sequence[int]) -> dict[str, Any]:
     """The same passkey grid in PyTorch (fp32) and in llama.cpp (f16 KV): the fraction of equal answers."""
-    with E.torch_backend(checkpoint) as tb:
+    with protocols.torch_backend(checkpoint) as tb:
         a = _passkey(tb, s, lengths)
     n_ctx = max(lengths)
-    with E.llama_backend(gguf, n_ctx=n_ctx, type_k="f16", type_v="f16", n_threads=s.n_threads) as lb:
+    with protocols.llama_backend(gguf, n_ctx=n_ctx, type_k="f16", type_v="f16", n_threads=s.n_threads) as lb:
         b = _passkey(lb, s, lengths)
     return {
         "checkpoint": str(checkpoint),
         "gguf": str(gguf),
         "kv": "f16",
         "trials": a.total,
-        "agreement": E.agreement(a, b),
+        "agreement": protocols.agreement(a, b),
         "torch_accuracy": a.accuracy,
         "llama_cpp_accuracy": b.accuracy,
     }
@@ -483,7 +487,7 @@ def kv_comparison(
     out: dict[str, Any] = {"gguf": str(gguf), "reference": reference, "kv": {}}
     ref_logp: list[np.ndarray] = []
     for kv in [reference, *[k for k in kvs if k != reference]]:
-        with E.llama_backend(gguf, n_ctx=longest, type_k=kv, type_v=kv, n_threads=s.n_threads) as b:
+        with protocols.llama_backend(gguf, n_ctx=longest, type_k=kv, type_v=kv, n_threads=s.n_threads) as b:
             grid = _passkey(b, s, s.lengths)
             docs = _heldout_ids(b, longest)
             logp = [_log_softmax(b.logits(ids).astype(np.float64)) for ids in docs]  # (T, V) each

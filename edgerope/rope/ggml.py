@@ -24,7 +24,7 @@ import numpy as np
 from gguf import GGUFValueType, Keys
 
 from edgerope.errors import GGUFError, UnsupportedRopeError
-from edgerope.rope import scaling as R
+from edgerope.rope import scaling
 
 # Architectures whose loader reads the optional YaRN keys (docs/llama_cpp.md §1).
 ARCHS_READING_YARN_BETAS = frozenset({"grok", "mistral3"})
@@ -85,7 +85,7 @@ class LlamaCppRope:
 
     def inv_freq(self, dim: int) -> np.ndarray:
         """Effective per-pair angle per position, float64, shape (dim/2,) -- ggml's rope_yarn in closed form."""
-        extrap = R.base_inv_freq(self.freq_base, dim)
+        extrap = scaling.base_inv_freq(self.freq_base, dim)
         if self.freq_factors is not None:
             ff = np.asarray(self.freq_factors, dtype=np.float64)
             if ff.shape != extrap.shape:
@@ -101,7 +101,7 @@ class LlamaCppRope:
         """Per-pair weight of the unscaled angle (1 = extrapolated, 0 = interpolated by freq_scale), shape (dim/2,)."""
         if self.ext_factor == 0:
             return np.zeros(dim // 2)
-        low, high = R.yarn_correction_range(
+        low, high = scaling.yarn_correction_range(
             dim=dim,
             theta=self.freq_base,
             original_context=self.n_ctx_orig,
@@ -186,9 +186,9 @@ class LlamaCppRope:
             if arch in ("deepseek2", "deepseek32"):
                 log_mul /= 0.1
             if log_mul:
-                attn = R.yarn_mscale(big_f, 1.0) / R.yarn_mscale(big_f, log_mul)
+                attn = scaling.yarn_mscale(big_f, 1.0) / scaling.yarn_mscale(big_f, log_mul)
             else:
-                attn = R.yarn_mscale(big_f, 1.0)
+                attn = scaling.yarn_mscale(big_f, 1.0)
             attn /= 1.0 + 0.1 * math.log(big_f)
         attn *= gguf_attn
 
@@ -239,13 +239,13 @@ def rope_key_names(arch: str) -> set[str]:
     }
 
 
-def bake_dynamic(rope: R.DynamicNtk, *, seq_len: int, dim: int) -> R.Default:
+def bake_dynamic(rope: scaling.DynamicNtk, *, seq_len: int, dim: int) -> scaling.Default:
     """Freeze dynamic NTK at one length: the fixed base Hugging Face uses for a forward of exactly ``seq_len``."""
-    return R.Default(theta=R.dynamic_theta(rope, dim, seq_len))
+    return scaling.Default(theta=scaling.dynamic_theta(rope, dim, seq_len))
 
 
 def plan_gguf_rope(
-    rope: R.RopeScaling,
+    rope: scaling.RopeScaling,
     *,
     arch: str,
     head_dim: int,
@@ -269,14 +269,14 @@ def plan_gguf_rope(
     where = f"rope scaling {rope.name}"
 
     match rope:
-        case R.Default():
+        case scaling.Default():
             pass  # no type key: docs/llama_cpp.md pitfall 6 ("none" would discard a runtime rope_freq_scale)
-        case R.NtkAware():
-            kv[key(Keys.Rope.FREQ_BASE, arch)] = (R.ntk_theta(rope.theta, rope.alpha, head_dim), F32)
-        case R.Linear():
+        case scaling.NtkAware():
+            kv[key(Keys.Rope.FREQ_BASE, arch)] = (scaling.ntk_theta(rope.theta, rope.alpha, head_dim), F32)
+        case scaling.Linear():
             kv[key(Keys.Rope.SCALING_TYPE, arch)] = ("linear", STR)
             kv[key(Keys.Rope.SCALING_FACTOR, arch)] = (float(rope.factor), F32)
-        case R.DynamicNtk():
+        case scaling.DynamicNtk():
             raise UnsupportedRopeError(
                 "dynamic NTK rope scaling has no GGUF representation: Hugging Face recomputes the base for every "
                 "forward from its length, llama.cpp uses one fixed function (llama.cpp's converter silently "
@@ -285,19 +285,19 @@ def plan_gguf_rope(
                 fix="fine-tune or convert with YaRN instead (rope_type 'yarn'), or bake one fixed length with "
                 "--bake-dynamic N (exact only for prompts of N tokens)",
             )
-        case R.Yarn():
+        case scaling.Yarn():
             if rope.factor <= 1:
                 raise UnsupportedRopeError(f"YaRN factor must be > 1, got {rope.factor:g}", where=where)
             kv[key(Keys.Rope.SCALING_TYPE, arch)] = ("yarn", STR)
             kv[key(Keys.Rope.SCALING_FACTOR, arch)] = (float(rope.factor), F32)
             kv[key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = (int(rope.original_max_position_embeddings), U32)
-            target = R.attention_factor(rope)
+            target = scaling.attention_factor(rope)
             if arch in ARCHS_READING_YARN_LOG_MUL:
                 raise UnsupportedRopeError(f"YaRN export for arch {arch!r} is not supported", where=where)
-            default = R.yarn_mscale(rope.factor)
+            default = scaling.yarn_mscale(rope.factor)
             if not math.isclose(target, default, rel_tol=1e-12):
                 kv[key(Keys.Rope.SCALING_ATTN_FACTOR, arch)] = (target / default, F32)
-            if (rope.beta_fast, rope.beta_slow) != (R.YARN_BETA_FAST, R.YARN_BETA_SLOW):
+            if (rope.beta_fast, rope.beta_slow) != (scaling.YARN_BETA_FAST, scaling.YARN_BETA_SLOW):
                 if arch in ARCHS_READING_YARN_BETAS:
                     kv[key(Keys.Rope.SCALING_YARN_BETA_FAST, arch)] = (float(rope.beta_fast), F32)
                     kv[key(Keys.Rope.SCALING_YARN_BETA_SLOW, arch)] = (float(rope.beta_slow), F32)
@@ -317,13 +317,13 @@ def plan_gguf_rope(
                         fix="pass --allow-runtime-rope to record them for runtimes that apply them "
                         "(edgerope's runtime does; plain llama.cpp needs --yarn-beta-fast/--yarn-beta-slow)",
                     )
-        case R.Llama3():
-            plan.tensors[ROPE_FREQS] = R.llama3_freq_factors(rope, head_dim).astype(np.float32)
+        case scaling.Llama3():
+            plan.tensors[ROPE_FREQS] = scaling.llama3_freq_factors(rope, head_dim).astype(np.float32)
             # no scaling type or factor: docs/llama_cpp.md pitfall 7 (a factor would add a global 1/F on top)
-        case R.LongRope():
+        case scaling.LongRope():
             kv[key(Keys.Rope.SCALING_TYPE, arch)] = ("longrope", STR)
             kv[key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = (int(rope.original_max_position_embeddings), U32)
-            kv[key(Keys.Rope.SCALING_ATTN_FACTOR, arch)] = (float(R.attention_factor(rope)), F32)
+            kv[key(Keys.Rope.SCALING_ATTN_FACTOR, arch)] = (float(scaling.attention_factor(rope)), F32)
             for name, values in ((ROPE_FACTORS_LONG, rope.long_factor), (ROPE_FACTORS_SHORT, rope.short_factor)):
                 plan.tensors[name] = np.asarray(values, dtype=np.float32)
             plan.notes.append(
@@ -333,30 +333,30 @@ def plan_gguf_rope(
             )
         case _:
             raise TypeError(f"not a rope scaling variant: {rope!r}")
-    if finetuned is not None and not isinstance(rope, (R.Default, R.NtkAware)):
+    if finetuned is not None and not isinstance(rope, (scaling.Default, scaling.NtkAware)):
         kv[key(Keys.Rope.SCALING_FINETUNED, arch)] = (bool(finetuned), BOOL)
     plan.remove -= set(kv)
     verify_plan(rope, plan, head_dim=head_dim)
     return plan
 
 
-def verify_plan(rope: R.RopeScaling, plan: GGUFRopePlan, *, head_dim: int) -> None:
+def verify_plan(rope: scaling.RopeScaling, plan: GGUFRopePlan, *, head_dim: int) -> None:
     """Raise ``UnsupportedRopeError`` unless llama.cpp's function of ``plan`` equals ``rope``'s function."""
     cases: list[tuple[int | None, int | None]] = [(None, None)]  # (n_ctx for llama.cpp, seq_len for HF)
-    if isinstance(rope, R.LongRope):
+    if isinstance(rope, scaling.LongRope):
         orig = rope.original_max_position_embeddings
         cases = [(orig, orig), (orig + 256, orig + 1)] if orig % 256 == 0 else [(orig + 256, orig + 1)]
     tensors = {k: v.astype(np.float64) for k, v in plan.tensors.items()}
     for n_ctx, seq_len in cases:
         ours = LlamaCppRope.from_gguf(plan.arch, plan.kv_values(), tensors=tensors, n_ctx=n_ctx, runtime=plan.runtime)
-        want = R.inv_freq(rope, head_dim, seq_len=seq_len)
+        want = scaling.inv_freq(rope, head_dim, seq_len=seq_len)
         got = ours.inv_freq(head_dim)
         # float32 storage of factors and keys limits agreement to ~1e-7 relative
         err = float(np.max(np.abs(got - want) / np.abs(want)))
-        mag_err = abs(ours.magnitude - R.attention_factor(rope)) / R.attention_factor(rope)
+        mag_err = abs(ours.magnitude - scaling.attention_factor(rope)) / scaling.attention_factor(rope)
         if err > 1e-6 or mag_err > 1e-6:
             raise UnsupportedRopeError(
-                f"llama.cpp would compute a different rope function for {R.describe(rope)} "
+                f"llama.cpp would compute a different rope function for {scaling.describe(rope)} "
                 f"(max relative frequency error {err:.2e}, magnitude error {mag_err:.2e})",
                 where=f"GGUF arch {plan.arch}",
                 fix="this rope configuration cannot be represented in GGUF; use default YaRN parameters",

@@ -26,8 +26,15 @@ from edgerope.gguf.checks import check_runnable
 from edgerope.gguf.kv import KVType, kv_bytes, kv_type, padded_ctx
 from edgerope.gguf.reader import GGUFFile, ModelHparams, model_hparams, using_gguf
 from edgerope.rope.ggml import ARCHS_READING_YARN_BETAS, ROPE_FACTORS_LONG, LlamaCppRope, key
-from edgerope.runtime import native as N
 from edgerope.runtime.cpu_repack import CpuBackend, CpuRepack, WeightLayout, plan_layout
+from edgerope.runtime.native import (
+    ContextParams,
+    FlashAttn,
+    RopeOverrides,
+    cpu_backend,
+    default_threads,
+    supports_gpu_offload,
+)
 from edgerope.runtime.plan import MemoryPlan, plan_memory
 from edgerope.system.memory import format_bytes
 
@@ -38,7 +45,7 @@ SUGGEST_CACHE_TYPES = ("q8_0", "q4_0")  # a refusal for memory also says how far
 DEFAULT_N_BATCH = 512
 Backend = Literal["auto", "cpu", "gpu"]
 BACKENDS = ("auto", "cpu", "gpu")
-FLASH_ATTN_CHOICES = tuple(m.value for m in N.FlashAttn)
+FLASH_ATTN_CHOICES = tuple(m.value for m in FlashAttn)
 
 
 @dataclass(frozen=True)
@@ -53,10 +60,10 @@ class RuntimePlan:
     n_threads: int
     type_k: KVType
     type_v: KVType
-    flash_attn: N.FlashAttn  # what is passed to llama.cpp (AUTO is resolved by llama.cpp)
+    flash_attn: FlashAttn  # what is passed to llama.cpp (AUTO is resolved by llama.cpp)
     backend: Backend  # the requested one
     n_gpu_layers: int
-    rope: N.RopeOverrides  # caller overrides plus the runtime needs recorded in the GGUF
+    rope: RopeOverrides  # caller overrides plus the runtime needs recorded in the GGUF
     rope_function: LlamaCppRope  # what llama.cpp will compute with these settings
     rope_description: str
     notes: tuple[str, ...] = ()
@@ -81,8 +88,8 @@ class RuntimePlan:
             for h in hp.n_head_kv_layers
         )
 
-    def context_params(self) -> N.ContextParams:
-        return N.ContextParams(
+    def context_params(self) -> ContextParams:
+        return ContextParams(
             n_ctx=self.n_ctx,
             n_batch=self.n_batch,
             n_ubatch=self.n_batch,
@@ -95,11 +102,11 @@ class RuntimePlan:
         )
 
 
-def _flash_attn(value: str | bool) -> N.FlashAttn:
+def _flash_attn(value: str | bool) -> FlashAttn:
     if isinstance(value, bool):
-        return N.FlashAttn.ON if value else N.FlashAttn.OFF
+        return FlashAttn.ON if value else FlashAttn.OFF
     try:
-        return N.FlashAttn(str(value).lower())
+        return FlashAttn(str(value).lower())
     except ValueError:
         raise RuntimeConfigError(
             f"unknown flash_attn setting {value!r}", fix=f"use one of: {', '.join(FLASH_ATTN_CHOICES)}"
@@ -125,8 +132,8 @@ def _describe(fn: LlamaCppRope, stype: str, hp: ModelHparams) -> str:
     return ", ".join(words)
 
 
-def _planner_flash(fa: N.FlashAttn) -> bool | None:
-    return {N.FlashAttn.ON: True, N.FlashAttn.OFF: False}.get(fa)  # AUTO: planned off, the larger buffer
+def _planner_flash(fa: FlashAttn) -> bool | None:
+    return {FlashAttn.ON: True, FlashAttn.OFF: False}.get(fa)  # AUTO: planned off, the larger buffer
 
 
 def _plan_context(
@@ -136,7 +143,7 @@ def _plan_context(
     n_ctx: int | None,
     tk: KVType,
     tv: KVType,
-    fa: N.FlashAttn,
+    fa: FlashAttn,
     n_batch: int,
     memory_budget: int | str | None,
     gpu: bool,
@@ -196,7 +203,7 @@ def _plan_context(
 class _Caches:
     type_k: KVType
     type_v: KVType
-    flash_attn: N.FlashAttn
+    flash_attn: FlashAttn
     notes: tuple[str, ...]
 
 
@@ -230,19 +237,19 @@ def _caches(hp: ModelHparams, type_k: str, type_v: str, flash_attn: str | bool, 
                 fix=f"use an unquantized {which} cache (f16, bf16 or f32)",
             )
     if tv.quantized:
-        if fa is N.FlashAttn.OFF:
+        if fa is FlashAttn.OFF:
             raise RuntimeConfigError(
                 f"a quantized V cache ({tv.name}) needs flash attention, which is off",
                 where=where,
                 fix="use flash_attn='auto' or 'on', or an unquantized V cache",
             )
-        if fa is N.FlashAttn.AUTO:
-            fa = N.FlashAttn.ON
+        if fa is FlashAttn.AUTO:
+            fa = FlashAttn.ON
             notes.append(f"flash attention on: required by the {tv.name} V cache")
-    elif fa is N.FlashAttn.AUTO and tk.name == "f32" and tv.name == "f32":
-        fa = N.FlashAttn.OFF  # llama.cpp's flash attention casts an f32 cache to f16
+    elif fa is FlashAttn.AUTO and tk.name == "f32" and tv.name == "f32":
+        fa = FlashAttn.OFF  # llama.cpp's flash attention casts an f32 cache to f16
         notes.append("flash attention off: llama.cpp would cast the f32 KV cache to f16 inside it")
-    elif fa is N.FlashAttn.ON and "f32" in (tk.name, tv.name):
+    elif fa is FlashAttn.ON and "f32" in (tk.name, tv.name):
         notes.append("flash attention casts the f32 cache to f16 while attending: f16 precision")
     return _Caches(tk, tv, fa, tuple(notes))
 
@@ -251,7 +258,7 @@ def _gpu(backend: str) -> bool:
     """Whether the layers go to a GPU: ``backend`` checked against what this llama.cpp build can do."""
     if backend not in BACKENDS:
         raise RuntimeConfigError(f"unknown backend {backend!r}", fix=f"use one of: {', '.join(BACKENDS)}")
-    gpu = N.supports_gpu_offload() if backend != "cpu" else False
+    gpu = supports_gpu_offload() if backend != "cpu" else False
     if backend == "gpu" and not gpu:
         raise RuntimeConfigError(
             "backend 'gpu' was requested, but this llama.cpp build has no GPU support",
@@ -263,7 +270,7 @@ def _gpu(backend: str) -> bool:
 
 def _rope_overrides(
     arch: str, kv: Mapping[str, Any], given: Mapping[str, float] | None
-) -> tuple[N.RopeOverrides, tuple[str, ...]]:
+) -> tuple[RopeOverrides, tuple[str, ...]]:
     """The caller's rope overrides plus what the GGUF records but this arch does not read (docs/llama_cpp.md pitfall 2)."""
     values = dict(given or {})
     notes = []
@@ -278,7 +285,7 @@ def _rope_overrides(
                 f"{field_name}={float(value):g} applied at run time: the GGUF records it, llama.cpp ignores the key "
                 f"on arch {arch!r}"
             )
-    return N.RopeOverrides.from_mapping(values), tuple(notes)
+    return RopeOverrides.from_mapping(values), tuple(notes)
 
 
 def _longrope_note(stype: str, n_ctx: int, fn: LlamaCppRope) -> str | None:
@@ -347,7 +354,7 @@ def plan_runtime(
         fn = LlamaCppRope.from_gguf(arch, kv, tensors=freq_factors, n_ctx=n_ctx_planned, runtime=rope.explicit())
         # the CPU weight layout, from what llama.cpp reports about this CPU; repacked copies are allocated beside
         # the mapped file, so memory is planned again with them
-        layout = plan_layout(repack, CpuBackend(*N.cpu_backend()), weights, gpu_offload=gpu)
+        layout = plan_layout(repack, CpuBackend(*cpu_backend()), weights, gpu_offload=gpu)
         if layout.repacked_bytes and mem is not None:
             n_ctx_planned, n_ctx_source, mem = _plan_context(
                 f,
@@ -367,7 +374,7 @@ def plan_runtime(
         hparams=hp,
         n_ctx=n_ctx_planned,
         n_batch=min(n_batch, padded_ctx(n_ctx_planned)),
-        n_threads=n_threads or N.default_threads(),
+        n_threads=n_threads or default_threads(),
         type_k=caches.type_k,
         type_v=caches.type_v,
         flash_attn=caches.flash_attn,

@@ -50,7 +50,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edgerope.errors import RuntimeConfigError
-from edgerope.runtime import native as N
+from edgerope.runtime.native import NativeContext, NativeModel, NativeSampler, note_activity, supports_gpu_offload
 from edgerope.runtime.preflight import (  # re-exported: the preflight half of this module's API
     BACKENDS,
     DEFAULT_MAX_CTX,
@@ -153,11 +153,11 @@ class Runtime:
 
     def __init__(self, plan: RuntimePlan) -> None:
         self.plan = plan
-        self._model: N.NativeModel | None = None
-        self._ctx: N.NativeContext | None = None
-        self._sampler: N.NativeSampler | None = None
+        self._model: NativeModel | None = None
+        self._ctx: NativeContext | None = None
+        self._sampler: NativeSampler | None = None
         layout = plan.weight_layout
-        N.note_activity(
+        note_activity(
             "loading and running a model",
             model=str(plan.path),
             architecture=plan.architecture,
@@ -166,15 +166,15 @@ class Runtime:
             cpu_repack=layout.to_dict() if layout else None,
         )
         try:
-            self._model = N.NativeModel(
+            self._model = NativeModel(
                 plan.path,
                 n_gpu_layers=plan.n_gpu_layers,
                 cpu_only=plan.n_gpu_layers == 0,
                 use_extra_bufts=layout.use_extra_bufts if layout else True,
                 buft_overrides=layout.overrides if layout else (),
             )
-            self._ctx = N.NativeContext(self._model, plan.context_params())
-            self._sampler = N.NativeSampler.greedy()
+            self._ctx = NativeContext(self._model, plan.context_params())
+            self._sampler = NativeSampler.greedy()
         except BaseException:
             self.close()
             raise
@@ -183,7 +183,7 @@ class Runtime:
             path=str(plan.path),
             architecture=plan.architecture,
             backend="gpu" if plan.n_gpu_layers != 0 else "cpu",
-            gpu_offload_supported=N.supports_gpu_offload(),
+            gpu_offload_supported=supports_gpu_offload(),
             n_gpu_layers=plan.n_gpu_layers,
             n_ctx=plan.n_ctx,
             n_ctx_allocated=self._ctx.n_ctx,
@@ -239,7 +239,7 @@ class Runtime:
         state = "closed" if self.closed else f"n_ctx={self.plan.n_ctx}, {self.plan.type_k.name}/{self.plan.type_v.name}"
         return f"Runtime({str(self.plan.path)!r}, {state})"
 
-    def _open(self) -> tuple[N.NativeModel, N.NativeContext, N.NativeSampler]:
+    def _open(self) -> tuple[NativeModel, NativeContext, NativeSampler]:
         if self._model is None or self._ctx is None or self._sampler is None:
             raise RuntimeConfigError(
                 "this Runtime has been closed", where=str(self.plan.path), fix="open a new one with Runtime.open"
@@ -388,14 +388,14 @@ class Runtime:
             raise RuntimeConfigError(f"max_tokens must be >= 0, got {max_tokens}")
         if sampling is None:
             return self._generate(model, ctx, greedy, prompt_tokens, max_tokens, stop, stop_at_eog, clear, on_token)
-        with N.NativeSampler.random(**asdict(sampling)) as chain:
+        with NativeSampler.random(**asdict(sampling)) as chain:
             return self._generate(model, ctx, chain, prompt_tokens, max_tokens, stop, stop_at_eog, clear, on_token)
 
     def _generate(
         self,
-        model: N.NativeModel,
-        ctx: N.NativeContext,
-        sampler: N.NativeSampler,
+        model: NativeModel,
+        ctx: NativeContext,
+        sampler: NativeSampler,
         prompt_tokens: Sequence[int] | np.ndarray,
         max_tokens: int,
         stop: Iterable[int],

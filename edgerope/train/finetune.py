@@ -45,7 +45,7 @@ import torch
 from edgerope.errors import ConfigError, OutputError, TrainingError
 from edgerope.models.config import ModelConfig
 from edgerope.models.llama import LlamaModel, RotaryEmbedding
-from edgerope.rope import scaling as R
+from edgerope.rope.scaling import describe
 from edgerope.system.device import pick_device
 from edgerope.train.checkpoint import (
     DistContext,
@@ -212,7 +212,7 @@ def finetune(
     settings = {
         "checkpoint": str(src.resolve()),
         "data": [str(Path(p).resolve()) for p in data],
-        "rope": R.describe(variant),
+        "rope": describe(variant),
         "target_context": target,
         "pose": pose,
         "pose_chunks": pose_chunks,
@@ -345,7 +345,7 @@ def finetune(
     dist.barrier()
     return FinetuneReport(
         output_dir=str(out),
-        rope=R.describe(variant),
+        rope=describe(variant),
         original_context=original,
         target_context=target,
         pose=pose,

@@ -25,7 +25,16 @@ import torch
 
 from edgerope.errors import ConfigError, EdgeropeError, RopeConfigError
 from edgerope.models.config import ModelConfig
-from edgerope.rope import scaling as R
+from edgerope.rope.scaling import (
+    Default,
+    Linear,
+    RopeScaling,
+    Yarn,
+    describe,
+    ntk_theta,
+    original_context,
+    validate_for_context,
+)
 
 ROPE_TYPES = ("yarn", "linear", "ntk")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -38,19 +47,19 @@ YARN_LR, YARN_PARAMS = 2e-5, 6.7e9  # YaRN's recipe: lr 2e-5 for Llama 2 7B
 
 def original_context_of(cfg: ModelConfig, *, rescale: bool = False, where: str = "config.json") -> int:
     """The context the checkpoint was pre-trained at; refuses an already scaled one unless ``rescale``."""
-    scaled = not isinstance(cfg.rope, R.Default) or bool(cfg.rope_finetuned)
+    scaled = not isinstance(cfg.rope, Default) or bool(cfg.rope_finetuned)
     if scaled and not rescale:
         raise RopeConfigError(
-            f"the checkpoint is already scaled ({R.describe(cfg.rope)}, fine-tuned: {cfg.rope_finetuned})",
+            f"the checkpoint is already scaled ({describe(cfg.rope)}, fine-tuned: {cfg.rope_finetuned})",
             where=where,
             fix="fine-tune the unscaled base checkpoint, or pass rescale=True (--rescale) to scale it again",
         )
-    return R.original_context(cfg.rope) or cfg.max_position_embeddings
+    return original_context(cfg.rope) or cfg.max_position_embeddings
 
 
 def scaled_rope(
     rope: str, *, theta: float, head_dim: int, original: int, factor: float | None, target: int | None
-) -> tuple[R.RopeScaling, int]:
+) -> tuple[RopeScaling, int]:
     """(the scaled rope variant, the target context) for ``rope`` in ``ROPE_TYPES``.
 
     NTK-aware scaling is returned in the form HF stores it: plain rope with the enlarged base.
@@ -73,14 +82,14 @@ def scaled_rope(
             f"factor {factor:g} is inconsistent with target {target}: {factor:g} x {original} = {factor * original:g}",
             fix=f"give one of them, or factor {target / original:g} for target {target}",
         )
-    variant: R.RopeScaling
+    variant: RopeScaling
     if rope == "yarn":
-        variant = R.Yarn(theta=theta, factor=float(factor), original_max_position_embeddings=original)
+        variant = Yarn(theta=theta, factor=float(factor), original_max_position_embeddings=original)
     elif rope == "linear":
-        variant = R.Linear(theta=theta, factor=float(factor))
+        variant = Linear(theta=theta, factor=float(factor))
     else:
-        variant = R.Default(theta=R.ntk_theta(theta, float(factor), head_dim))
-    R.validate_for_context(variant, context_length=target)
+        variant = Default(theta=ntk_theta(theta, float(factor), head_dim))
+    validate_for_context(variant, context_length=target)
     return variant, target
 
 
