@@ -21,7 +21,6 @@ GGUF with llama.cpp's own quantizer), LoRA adapters, other architectures.
 from __future__ import annotations
 
 import errno
-import os
 import re
 import time
 from collections.abc import Callable
@@ -40,15 +39,14 @@ from edgerope.errors import (
     CheckpointError,
     ConfigError,
     EdgeropeError,
-    GGUFError,
     OutputError,
     UnsupportedRopeError,
 )
-from edgerope.gguf.reader import open_gguf
+from edgerope.gguf.verify import open_written, rope_function_problem, rope_plan_problems
 from edgerope.models.config import ModelConfig, hf_tensor_shapes
 from edgerope.rope import ggml as ggml_rope
 from edgerope.rope.scaling import DynamicNtk, Llama3, LongRope, RopeScaling, Yarn, describe, original_context
-from edgerope.system.files import check_output, partial_path
+from edgerope.system.files import atomic_output, check_output
 
 # outtype -> (GGML type of the big 2-D tensors, general.file_type).  K-quant outtypes are not made here:
 # they come from edgerope.convert.quantize run on an f16/bf16 GGUF (the CLI chains the two).
@@ -235,42 +233,91 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, hf_dir: Path, *, outtype
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def verify_gguf(path: Path, jobs: list[TensorJob], plan: ggml_rope.GGUFRopePlan) -> None:
-    """Re-read ``path`` and check tensors (names, shapes, types, offsets, rope factors) and rope keys against the plan."""
+def verify_gguf(
+    path: Path,
+    jobs: list[TensorJob],
+    plan: ggml_rope.GGUFRopePlan,
+    *,
+    rope: RopeScaling | None = None,
+    n_rot: int = 0,
+    n_ctx: int | None = None,
+) -> None:
+    """Re-read ``path`` and check tensors (names, shapes, types, offsets), the rope keys and factor tensors against
+    the plan, and (given ``rope`` and ``n_rot``) the function llama.cpp resolves from them."""
     problems: list[str] = []
-    try:
-        g = open_gguf(path)
-    except GGUFError as exc:
-        raise OutputError(f"the written GGUF cannot be read back: {exc.what}", where=str(path)) from None
-    with g:
+    with open_written(path) as g:
         # TensorInfo.shape is GGUF order (ne0 first), TensorJob.shape numpy order (rows first)
         got = [(t.name, tuple(reversed(t.shape)), t.ggml_type) for t in g.tensors]
         want = [(j.name, tuple(j.shape), j.qtype) for j in jobs]
         if got != want:
             diff = [f"{a} != {b}" for a, b in zip(got, want, strict=False) if a != b][:5]
             problems.append(f"tensors differ from the plan ({len(got)} written, {len(want)} planned): {diff}")
-        size = g.file_size
-        ends = {t.name: t.data_offset + j.nbytes for t, j in zip(g.tensors, jobs, strict=False)}
-        if any(end > size for end in ends.values()):
-            problems.append(f"tensor data runs past the end of the file ({size} bytes)")
-        for name, values in plan.tensors.items():
-            if g.tensor(name) is None or ends.get(name, size + 1) > size:
-                problems.append(f"rope tensor {name} is missing")
-                continue
-            if not np.array_equal(g.tensor_values(name), values.astype(np.float32).ravel()):
-                problems.append(f"rope tensor {name} differs from the plan")
-        for k, (value, vtype) in plan.kv.items():
-            mv = g.metadata.get(k)
-            if mv is None:
-                problems.append(f"rope key {k} is missing")
-                continue
-            stored, stype = mv.value, mv.type
-            expect = float(np.float32(value)) if vtype == gguf.GGUFValueType.FLOAT32 else value
-            if stype != vtype or stored != expect:
-                problems.append(f"rope key {k}: stored {stored!r} ({stype.name}), planned {value!r} ({vtype.name})")
-        problems += [f"rope key {k} must not be present" for k in plan.remove if k in g.metadata]
+        if any(t.data_offset + j.nbytes > g.file_size for t, j in zip(g.tensors, jobs, strict=False)):
+            problems.append(f"tensor data runs past the end of the file ({g.file_size} bytes)")
+        problems += rope_plan_problems(g, plan)
+        if rope is not None and not problems:
+            problems += [p for p in [rope_function_problem(g, rope, n_rot=n_rot, plan=plan, n_ctx=n_ctx)] if p]
     if problems:
         raise OutputError("the written GGUF failed verification:\n    - " + "\n    - ".join(problems), where=str(path))
+
+
+@dataclass(frozen=True)
+class _RopeDecision:
+    """The rope a conversion writes: the variant, the context, the GGUF plan and what to tell the user."""
+
+    rope: RopeScaling
+    context: int
+    plan: ggml_rope.GGUFRopePlan
+    words: str
+    notes: tuple[str, ...]
+
+
+def _decide_rope(
+    cfg: ModelConfig, hf_dir: Path, *, arch: str, bake_dynamic: int | None, allow_runtime_rope: bool
+) -> _RopeDecision:
+    """The checkpoint's rope as llama.cpp will compute it, or a refusal of what the GGUF cannot carry."""
+    rope, notes = cfg.rope, []
+    words = describe(rope)
+    context = extended_context(cfg, rope)
+    if bake_dynamic is not None:
+        if not isinstance(rope, DynamicNtk):
+            raise ConfigError(
+                f"--bake-dynamic applies to dynamic NTK rope scaling only; this model uses {rope.name}",
+                where=str(hf_dir / "config.json"),
+                fix="drop --bake-dynamic",
+            )
+        if bake_dynamic <= 0:
+            raise ConfigError(f"--bake-dynamic must be a positive token count, got {bake_dynamic}")
+        rope = ggml_rope.bake_dynamic(rope, seq_len=bake_dynamic, dim=cfg.head_dim)
+        context = bake_dynamic
+        words += f", baked at {bake_dynamic} tokens (theta {rope.theta:.6g})"
+        notes.append(
+            f"dynamic NTK was frozen at {bake_dynamic} tokens: llama.cpp matches Hugging Face only for forwards of "
+            f"exactly {bake_dynamic} positions"
+        )
+    if cfg.sliding_window is not None and cfg.sliding_window < context:
+        raise ConfigError(
+            f"sliding_window {cfg.sliding_window} is smaller than the context {context}: llama.cpp's {arch} "
+            "architecture has no sliding-window attention and would attend over the whole context",
+            where=str(hf_dir / "config.json"),
+            fix="set sliding_window to null (or >= the context) if the model was trained with full attention",
+        )
+    plan = ggml_rope.plan_gguf_rope(
+        rope,
+        arch=arch,
+        head_dim=cfg.head_dim,
+        context_length=context,
+        finetuned=cfg.rope_finetuned,
+        allow_runtime_rope=allow_runtime_rope,
+    )
+    if plan.tensors and arch not in ARCHS_WITH_ROPE_FACTOR_TENSORS:
+        raise UnsupportedRopeError(
+            f"{rope.name} rope scaling needs per-frequency factor tensors, which llama.cpp's {arch} architecture "
+            "does not load",
+            where=str(hf_dir / "config.json"),
+            fix="use YaRN or linear scaling for this model (or a Llama/Mistral model for llama3/longrope)",
+        )
+    return _RopeDecision(rope, context, plan, words, tuple(notes) + tuple(plan.notes))
 
 
 def convert(
@@ -298,49 +345,7 @@ def convert(
         raise ConfigError(f"unknown outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
     cfg = ModelConfig.load(hf_dir)
     arch = cfg.gguf_arch
-    rope = cfg.rope
-    rope_words = describe(rope)
-    rope_notes: list[str] = []
-    context = extended_context(cfg, rope)
-    if bake_dynamic is not None:
-        if not isinstance(rope, DynamicNtk):
-            raise ConfigError(
-                f"--bake-dynamic applies to dynamic NTK rope scaling only; this model uses {rope.name}",
-                where=str(hf_dir / "config.json"),
-                fix="drop --bake-dynamic",
-            )
-        if bake_dynamic <= 0:
-            raise ConfigError(f"--bake-dynamic must be a positive token count, got {bake_dynamic}")
-        rope = ggml_rope.bake_dynamic(rope, seq_len=bake_dynamic, dim=cfg.head_dim)
-        context = bake_dynamic
-        rope_words += f", baked at {bake_dynamic} tokens (theta {rope.theta:.6g})"
-        rope_notes.append(
-            f"dynamic NTK was frozen at {bake_dynamic} tokens: llama.cpp matches Hugging Face only for forwards of "
-            f"exactly {bake_dynamic} positions"
-        )
-    if cfg.sliding_window is not None and cfg.sliding_window < context:
-        raise ConfigError(
-            f"sliding_window {cfg.sliding_window} is smaller than the context {context}: llama.cpp's {arch} "
-            "architecture has no sliding-window attention and would attend over the whole context",
-            where=str(hf_dir / "config.json"),
-            fix="set sliding_window to null (or >= the context) if the model was trained with full attention",
-        )
-    plan = ggml_rope.plan_gguf_rope(
-        rope,
-        arch=arch,
-        head_dim=cfg.head_dim,
-        context_length=context,
-        finetuned=cfg.rope_finetuned,
-        allow_runtime_rope=allow_runtime_rope,
-    )
-    if plan.tensors and arch not in ARCHS_WITH_ROPE_FACTOR_TENSORS:
-        raise UnsupportedRopeError(
-            f"{rope.name} rope scaling needs per-frequency factor tensors, which llama.cpp's {arch} architecture "
-            "does not load",
-            where=str(hf_dir / "config.json"),
-            fix="use YaRN or linear scaling for this model (or a Llama/Mistral model for llama3/longrope)",
-        )
-    rope_notes += plan.notes
+    rd = _decide_rope(cfg, hf_dir, arch=arch, bake_dynamic=bake_dynamic, allow_runtime_rope=allow_runtime_rope)
     notes: list[str] = []
     with SafetensorsCheckpoint(hf_dir) as ckpt:
         emb = ckpt.entries.get("model.embed_tokens.weight")
@@ -348,38 +353,33 @@ def convert(
         jobs = plan_tensors(cfg, ckpt, arch=arch, outtype=outtype, notes=notes)
         vocab = load_vocab(hf_dir, n_embd_rows=n_rows)
         notes += vocab.notes
-        jobs = [TensorJob(name, arr.shape, QT.F32, array=arr) for name, arr in plan.tensors.items()] + jobs
+        jobs = [TensorJob(name, arr.shape, QT.F32, array=arr) for name, arr in rd.plan.tensors.items()] + jobs
         est = sum(j.nbytes for j in jobs) + 64 * len(vocab) + (1 << 20)
         inputs = [*ckpt.files, *(p for p in hf_dir.iterdir() if p.is_file())]
         check_output(out, force=force, inputs=inputs, need_bytes=est, input_fix="write the GGUF elsewhere")
 
         def add_kv(w: gguf.GGUFWriter) -> None:
             _add_metadata(w, cfg, hf_dir, outtype=outtype, n_vocab=len(vocab))
-            for k, (value, vtype) in plan.kv.items():
+            for k, (value, vtype) in rd.plan.kv.items():
                 w.add_key_value(k, value, vtype)
             vocab.write(w)
 
-        tmp = partial_path(out)
-        try:
+        with atomic_output(out) as tmp:
             try:
                 write_gguf(tmp, arch, jobs, add_kv=add_kv, progress=progress)
             except OSError as exc:
                 raise _output_error(exc, out) from None
-            verify_gguf(tmp, jobs, plan)
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            verify_gguf(tmp, jobs, rd.plan, rope=rd.rope, n_rot=cfg.head_dim, n_ctx=rd.context)
     return ConvertReport(
         path=out,
         arch=arch,
         outtype=outtype,
         n_tensors=len(jobs),
         bytes=out.stat().st_size,
-        context_length=context,
-        rope=rope_words,
-        rope_notes=tuple(rope_notes),
-        runtime=dict(plan.runtime),
+        context_length=rd.context,
+        rope=rd.words,
+        rope_notes=rd.notes,
+        runtime=dict(rd.plan.runtime),
         tokenizer=vocab.kind if vocab.kind == "sentencepiece" else f"{vocab.kind} ({vocab.pre})",
         n_vocab=len(vocab),
         notes=tuple(notes),

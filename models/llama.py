@@ -29,7 +29,6 @@ the training loss or loop (``edgerope.train.finetune``), tokenization, dropout.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -42,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from edgerope.errors import CheckpointError, ConfigError, OutputError
 from edgerope.models.config import ModelConfig
 from edgerope.rope import scaling
+from edgerope.system.files import atomic_output
 
 ROTATION = "neox"  # channel i rotates with channel i + head_dim/2 (HF rotate_half)
 LOADABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -321,14 +321,10 @@ class LlamaModel(nn.Module):
 
 def _atomic_write(path: Path, write, verify=None) -> None:
     """Write through a temp file in the same folder, check it, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(path) as tmp:
         write(tmp)
         if verify is not None:
             verify(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -8,11 +8,12 @@ from typing import Any
 import click
 
 from edgerope.cli._common import echo_json, handle_errors, step_progress
+from edgerope.rope import EXTENDING_CHOICES
 
 
 @click.command("finetune")
 @click.argument("checkpoint", type=click.Path(file_okay=False))
-@click.option("--rope", type=click.Choice(["yarn", "linear", "ntk"]), default="yarn", show_default=True)
+@click.option("--rope", type=click.Choice(EXTENDING_CHOICES), default="yarn", show_default=True)
 @click.option("--factor", type=float, default=None, help="Context multiplier (default: target / original).")
 @click.option("--target-context", type=int, default=None, help="Target context (default: factor x original).")
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(), help="Text files, folders, JSONL.")

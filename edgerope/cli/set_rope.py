@@ -7,14 +7,13 @@ from typing import Any
 import click
 
 from edgerope.cli._common import echo_json, handle_errors, progress_bar
-
-ROPE_TYPES = ("none", "linear", "yarn", "ntk")  # edgerope.gguf.set_rope.ROPE_TYPES (not imported: --help stays light)
+from edgerope.rope import SCALING_CHOICES
 
 
 @click.command("set-rope")
 @click.argument("input_file", metavar="IN.gguf", type=click.Path(dir_okay=True, path_type=str))
 @click.option("-o", "--output", type=click.Path(path_type=str), default=None, help="Output .gguf file.")
-@click.option("--type", "rope_type", required=True, type=click.Choice(ROPE_TYPES), help="Rope scaling to write.")
+@click.option("--type", "rope_type", required=True, type=click.Choice(SCALING_CHOICES), help="Rope scaling to write.")
 @click.option("--factor", type=float, default=None, help="Scale factor (YaRN, linear) or NTK alpha.")
 @click.option(
     "--original-context",

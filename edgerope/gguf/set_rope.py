@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,10 +32,12 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType, GGUFWriter, Keys
 
-from edgerope.errors import EdgeropeError, OutputError, RopeConfigError, UnsupportedRopeError
+from edgerope.errors import OutputError, RopeConfigError, UnsupportedRopeError
 from edgerope.gguf.reader import GGUFFile, TensorInfo, model_hparams, open_gguf
+from edgerope.gguf.verify import open_written, rope_function_problem
 from edgerope.gguf.writer import FastArrayWriter
-from edgerope.rope.ggml import ARCHS_READING_YARN_BETAS, ROPE_TENSORS, GGUFRopePlan, LlamaCppRope, key, plan_gguf_rope
+from edgerope.rope import SCALING_CHOICES
+from edgerope.rope.ggml import ARCHS_READING_YARN_BETAS, ROPE_TENSORS, GGUFRopePlan, key, plan_gguf_rope
 from edgerope.rope.scaling import (
     DEFAULT_THETA,
     YARN_BETA_FAST,
@@ -46,14 +47,11 @@ from edgerope.rope.scaling import (
     NtkAware,
     RopeScaling,
     Yarn,
-    attention_factor,
     describe,
-    inv_freq,
     validate_for_context,
 )
-from edgerope.system.files import check_free_space, check_output, copy_range
+from edgerope.system.files import check_free_space, check_output, copy_range, partial_path
 
-ROPE_TYPES = ("none", "linear", "yarn", "ntk")
 CHUNK = 64 << 20  # kernel copy granularity (progress updates)
 FULL_VERIFY_BLOCK = 2 << 20  # read-back compare stays in cache
 SAMPLES = 8  # evenly spaced blocks compared per run of tensors, besides head and tail
@@ -129,9 +127,9 @@ def _build_variant(
     beta_slow: float | None,
 ) -> tuple[RopeScaling, int]:
     where = f"set-rope --type {rope_type}"
-    if rope_type not in ROPE_TYPES:
+    if rope_type not in SCALING_CHOICES:
         raise RopeConfigError(
-            f"unknown rope type {rope_type!r}", where=where, fix=f"use one of: {', '.join(ROPE_TYPES)}"
+            f"unknown rope type {rope_type!r}", where=where, fix=f"use one of: {', '.join(SCALING_CHOICES)}"
         )
     if rope_type != "yarn" and (attn_factor is not None or beta_fast is not None or beta_slow is not None):
         raise RopeConfigError(
@@ -300,10 +298,6 @@ def _copy_verified(
                 )
 
 
-def _tmp_path(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
 def set_rope(
     in_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str] | None = None,
@@ -416,7 +410,7 @@ def set_rope(
         kv.setdefault(k, item)
     tensors = [t for t in f.tensors if t.name not in stale_tensors]
     total = sum(t.n_bytes for t in tensors)
-    tmp = _tmp_path(dest)
+    tmp = partial_path(dest)
     mode = (src.stat().st_mode & 0o777) if in_place else 0o666
     try:
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode))
@@ -486,8 +480,8 @@ def _verify(
         return OutputError(f"verification of the written file failed: {what}; nothing was written", where=str(tmp))
 
     try:
-        g = open_gguf(tmp)
-    except EdgeropeError as exc:
+        g = open_written(tmp)
+    except OutputError as exc:
         raise fail(exc.what) from None
     with g:
         if g.architecture != f.architecture:
@@ -515,8 +509,6 @@ def _verify(
             a, b = f.tensor_bytes(t.name), g.tensor_bytes(t.name)
             if not (np.array_equal(a[:n], b[:n]) and np.array_equal(a[t.n_bytes - n :], b[t.n_bytes - n :])):
                 raise fail(f"tensor data of {t.name} differs")
-        got = LlamaCppRope.from_gguf(g.architecture, g.arch_kv(), tensors=g.freq_factors(), runtime=plan.runtime)
-        want = inv_freq(rope, n_rot)
-        err = float(np.max(np.abs(got.inv_freq(n_rot) - want) / want))
-        if err > 1e-6 or not math.isclose(got.magnitude, attention_factor(rope), rel_tol=1e-6):
-            raise fail(f"llama.cpp would resolve a different rope function (frequency error {err:.2e})")
+        problem = rope_function_problem(g, rope, n_rot=n_rot, plan=plan)
+        if problem:
+            raise fail(problem)

@@ -36,9 +36,9 @@ import numpy as np
 
 from edgerope.errors import ConfigError, TrainingError
 from edgerope.evaluation import protocols
+from edgerope.rope import SCALING_CHOICES
 from edgerope.train.synthetic import heldout_documents, write_jsonl
 
-ROPE_TYPES = ("none", "linear", "yarn", "ntk")
 TUNES = (None, "full", "pose")
 CHARS_PER_TOKEN = 3.0  # rough size of the tiny tokenizer's tokens, only to size the fine-tuning samples
 
@@ -53,8 +53,8 @@ class Variant:
     tune: str | None = None
 
     def __post_init__(self) -> None:
-        if self.rope not in ROPE_TYPES:
-            raise ConfigError(f"unknown rope type {self.rope!r}", fix=f"use one of {', '.join(ROPE_TYPES)}")
+        if self.rope not in SCALING_CHOICES:
+            raise ConfigError(f"unknown rope type {self.rope!r}", fix=f"use one of {', '.join(SCALING_CHOICES)}")
         if self.tune not in TUNES:
             raise ConfigError(f"unknown fine-tune {self.tune!r}", fix="use None, 'full' or 'pose'")
         if self.rope == "none" and (self.tune or self.factor != 1.0):

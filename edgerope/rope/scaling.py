@@ -120,7 +120,7 @@ class LongRope:
 
 
 RopeScaling = Default | Linear | NtkAware | DynamicNtk | Yarn | Llama3 | LongRope
-ROPE_TYPES: dict[str, type] = {c.name: c for c in (Default, Linear, NtkAware, DynamicNtk, Yarn, Llama3, LongRope)}
+VARIANTS: dict[str, type] = {c.name: c for c in (Default, Linear, NtkAware, DynamicNtk, Yarn, Llama3, LongRope)}
 
 
 # --------------------------------------------------------------------------- math

@@ -11,7 +11,7 @@ What it does:
   wrong length or sha256 of the state) -- those are logged as a warning and deleted so that the next
   ``put`` replaces them;
 * ``DocCache.put`` writes ``<key>.erdoc`` atomically: a temp file created with O_EXCL
-  (``tempfile.mkstemp``) in the cache folder, fsynced, re-read and checked, then renamed over the
+  (``edgerope.system.files.atomic_output``, owner-only) in the cache folder, fsynced, re-read and checked, then renamed over the
   entry. Concurrent writers of one key each write their own temp file; the last rename wins and
   readers only ever see a complete file. Then the least recently used entries (file mtime, refreshed
   on every hit) are evicted until the folder is under its size limit.
@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 
 from edgerope.errors import OutputError
 from edgerope.gguf.reader import GGUFFile, using_gguf
+from edgerope.system.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -150,20 +150,14 @@ class DocCache:
         ).encode()
         blob = MAGIC + _LEN.pack(len(header)) + header + state
         path = self.path_for(key)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".partial", dir=self.root)  # O_EXCL
-        try:
-            with os.fdopen(fd, "wb") as fh:
+        with atomic_output(path) as tmp:
+            with os.fdopen(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), "wb") as fh:  # owner only
                 fh.write(blob)
                 fh.flush()
                 os.fsync(fh.fileno())
-            why, entry = _parse(Path(tmp).read_bytes(), key, fields, path)
+            why, entry = _parse(tmp.read_bytes(), key, fields, path)
             if entry is None:
-                raise OutputError(f"the cache entry did not read back ({why})", where=tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+                raise OutputError(f"the cache entry did not read back ({why})", where=str(tmp))
         self.evict(keep=path)
         return path
 

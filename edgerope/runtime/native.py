@@ -42,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edgerope.errors import EdgeropeError, GGUFError, RuntimeConfigError
+from edgerope.system.files import atomic_output
 
 LOGGER_NAME = "edgerope.llama_cpp"
 logger = logging.getLogger(LOGGER_NAME)
@@ -186,11 +187,9 @@ def note_activity(what: str, **details: Any) -> None:
         record["llama_cpp_build"] = bindings_version()
     except EdgeropeError:
         pass
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, default=str)
-        os.replace(tmp, path)
+        with atomic_output(Path(path)) as tmp:
+            tmp.write_text(json.dumps(record, default=str), encoding="utf-8")
     except OSError:  # the record is a courtesy for the crash report; never fail the work for it
         pass
 

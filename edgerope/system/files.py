@@ -8,7 +8,10 @@ What it does:
   would not fit in the free disk space;
 * ``check_free_space`` is the disk-space part alone (for in-place rewrites);
 * ``partial_path`` names the hidden temp file, in the output's folder, that
-  is written, verified and then renamed over the output.
+  is written, verified and then renamed over the output; ``atomic_output`` does
+  that around a block (the one way every output is written: GGUFs, checkpoints,
+  cache entries, plots, reports);
+* ``copy_range`` copies file bytes in the kernel where the platform can.
 
 What it does not do: write, verify or rename anything (``edgerope.convert.export``,
 ``edgerope.convert.quantize`` and ``edgerope.gguf.set_rope`` do, each for its format).
@@ -16,10 +19,12 @@ What it does not do: write, verify or rename anything (``edgerope.convert.export
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import secrets
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from edgerope.errors import OutputError
@@ -75,9 +80,38 @@ def track_temp(path: Path) -> Path:
     return path
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
 def partial_path(out: Path, tag: str = "") -> Path:
-    """The hidden temp file beside ``out`` (same file system, so the final rename is atomic)."""
-    return track_temp(out.with_name(f".{out.name}.{os.getpid()}{'.' + tag if tag else ''}.partial"))
+    """The one way edgerope names a temporary output: hidden, beside ``out`` (same file system, so the final
+    rename is atomic), ``.<name>.<pid>.<random>[.<tag>].partial`` (unique per process and call; the pid lets a
+    later run tell a dead run's leftovers), and noted for the crash guard (``track_temp``)."""
+    token = secrets.token_hex(4)
+    return track_temp(out.with_name(f".{out.name}.{os.getpid()}.{token}{'.' + tag if tag else ''}{PARTIAL_SUFFIX}"))
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, *, tag: str = "") -> Iterator[Path]:
+    """Write ``out`` atomically: yields its temp path (``partial_path``); the block writes (a file or a folder)
+    and verifies it; on a normal exit it is renamed over ``out`` (a folder ``out`` is replaced whole), on any
+    exception it is removed and ``out`` is untouched."""
+    tmp = partial_path(out, tag)
+    try:
+        yield tmp
+        if out.is_dir() and tmp.is_dir():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        remove_path(tmp)
 
 
 def copy_range(src: int, dst: int, offset: int, count: int) -> int:

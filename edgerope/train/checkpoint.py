@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from edgerope.errors import TrainingError
+from edgerope.system.files import atomic_output
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -94,19 +95,12 @@ def save_checkpoint(
     """Write the checkpoint of ``state.step`` atomically (temp folder + rename); returns its folder."""
     final = checkpoint_dir(out_dir, state.step)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_output(final) as tmp:  # the same step saved again (a resumed run) is replaced whole
         model.save_pretrained(tmp)
         for f in tokenizer_files:
             shutil.copy2(f, tmp / f.name)
         torch.save(state.__dict__, tmp / STATE_FILE)
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if final.exists():  # the same step saved again (e.g. a resumed run): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in sorted(final.parent.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -25,6 +25,7 @@ import torch
 
 from edgerope.errors import ConfigError, EdgeropeError, RopeConfigError
 from edgerope.models.config import ModelConfig
+from edgerope.rope import EXTENDING_CHOICES
 from edgerope.rope.scaling import (
     Default,
     Linear,
@@ -36,7 +37,6 @@ from edgerope.rope.scaling import (
     validate_for_context,
 )
 
-ROPE_TYPES = ("yarn", "linear", "ntk")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "linear")
 YARN_LR, YARN_PARAMS = 2e-5, 6.7e9  # YaRN's recipe: lr 2e-5 for Llama 2 7B
@@ -60,12 +60,12 @@ def original_context_of(cfg: ModelConfig, *, rescale: bool = False, where: str =
 def scaled_rope(
     rope: str, *, theta: float, head_dim: int, original: int, factor: float | None, target: int | None
 ) -> tuple[RopeScaling, int]:
-    """(the scaled rope variant, the target context) for ``rope`` in ``ROPE_TYPES``.
+    """(the scaled rope variant, the target context) for ``rope`` in ``EXTENDING_CHOICES``.
 
     NTK-aware scaling is returned in the form HF stores it: plain rope with the enlarged base.
     """
-    if rope not in ROPE_TYPES:
-        raise RopeConfigError(f"unknown rope type {rope!r}", fix=f"use one of {', '.join(ROPE_TYPES)}")
+    if rope not in EXTENDING_CHOICES:
+        raise RopeConfigError(f"unknown rope type {rope!r}", fix=f"use one of {', '.join(EXTENDING_CHOICES)}")
     if factor is None and target is None:
         raise ConfigError("give a scaling factor or a target context", fix="e.g. --factor 8")
     if factor is None:
