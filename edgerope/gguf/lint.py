@@ -23,7 +23,9 @@ import numpy as np
 from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, GGUFValueType, Keys
 
 from edgerope.gguf import kv
-from edgerope.gguf.reader import GGUFFile, ModelHparams
+from edgerope.gguf.checks import value_problems
+from edgerope.gguf.hparams import ModelHparams
+from edgerope.gguf.reader import GGUFFile
 from edgerope.rope.ggml import (
     ARCHS_READING_YARN_BETAS,
     ARCHS_READING_YARN_EXT_ATTN,
@@ -203,6 +205,11 @@ LINTS: dict[str, tuple[str, str, str | None]] = {
         "the {which} factors for every position (long whenever n_ctx > {orig}); Hugging Face switches per forward",
         "to match Hugging Face on prompts <= {orig} tokens, run with n_ctx <= {orig}",
     ),
+    "bad_value": (
+        ERROR,
+        "{problem}",
+        "re-convert the model from its checkpoint, or correct the rope keys with edgerope set-rope",
+    ),
     "ctx_beyond_trained": (
         WARNING,
         "n_ctx {n_ctx} exceeds the trained context {ctx}: positions past it extrapolate",
@@ -375,5 +382,6 @@ def lint_gguf(
 ) -> list[Finding]:
     """All findings for ``f``, errors first. ``rope`` is llama.cpp's resolved function (None if unreadable)."""
     out = _lint_types(f, f.architecture) + _lint_rope(f, hparams, rope, factors, n_ctx) + _lint_tokenizer(f)
+    out += [finding("bad_value", problem=p) for p in value_problems(f)]
     order = {ERROR: 0, WARNING: 1, INFO: 2}
     return sorted(out, key=lambda x: order[x.severity])

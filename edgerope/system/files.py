@@ -114,18 +114,49 @@ def atomic_output(out: Path, *, tag: str = "") -> Iterator[Path]:
         remove_path(tmp)
 
 
+# errno values that mean "this kernel copy cannot do this pair of files": fall back to the next way
+_COPY_UNSUPPORTED = frozenset(
+    getattr(errno, name) for name in ("EXDEV", "ENOSYS", "EINVAL", "EOPNOTSUPP", "ENOTSUP", "ENOTSOCK", "EBADF")
+    if hasattr(errno, name)
+)  # fmt: skip
+COPY_CHUNK = 1 << 24  # bytes per buffered read/write
+
+
 def copy_range(src: int, dst: int, offset: int, count: int) -> int:
-    """Copy up to ``count`` bytes from ``src`` at ``offset`` to ``dst``'s position in the kernel; returns bytes copied."""
+    """Copy up to ``count`` bytes of file ``src`` from ``offset`` to ``dst`` at its current position; returns the
+    bytes copied (0 at the end of ``src``).
+
+    Portable: ``os.copy_file_range`` where Python has it (Linux), else ``os.sendfile`` where it can write to a
+    regular file (Linux; macOS and the BSDs send only to sockets, ENOTSOCK), else a buffered ``pread``/``write``
+    (``lseek``/``read`` where there is no ``pread``: Windows).  A kernel copy that reports it cannot handle these
+    files falls through to the next way; real I/O errors are raised.
+    """
     count = min(count, 1 << 30)
-    for copy in (getattr(os, "copy_file_range", None), getattr(os, "sendfile", None)):
-        if copy is None:
-            continue
+    kernel_copy = getattr(os, "copy_file_range", None)
+    if kernel_copy is not None:
         try:
-            if copy is os.sendfile:
-                return os.sendfile(dst, src, offset, count)
-            return copy(src, dst, count, offset)
+            return kernel_copy(src, dst, count, offset)
         except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+            if exc.errno not in _COPY_UNSUPPORTED:
                 raise
-    data = os.pread(src, min(count, 1 << 24), offset)
-    return os.write(dst, data)
+    sendfile = getattr(os, "sendfile", None)
+    if sendfile is not None:
+        try:
+            return sendfile(dst, src, offset, count)
+        except OSError as exc:
+            if exc.errno not in _COPY_UNSUPPORTED:
+                raise
+    return _buffered_copy(src, dst, offset, min(count, COPY_CHUNK))
+
+
+def _buffered_copy(src: int, dst: int, offset: int, count: int) -> int:
+    pread = getattr(os, "pread", None)
+    if pread is not None:
+        data = pread(src, count, offset)
+    else:  # Windows: no pread; the source position is not used by callers
+        os.lseek(src, offset, os.SEEK_SET)
+        data = os.read(src, count)
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.write(dst, view[done:])
+    return len(data)

@@ -17,9 +17,6 @@ What it does not do: train (``edgerope.train.finetune``), save state (``edgerope
 from __future__ import annotations
 
 import math
-import os
-import resource
-from pathlib import Path
 
 import torch
 
@@ -36,6 +33,8 @@ from edgerope.rope.scaling import (
     original_context,
     validate_for_context,
 )
+from edgerope.system.memory import available_memory as available_memory_cpu
+from edgerope.system.memory import process_peak_rss, process_rss
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "linear")
@@ -120,10 +119,9 @@ def available_memory(device: torch.device) -> int:
     """Free bytes on ``device``: CUDA free memory, else the planner's MemAvailable (unknown: do not refuse)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    from edgerope.system.memory import available_memory as system_available
 
     try:
-        return system_available()
+        return available_memory_cpu()
     except EdgeropeError:
         return 1 << 62
 
@@ -133,28 +131,14 @@ def memory_in_use(device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return int(torch.cuda.memory_allocated(device))
-    try:
-        resident = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-    return resident * os.sysconf("SC_PAGE_SIZE")
+    return process_rss()
 
 
 def peak_memory(device: torch.device) -> int:
-    """Peak bytes: CUDA max allocated, else the process's peak resident set size.
-
-    On Linux the peak is ``VmHWM`` of this process image: ``ru_maxrss`` would also count the parent's
-    resident memory at fork time, so a small run started from a big process would report the parent's size.
-    """
+    """Peak bytes: CUDA max allocated, else the process's peak resident set size (``process_peak_rss``)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, IndexError, ValueError):
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return process_peak_rss()
 
 
 # ---------------------------------------------------------------------------------------------------- recipe
