@@ -82,7 +82,17 @@ def _check_qtype(qtype: str) -> str:
 
 
 def verify_quantized(src: GGUFFile, out: GGUFFile) -> tuple[str, ...]:
-    """Raise ``GGUFError`` unless ``out`` keeps ``src``'s metadata, tensor names/shapes and F32 rope tensors."""
+    """Raise ``GGUFError`` unless ``out`` keeps ``src``'s metadata, tensor names/shapes and F32 rope tensors.
+
+    Returns the rope frequency-factor tensors verified.
+    """
+    _check_metadata_kept(src, out)
+    _check_shapes_kept(src, out)
+    return _check_rope_tensors_kept(src, out)
+
+
+def _check_metadata_kept(src: GGUFFile, out: GGUFFile) -> None:
+    """Every key but ``REWRITTEN_KEYS`` present in both and byte-identical."""
     where = str(out.path)
     keys_in = set(src.metadata) - REWRITTEN_KEYS
     keys_out = set(out.metadata) - REWRITTEN_KEYS
@@ -95,11 +105,20 @@ def verify_quantized(src: GGUFFile, out: GGUFFile) -> tuple[str, ...]:
     changed = sorted(k for k in keys_in if src.raw_value(k) != out.raw_value(k))
     if changed:
         raise GGUFError(f"the quantizer changed metadata values: {', '.join(changed[:10])}", where=where)
+
+
+def _check_shapes_kept(src: GGUFFile, out: GGUFFile) -> None:
+    """The same tensor names with the same shapes."""
     shapes_in = {t.name: t.shape for t in src.tensors}
     shapes_out = {t.name: t.shape for t in out.tensors}
     if shapes_in != shapes_out:
         diff = sorted(set(shapes_in.items()) ^ set(shapes_out.items()))
-        raise GGUFError(f"the quantizer changed tensor names or shapes: {diff[:6]}", where=where)
+        raise GGUFError(f"the quantizer changed tensor names or shapes: {diff[:6]}", where=str(out.path))
+
+
+def _check_rope_tensors_kept(src: GGUFFile, out: GGUFFile) -> tuple[str, ...]:
+    """The frequency-factor tensors still F32 (llama.cpp needs them so) and byte-identical; their names."""
+    where = str(out.path)
     rope = []
     for name in ROPE_TENSORS:
         t = out.tensor(name)
@@ -128,6 +147,42 @@ def quantize(
     t0 = time.perf_counter()
     src_path, out = Path(in_path), Path(out_path)
     name = _check_qtype(qtype)
+    bytes_in = _check_source(src_path)
+    check_output(
+        out,
+        force=force,
+        inputs=[src_path],
+        need_bytes=bytes_in * (2 if name == "F32" else 1),
+        input_fix="write to another file",
+    )
+    tmp = partial_path(out)
+    try:
+        native.quantize(src_path, tmp, ftype=native.ftype_id(name), n_threads=n_threads)
+        if not tmp.is_file():
+            raise GGUFError("llama.cpp reported success but wrote no file", where=str(tmp))
+        with open_gguf(src_path) as src, open_gguf(tmp) as res:
+            rope = verify_quantized(src, res)
+            counts = Counter(t.ggml_type.name for t in res.tensors)
+            demoted = _demoted(res, name)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return QuantizeReport(
+        path=out,
+        source=src_path,
+        qtype=name,
+        bytes_in=bytes_in,
+        bytes_out=out.stat().st_size,
+        seconds=time.perf_counter() - t0,
+        tensor_types=dict(sorted(counts.items())),
+        demoted=demoted,
+        rope_tensors=rope,
+        notes=_notes(demoted, name),
+    )
+
+
+def _check_source(src_path: Path) -> int:
+    """Refuse an input llama.cpp cannot run or that is already quantized; return its size in bytes."""
     with open_gguf(src_path) as src:
         check_runnable(src)
         if any(
@@ -140,49 +195,30 @@ def quantize(
                 where=str(src_path),
                 fix="quantize from the f32/f16/bf16 GGUF that edgerope convert wrote",
             )
-        bytes_in = src.file_size
-    check_output(
-        out,
-        force=force,
-        inputs=[src_path],
-        need_bytes=bytes_in * (2 if name == "F32" else 1),
-        input_fix="write to another file",
-    )
+        return src.file_size
 
-    tmp = partial_path(out)
-    try:
-        native.quantize(src_path, tmp, ftype=native.ftype_id(name), n_threads=n_threads)
-        if not tmp.is_file():
-            raise GGUFError("llama.cpp reported success but wrote no file", where=str(tmp))
-        with open_gguf(src_path) as src, open_gguf(tmp) as res:
-            rope = verify_quantized(src, res)
-            counts = Counter(t.ggml_type.name for t in res.tensors)
-            block = GGML_QUANT_SIZES[main_type(name)][0]
-            demoted = {
-                t.name: t.ggml_type.name
-                for t in res.tensors
-                if len(t.shape) >= 2 and t.shape[0] % block and t.ggml_type != main_type(name)
-            }
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    notes = []
-    if demoted:
-        notes.append(
-            f"{len(demoted)} tensor(s) have rows of a length not divisible by {block} ({main_type(name).name} "
-            "blocks); llama.cpp stored them in another type"
-        )
-    return QuantizeReport(
-        path=out,
-        source=src_path,
-        qtype=name,
-        bytes_in=bytes_in,
-        bytes_out=out.stat().st_size,
-        seconds=time.perf_counter() - t0,
-        tensor_types=dict(sorted(counts.items())),
-        demoted=demoted,
-        rope_tensors=rope,
-        notes=tuple(notes),
+
+def _block_size(qtype: str) -> int:
+    """Elements per block of the main type of ``qtype`` (a row length must be a multiple of it)."""
+    return GGML_QUANT_SIZES[main_type(qtype)][0]
+
+
+def _demoted(res: GGUFFile, qtype: str) -> dict[str, str]:
+    """Tensor -> type for the 2-D tensors llama.cpp stored in another type because their rows do not fit blocks."""
+    block = _block_size(qtype)
+    return {
+        t.name: t.ggml_type.name
+        for t in res.tensors
+        if len(t.shape) >= 2 and t.shape[0] % block and t.ggml_type != main_type(qtype)
+    }
+
+
+def _notes(demoted: dict[str, str], qtype: str) -> tuple[str, ...]:
+    if not demoted:
+        return ()
+    return (
+        f"{len(demoted)} tensor(s) have rows of a length not divisible by {_block_size(qtype)} "
+        f"({main_type(qtype).name} blocks); llama.cpp stored them in another type",
     )
 
 

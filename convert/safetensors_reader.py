@@ -23,6 +23,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,6 +86,35 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Parse and validate one safetensors file's header; returns (entries by name, ``__metadata__``)."""
     where = str(path)
+    text, n, size = _read_header_text(path)
+    header = _parse_header(text, where=where)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError("corrupt safetensors header ('__metadata__' is not an object)", where=where)
+    data_start = 8 + n
+    entries: dict[str, TensorEntry] = {}
+    problems: list[str] = []
+    for name, info in header.items():
+        entry = _entry(name, info, path, data_start=data_start, file_size=size)
+        if isinstance(entry, str):
+            problems.append(entry)
+        else:
+            entries[name] = entry
+    problems += _overlaps(entries)
+    if problems:
+        raise CheckpointError(
+            "corrupt or truncated safetensors file:\n    - "
+            + "\n    - ".join(problems[:20])
+            + (f"\n    - ... and {len(problems) - 20} more" if len(problems) > 20 else ""),
+            where=where,
+            fix="re-download or re-save the checkpoint",
+        )
+    return entries, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _read_header_text(path: Path) -> tuple[bytes, int, int]:
+    """The header's JSON bytes, its length (the 8-byte little-endian prefix) and the file size."""
+    where = str(path)
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -101,6 +131,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             text = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint file: {exc.strerror or exc}", where=where) from None
+    return text, n, size
+
+
+def _parse_header(text: bytes, *, where: str) -> dict[str, Any]:
+    """The header as a JSON object."""
     try:
         header = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -109,58 +144,46 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         ) from None
     if not isinstance(header, dict):
         raise CheckpointError("corrupt safetensors header (not a JSON object)", where=where)
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError("corrupt safetensors header ('__metadata__' is not an object)", where=where)
-    data_start = 8 + n
-    data_size = size - data_start
-    entries: dict[str, TensorEntry] = {}
-    problems: list[str] = []
-    for name, info in header.items():
-        if not isinstance(info, dict):
-            problems.append(f"{name}: entry is not an object")
-            continue
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in STORAGE_DTYPES:
-            problems.append(f"{name}: unknown dtype {dtype!r}")
-            continue
-        if not isinstance(shape, list) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
-        ):
-            problems.append(f"{name}: bad shape {shape!r}")
-            continue
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]
-        ):
-            problems.append(f"{name}: bad data_offsets {offsets!r}")
-            continue
-        begin, end = offsets
-        want = math.prod(shape) * STORAGE_DTYPES[dtype].itemsize
-        if end - begin != want:
-            problems.append(f"{name}: {end - begin} bytes stored, {dtype} x {shape} needs {want}")
-            continue
-        if end > data_size:
-            problems.append(
-                f"{name}: data ends at byte {data_start + end}, beyond the file's {size} bytes (truncated file)"
-            )
-            continue
-        entries[name] = TensorEntry(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+    return header
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(name: str, info: object, path: Path, *, data_start: int, file_size: int) -> TensorEntry | str:
+    """The header entry ``name`` checked against the file: a ``TensorEntry``, or the problem in words."""
+    if not isinstance(info, dict):
+        return f"{name}: entry is not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in STORAGE_DTYPES:
+        return f"{name}: unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        return f"{name}: bad shape {shape!r}"
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        return f"{name}: bad data_offsets {offsets!r}"
+    begin, end = offsets
+    want = math.prod(shape) * STORAGE_DTYPES[dtype].itemsize
+    if end - begin != want:
+        return f"{name}: {end - begin} bytes stored, {dtype} x {shape} needs {want}"
+    if end > file_size - data_start:
+        return f"{name}: data ends at byte {data_start + end}, beyond the file's {file_size} bytes (truncated file)"
+    return TensorEntry(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+
+
+def _overlaps(entries: dict[str, TensorEntry]) -> list[str]:
+    """Pairs of non-empty tensors whose byte ranges overlap, in words."""
     spans = sorted((e.start, e.end, e.name) for e in entries.values() if e.nbytes)
-    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
-        if start_b < end_a:
-            problems.append(f"{a} and {b} overlap in the file")
-    if problems:
-        raise CheckpointError(
-            "corrupt or truncated safetensors file:\n    - "
-            + "\n    - ".join(problems[:20])
-            + (f"\n    - ... and {len(problems) - 20} more" if len(problems) > 20 else ""),
-            where=where,
-            fix="re-download or re-save the checkpoint",
-        )
-    return entries, {str(k): str(v) for k, v in metadata.items()}
+    return [
+        f"{a} and {b} overlap in the file"
+        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False)
+        if start_b < end_a
+    ]
 
 
 def checkpoint_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:

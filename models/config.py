@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from edgerope.errors import ConfigError, EdgeropeError
-from edgerope.rope.scaling import Default, RopeScaling, parse_hf_rope, to_hf_rope
+from edgerope.rope.hf import parse_hf_rope, to_hf_rope
+from edgerope.rope.scaling import Default, RopeScaling
 
 # HF architecture class -> (model_type, GGUF architecture)
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -93,38 +94,9 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, raw: Mapping[str, Any], *, where: str = "config.json") -> ModelConfig:
         """Build from a parsed HF config dict, reporting every problem at once."""
+        model_type = _hf_model_type(raw, where=where)
         problems: list[str] = []
-        archs = raw.get("architectures") or []
-        model_type = raw.get("model_type")
-        if model_type not in MODEL_TYPES:
-            arch_mt = next((ARCHITECTURES[a][0] for a in archs if a in ARCHITECTURES), None)
-            if arch_mt is None:
-                raise ConfigError(
-                    f"unsupported architecture: model_type={model_type!r}, architectures={archs}",
-                    where=where,
-                    fix=f"edgerope supports {', '.join(ARCHITECTURES)}; for other GGUF arches use set-rope/inspect",
-                )
-            model_type = arch_mt
-
-        def req_int(name: str) -> int:
-            value = raw.get(name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                problems.append(f"'{name}' must be a positive integer, got {value!r}")
-                return 1
-            return value
-
-        vocab = req_int("vocab_size")
-        hidden = req_int("hidden_size")
-        inter = req_int("intermediate_size")
-        layers = req_int("num_hidden_layers")
-        heads = req_int("num_attention_heads")
-        kv_heads = raw.get("num_key_value_heads") or heads
-        max_pos = req_int("max_position_embeddings")
-        head_dim = raw.get("head_dim") or (hidden // heads if heads else 0)
-        if isinstance(kv_heads, int) and heads and heads % kv_heads:
-            problems.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-        if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
-            problems.append(f"head_dim must be a positive even integer, got {head_dim!r}")
+        sizes = _hf_sizes(raw, problems)
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             problems.append(f"hidden_act {act!r} is not supported (only 'silu')")
@@ -139,31 +111,12 @@ class ModelConfig:
                 where=where,
                 fix="correct the listed fields in config.json",
             )
-        dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-        er = raw.get("edgerope") or {}
         return cls(
             model_type=model_type,
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=inter,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=int(kv_heads),
-            max_position_embeddings=max_pos,
-            head_dim=int(head_dim),
+            **{name: int(value) for name, value in sizes.items()},
             rope=rope,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", False)),
-            mlp_bias=bool(raw.get("mlp_bias", False)),
             hidden_act=act,
-            sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window", True) else None,
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_id=raw.get("eos_token_id"),
-            pad_token_id=raw.get("pad_token_id"),
-            torch_dtype=str(dtype),
-            rope_finetuned=er.get("rope_finetuned"),
-            name=er.get("name") or raw.get("_name_or_path") or None,
+            **_hf_options(raw),
         )
 
     @classmethod
@@ -216,6 +169,79 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# --------------------------------------------------------------------------- reading HF config.json
+
+
+def _hf_model_type(raw: Mapping[str, Any], *, where: str) -> str:
+    """``model_type``, or the one its ``architectures`` name; ``ConfigError`` for an unsupported family."""
+    archs = raw.get("architectures") or []
+    model_type = raw.get("model_type")
+    if model_type in MODEL_TYPES:
+        return model_type
+    arch_mt = next((ARCHITECTURES[a][0] for a in archs if a in ARCHITECTURES), None)
+    if arch_mt is None:
+        raise ConfigError(
+            f"unsupported architecture: model_type={model_type!r}, architectures={archs}",
+            where=where,
+            fix=f"edgerope supports {', '.join(ARCHITECTURES)}; for other GGUF arches use set-rope/inspect",
+        )
+    return arch_mt
+
+
+def _positive_int(raw: Mapping[str, Any], name: str, problems: list[str]) -> int:
+    """``raw[name]`` if a positive int; otherwise a problem is recorded and 1 stands in, so checking goes on."""
+    value = raw.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        problems.append(f"'{name}' must be a positive integer, got {value!r}")
+        return 1
+    return value
+
+
+def _hf_sizes(raw: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The shape fields by HF name, problems appended to ``problems`` (values are ints once none were found)."""
+    vocab = _positive_int(raw, "vocab_size", problems)
+    hidden = _positive_int(raw, "hidden_size", problems)
+    inter = _positive_int(raw, "intermediate_size", problems)
+    layers = _positive_int(raw, "num_hidden_layers", problems)
+    heads = _positive_int(raw, "num_attention_heads", problems)
+    kv_heads = raw.get("num_key_value_heads") or heads
+    max_pos = _positive_int(raw, "max_position_embeddings", problems)
+    head_dim = raw.get("head_dim") or (hidden // heads if heads else 0)
+    if isinstance(kv_heads, int) and heads and heads % kv_heads:
+        problems.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+        problems.append(f"head_dim must be a positive even integer, got {head_dim!r}")
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": max_pos,
+        "head_dim": head_dim,
+    }
+
+
+def _hf_options(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields with defaults (norm, biases, window, special tokens, dtype) and edgerope's provenance record."""
+    dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    er = raw.get("edgerope") or {}
+    return {
+        "rms_norm_eps": float(raw.get("rms_norm_eps", 1e-6)),
+        "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False)),
+        "attention_bias": bool(raw.get("attention_bias", False)),
+        "mlp_bias": bool(raw.get("mlp_bias", False)),
+        "sliding_window": raw.get("sliding_window") if raw.get("use_sliding_window", True) else None,
+        "bos_token_id": raw.get("bos_token_id"),
+        "eos_token_id": raw.get("eos_token_id"),
+        "pad_token_id": raw.get("pad_token_id"),
+        "torch_dtype": str(dtype),
+        "rope_finetuned": er.get("rope_finetuned"),
+        "name": er.get("name") or raw.get("_name_or_path") or None,
+    }
 
 
 def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -29,7 +29,7 @@ import numpy as np
 
 from edgerope.errors import ConfigError
 from edgerope.models.config import MODEL_TYPES, ModelConfig, hf_tensor_shapes
-from edgerope.rope.scaling import parse_hf_rope
+from edgerope.rope.hf import parse_hf_rope
 
 TOKENIZER_FILE = "tokenizer.model"
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
@@ -190,8 +190,8 @@ def write_tokenizer_files(out_dir: Path, *, model_file: Path, chat_template: boo
     }
     if chat_template:
         tok_cfg["chat_template"] = CHAT_TEMPLATE
-    _write_json(out_dir / "tokenizer_config.json", tok_cfg)
-    _write_json(out_dir / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK})
+    write_json(out_dir / "tokenizer_config.json", tok_cfg)
+    write_json(out_dir / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK})
 
 
 def make_tiny_checkpoint(
@@ -234,9 +234,9 @@ def make_tiny_checkpoint(
         raise ConfigError("no tokenizer.model or tokenizer.json in tokenizer_dir", where=str(tokenizer_dir))
     cfg = tiny_config(vocab_size=vocab_size or n_tokens, **config).replace(bos_token_id=bos_id, eos_token_id=eos_id)
     save_safetensors_f32(out / "model.safetensors", tiny_weights(cfg, weight_std=weight_std, seed=seed))
-    _write_json(out / "config.json", cfg.to_hf())
+    write_json(out / "config.json", cfg.to_hf())
     gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False, "max_new_tokens": 64}
-    _write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+    write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
     return out
 
 
@@ -246,5 +246,5 @@ def save_safetensors_f32(path: Path, tensors: dict[str, np.ndarray]) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

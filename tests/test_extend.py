@@ -126,7 +126,7 @@ def test_pose_trains_on_as_many_tokens_as_the_full_fine_tune() -> None:
 
 def test_kv_comparison_ranks_cache_types_by_disturbance(demo_run: tuple[dict, Path, str]) -> None:
     """On the fine-tuned model, q4_0 moves next-token distributions more than q8_0 (KL vs the f16 cache)."""
-    from edgerope.recipes.extend import kv_comparison
+    from edgerope.recipes.extend_eval import kv_comparison
 
     report, _, _ = demo_run
     ft = report["extension"]["results"][3]

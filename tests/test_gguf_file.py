@@ -18,7 +18,8 @@ from gguf import GGUFValueType as VT
 from gguf import Keys
 
 from edgerope.errors import GGUFError
-from edgerope.gguf.reader import model_hparams, open_gguf
+from edgerope.gguf.hparams import model_hparams
+from edgerope.gguf.reader import open_gguf
 
 SPM_SPECIAL = ["<unk>", "<s>", "</s>"]
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]

@@ -235,6 +235,7 @@ CASES: dict[str, tuple[dict, int | None]] = {
     "ctx_beyond_trained": ({}, 8192),
     "rope_unreadable": ({"kv": {T: ("dynamic", STR)}}, None),
     "not_a_model": ({"drop": (Keys.LLM.BLOCK_COUNT,)}, None),
+    "bad_value": ({"kv": {Keys.Attention.LAYERNORM_RMS_EPS: (float("nan"), F32)}}, None),
 }
 
 

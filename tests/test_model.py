@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from edgerope.errors import CheckpointError, OutputError
 from edgerope.evaluation.parity import bucket_edges
 from edgerope.models.llama import ROTATION, LlamaModel, RotaryEmbedding, apply_rope
-from edgerope.rope.scaling import Default, DynamicNtk, Linear, describe, inv_freq, parse_hf_rope
+from edgerope.rope.hf import parse_hf_rope
+from edgerope.rope.scaling import Default, DynamicNtk, Linear, describe, inv_freq
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402

@@ -25,6 +25,7 @@ from edgerope.rope.ggml import (
     LlamaCppRope,
     plan_gguf_rope,
 )
+from edgerope.rope.hf import parse_hf_rope, to_hf_rope
 from edgerope.rope.scaling import (
     Default,
     DynamicNtk,
@@ -39,8 +40,6 @@ from edgerope.rope.scaling import (
     inv_freq,
     llama3_freq_factors,
     longrope_factors,
-    parse_hf_rope,
-    to_hf_rope,
 )
 
 transformers = pytest.importorskip("transformers")

@@ -61,6 +61,11 @@ def test_the_wheel_carries_convert_models_and_the_builtin_model(installed):
     names = set(zipfile.ZipFile(installed["wheel"]).namelist())
     assert {"edgerope/convert/export.py", "edgerope/models/llama.py", "edgerope/models/tiny/model.safetensors"} <= names
     assert not any(n.startswith(("convert/", "models/", "tests/", "bench/")) for n in names)
+    # every module of the checkout is in the wheel (pyproject lists the packages one by one)
+    for folder, prefix in (("edgerope", "edgerope/"), ("convert", "edgerope/convert/"), ("models", "edgerope/models/")):
+        for f in (ROOT / folder).rglob("*.py"):
+            rel = f.relative_to(ROOT / folder).as_posix()
+            assert prefix + rel in names, f"{folder}/{rel} is not in the wheel: add its package to pyproject.toml"
 
 
 def test_console_script_runs_from_the_wheel(installed, tmp_path):

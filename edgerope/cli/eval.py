@@ -6,11 +6,15 @@ import contextlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from edgerope.cli._common import cpu_repack_option, echo_json, handle_errors, progress_enabled
 from edgerope.errors import EvalError, OutputError
+
+if TYPE_CHECKING:
+    from edgerope.evaluation.report import EvalReport
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -120,7 +124,6 @@ def eval_(
     """Evaluate MODEL (a Hugging Face checkpoint folder or a .gguf file) on long-context retrieval or
     perplexity per EVAL.md, with the same code for PyTorch and llama.cpp."""
     from edgerope.evaluation.report import EvalRequest, run_eval
-    from edgerope.system.files import check_output
 
     req = EvalRequest(
         task=task,
@@ -137,13 +140,7 @@ def eval_(
         max_docs=max_docs,
     )
     inputs = [Path(p) for p in (model, compare, data) if p]
-    outs = [Path(p) for p in (plot_out, None if as_json in (None, "-") else as_json) if p]
-    for out in outs:
-        check_output(out, force=force, inputs=inputs)
-    if plot_out:  # fail before the run, not after it, when plotting is impossible
-        from edgerope.evaluation.plots import _pyplot
-
-        _pyplot()
+    _check_outputs(inputs=inputs, plot_out=plot_out, as_json=as_json, force=force)
     with _bars(as_json != "-") as bars:
         report = run_eval(
             model,
@@ -157,6 +154,25 @@ def eval_(
             device=device,
             progress=bars,
         )
+    _emit(report, plot_out=plot_out, as_json=as_json)
+
+
+def _check_outputs(*, inputs: list[Path], plot_out: str | None, as_json: str | None, force: bool) -> None:
+    """Before the run: refuse --plot/--json files that exist (unless --force) or overwrite an input, and a
+    missing plotting library."""
+    from edgerope.system.files import check_output
+
+    outs = [Path(p) for p in (plot_out, None if as_json in (None, "-") else as_json) if p]
+    for out in outs:
+        check_output(out, force=force, inputs=inputs)
+    if plot_out:  # fail before the run, not after it, when plotting is impossible
+        from edgerope.evaluation.plots import _pyplot
+
+        _pyplot()
+
+
+def _emit(report: EvalReport, *, plot_out: str | None, as_json: str | None) -> None:
+    """Write the plot and the JSON file; then print the JSON (``--json -``), or the table and the files written."""
     result = report.to_dict()
     if plot_out:
         info = report.plot(plot_out)

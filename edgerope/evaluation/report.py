@@ -94,7 +94,8 @@ def model_context(model: str | Path) -> int:
     """The trained context of a checkpoint folder or GGUF file (``EvalError`` for anything else)."""
     p = Path(model)
     if is_gguf(p):
-        from edgerope.gguf.reader import model_hparams, open_gguf
+        from edgerope.gguf.hparams import model_hparams
+        from edgerope.gguf.reader import open_gguf
 
         with open_gguf(p) as f:
             return model_hparams(f).n_ctx_train

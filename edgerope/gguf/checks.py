@@ -49,24 +49,25 @@ def _ints(value: Any) -> list[Any]:
 
 def value_problems(f: GGUFFile) -> list[str]:
     """Metadata values llama.cpp aborts on or computes garbage from (the module docstring), each in words."""
-    K = Keys
     problems: list[str] = []
-    n_layer = _number(f, K.LLM.BLOCK_COUNT)
+    n_layer = _number(f, Keys.LLM.BLOCK_COUNT)
     if not isinstance(n_layer, int) or not 1 <= n_layer <= MAX_LAYERS:
         problems.append(f"block_count is {n_layer!r}: a model needs 1..{MAX_LAYERS} layers")
-    n_embd = _number(f, K.LLM.EMBEDDING_LENGTH)
+    n_embd = _number(f, Keys.LLM.EMBEDDING_LENGTH)
     if not isinstance(n_embd, int) or not 1 <= n_embd <= MAX_DIM:
         problems.append(f"embedding_length is {n_embd!r}, not 1..{MAX_DIM}")
-    ctx = _number(f, K.LLM.CONTEXT_LENGTH)
+    ctx = _number(f, Keys.LLM.CONTEXT_LENGTH)
     if not isinstance(ctx, int) or ctx < 1:
         problems.append(f"context_length is {ctx!r}, not a positive number of tokens")
-    heads = _ints(_number(f, K.Attention.HEAD_COUNT))
-    kv_heads = _ints(_number(f, K.Attention.HEAD_COUNT_KV)) if _number(f, K.Attention.HEAD_COUNT_KV) is not None else []
+    heads = _ints(_number(f, Keys.Attention.HEAD_COUNT))
+    kv_heads = (
+        _ints(_number(f, Keys.Attention.HEAD_COUNT_KV)) if _number(f, Keys.Attention.HEAD_COUNT_KV) is not None else []
+    )
     if not all(isinstance(h, int) and 0 <= h <= MAX_HEADS for h in heads + kv_heads) or not any(heads):
         problems.append(f"head counts {heads} / kv {kv_heads or '(= heads)'} are not 1..{MAX_HEADS}")
     for name, template in (
-        ("attention.layer_norm_rms_epsilon", K.Attention.LAYERNORM_RMS_EPS),
-        ("attention.layer_norm_epsilon", K.Attention.LAYERNORM_EPS),
+        ("attention.layer_norm_rms_epsilon", Keys.Attention.LAYERNORM_RMS_EPS),
+        ("attention.layer_norm_epsilon", Keys.Attention.LAYERNORM_EPS),
     ):
         eps = _number(f, template)
         if eps is not None and not (_is_real(eps) and eps >= 0):
@@ -75,23 +76,23 @@ def value_problems(f: GGUFFile) -> list[str]:
                 "one makes every logit NaN"
             )
     for name, template, low in (
-        ("rope.freq_base", K.Rope.FREQ_BASE, "positive"),
-        ("rope.freq_base_swa", K.Rope.FREQ_BASE_SWA, "positive"),
-        ("rope.scaling.factor", K.Rope.SCALING_FACTOR, "non-negative"),
-        ("rope.scaling.attn_factor", K.Rope.SCALING_ATTN_FACTOR, "positive"),
-        ("rope.scaling.yarn_beta_fast", K.Rope.SCALING_YARN_BETA_FAST, "positive"),
-        ("rope.scaling.yarn_beta_slow", K.Rope.SCALING_YARN_BETA_SLOW, "positive"),
+        ("rope.freq_base", Keys.Rope.FREQ_BASE, "positive"),
+        ("rope.freq_base_swa", Keys.Rope.FREQ_BASE_SWA, "positive"),
+        ("rope.scaling.factor", Keys.Rope.SCALING_FACTOR, "non-negative"),
+        ("rope.scaling.attn_factor", Keys.Rope.SCALING_ATTN_FACTOR, "positive"),
+        ("rope.scaling.yarn_beta_fast", Keys.Rope.SCALING_YARN_BETA_FAST, "positive"),
+        ("rope.scaling.yarn_beta_slow", Keys.Rope.SCALING_YARN_BETA_SLOW, "positive"),
     ):
         v = _number(f, template)
         if v is not None and not (_is_real(v) and (v > 0 if low == "positive" else v >= 0)):
             problems.append(f"{name} is {v!r}, not a finite {low} number: every logit would be NaN or meaningless")
-    rot = _number(f, K.Rope.DIMENSION_COUNT)
+    rot = _number(f, Keys.Rope.DIMENSION_COUNT)
     if rot is not None and (not isinstance(rot, int) or not 0 < rot <= MAX_DIM or rot % 2):
         problems.append(
             f"rope.dimension_count is {rot!r}: it must be an even number of channels, at most the head size"
         )
-    stype = _number(f, K.Rope.SCALING_TYPE)
-    orig = _number(f, K.Rope.SCALING_ORIG_CTX_LEN)
+    stype = _number(f, Keys.Rope.SCALING_TYPE)
+    orig = _number(f, Keys.Rope.SCALING_ORIG_CTX_LEN)
     if stype in ("yarn", "longrope") and orig is not None and (not isinstance(orig, int) or orig < 1):
         problems.append(f"rope.scaling.original_context_length is {orig!r} with {stype} scaling: it must be >= 1")
     return problems

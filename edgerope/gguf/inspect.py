@@ -25,9 +25,10 @@ import numpy as np
 from gguf import Keys
 
 from edgerope.errors import GGUFError
+from edgerope.gguf.hparams import ModelHparams, model_hparams
 from edgerope.gguf.kv import ARCHS_DISABLING_SWA, KV_TYPES, SWA_NOTE, kv_bytes_per_token, padded_ctx
 from edgerope.gguf.lint import ERROR, Finding, lint_gguf
-from edgerope.gguf.reader import GGUFFile, ModelHparams, model_hparams, open_gguf
+from edgerope.gguf.reader import GGUFFile, open_gguf
 from edgerope.rope.ggml import NEOX_ARCHS, LlamaCppRope
 from edgerope.rope.scaling import base_inv_freq
 

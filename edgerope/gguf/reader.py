@@ -12,13 +12,11 @@ What it does:
   with its ``GGUFValueType``, the tensor infos (name, shape, ggml type, byte
   size, absolute data offset), raw bytes of a key or a tensor, and the
   frequency-factor tensors (``rope_freqs`` / ``rope_factors_long`` /
-  ``rope_factors_short``) as float arrays whatever their stored type;
-* ``model_hparams`` computes the hyperparameters llama.cpp's generic loader
-  reads (layers, width, heads and per-layer KV heads, K/V head dims, rotary
-  dims, trained context, vocab size) for any architecture.
+  ``rope_factors_short``) as float arrays whatever their stored type.
 
 What it does not do: parse the binary format itself (``gguf.GGUFReader``
-does), interpret rope keys (``edgerope.rope.ggml``), lint (``edgerope.gguf.inspect``)
+does), derive the model's hyperparameters (``edgerope.gguf.hparams``),
+interpret rope keys (``edgerope.rope.ggml``), lint (``edgerope.gguf.inspect``)
 or write files (``edgerope.gguf.set_rope``, ``edgerope.convert.export``).
 """
 
@@ -413,94 +411,3 @@ def using_gguf(src: str | os.PathLike[str] | GGUFFile) -> Iterator[GGUFFile]:
         return
     with open_gguf(src) as f:
         yield f
-
-
-# --------------------------------------------------------------------------- hyperparameters
-
-
-@dataclass(frozen=True)
-class ModelHparams:
-    """What llama.cpp's generic loader reads (``llama_model_base::load_hparams``), for any architecture.
-
-    ``n_head`` / ``n_head_kv`` are ints, or per-layer tuples when the file stores arrays.
-    ``n_rot`` is the rotary dimension (``rope.dimension_count``, default the K head dim).
-    """
-
-    architecture: str
-    n_layers: int
-    n_embd: int
-    n_head: int | tuple[int, ...]
-    n_head_kv: int | tuple[int, ...]
-    head_dim_k: int
-    head_dim_v: int
-    n_rot: int
-    n_ctx_train: int
-    n_vocab: int | None
-
-    def per_layer(self, value: int | tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(value) if isinstance(value, tuple) else (int(value),) * self.n_layers
-
-    @property
-    def n_head_kv_layers(self) -> tuple[int, ...]:
-        return self.per_layer(self.n_head_kv)
-
-    @property
-    def n_head_layers(self) -> tuple[int, ...]:
-        return self.per_layer(self.n_head)
-
-
-def _int_or_layers(value: Any, n_layers: int, name: str, where: str) -> int | tuple[int, ...]:
-    if isinstance(value, list):
-        if len(value) != n_layers:
-            raise GGUFError(f"{name} has {len(value)} entries, block_count is {n_layers}", where=where)
-        return tuple(int(v) for v in value)
-    return int(value)
-
-
-def _required_int(f: GGUFFile, template: str) -> int:
-    name = key(template, f.architecture)
-    value = f.get(name)
-    if value is None or isinstance(value, (list, str)):
-        raise GGUFError(
-            f"missing required key {name}" if value is None else f"key {name} must be an integer, got {value!r}",
-            where=str(f.path),
-            fix="this file cannot be loaded by llama.cpp as a language model; re-convert it",
-        )
-    return int(value)
-
-
-def model_hparams(f: GGUFFile) -> ModelHparams:
-    """Hyperparameters llama.cpp derives from the metadata (defaults as in its loader)."""
-    arch = f.architecture
-    where = str(f.path)
-    n_layers = _required_int(f, Keys.LLM.BLOCK_COUNT)
-    n_embd = _required_int(f, Keys.LLM.EMBEDDING_LENGTH)
-    n_ctx = _required_int(f, Keys.LLM.CONTEXT_LENGTH)
-    n_head = _int_or_layers(f.arch_get(Keys.Attention.HEAD_COUNT, 0), n_layers, "attention.head_count", where)
-    n_head_kv_raw = f.arch_get(Keys.Attention.HEAD_COUNT_KV)
-    n_head_kv = n_head if n_head_kv_raw is None else _int_or_layers(n_head_kv_raw, n_layers, "head_count_kv", where)
-    head0 = n_head[0] if isinstance(n_head, tuple) else n_head
-    default_dim = n_embd // head0 if head0 else 0
-    head_dim_k = int(f.arch_get(Keys.Attention.KEY_LENGTH, default_dim)) if head0 else 0
-    head_dim_v = int(f.arch_get(Keys.Attention.VALUE_LENGTH, default_dim)) if head0 else 0
-    n_rot = int(f.arch_get(Keys.Rope.DIMENSION_COUNT, head_dim_k)) if head0 else 0
-    tokens = f.metadata.get(Keys.Tokenizer.LIST)
-    n_vocab: int | None
-    if tokens is not None and tokens.length is not None:
-        n_vocab = tokens.length
-    elif f.arch_get(Keys.LLM.VOCAB_SIZE) is not None:
-        n_vocab = int(f.arch_get(Keys.LLM.VOCAB_SIZE))
-    else:
-        n_vocab = None
-    return ModelHparams(
-        architecture=arch,
-        n_layers=n_layers,
-        n_embd=n_embd,
-        n_head=n_head,
-        n_head_kv=n_head_kv,
-        head_dim_k=head_dim_k,
-        head_dim_v=head_dim_v,
-        n_rot=n_rot,
-        n_ctx_train=n_ctx,
-        n_vocab=n_vocab,
-    )

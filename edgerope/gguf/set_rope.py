@@ -1,7 +1,7 @@
 """Rewrite the rope scaling metadata of an existing GGUF, any llama.cpp architecture, tensor bytes copied verbatim.
 
 ``set_rope`` builds the requested rope variant with ``edgerope.rope.scaling`` (none,
-linear, YaRN or static NTK), maps it to GGUF keys with
+linear, YaRN or static NTK; options checked in ``edgerope.gguf.set_rope_variant``), maps it to GGUF keys with
 ``edgerope.rope.ggml.plan_gguf_rope`` for the file's architecture (which
 refuses what that architecture would ignore), replaces the rope keys, drops
 stale scaling keys and frequency-factor tensors that would change the new
@@ -21,7 +21,6 @@ or decide rope math (``edgerope.rope.scaling``).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -32,24 +31,14 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType, GGUFWriter, Keys
 
-from edgerope.errors import OutputError, RopeConfigError, UnsupportedRopeError
-from edgerope.gguf.reader import GGUFFile, TensorInfo, model_hparams, open_gguf
+from edgerope.errors import OutputError, UnsupportedRopeError
+from edgerope.gguf.hparams import model_hparams
+from edgerope.gguf.reader import GGUFFile, TensorInfo, open_gguf
+from edgerope.gguf.set_rope_variant import build_variant, check_yarn_betas
 from edgerope.gguf.verify import open_written, rope_function_problem
 from edgerope.gguf.writer import FastArrayWriter
-from edgerope.rope import SCALING_CHOICES
-from edgerope.rope.ggml import ARCHS_READING_YARN_BETAS, ROPE_TENSORS, GGUFRopePlan, key, plan_gguf_rope
-from edgerope.rope.scaling import (
-    DEFAULT_THETA,
-    YARN_BETA_FAST,
-    YARN_BETA_SLOW,
-    Default,
-    Linear,
-    NtkAware,
-    RopeScaling,
-    Yarn,
-    describe,
-    validate_for_context,
-)
+from edgerope.rope.ggml import ROPE_TENSORS, GGUFRopePlan, key, plan_gguf_rope
+from edgerope.rope.scaling import RopeScaling, describe
 from edgerope.system.files import check_free_space, check_output, copy_range, partial_path
 
 CHUNK = 64 << 20  # kernel copy granularity (progress updates)
@@ -102,99 +91,6 @@ class _HeaderWriter(FastArrayWriter):
         if isinstance(val, _Raw):
             return val.data if add_vtype else val.data[4:]
         return super()._pack_val(val, vtype, add_vtype, sub_type)
-
-
-# --------------------------------------------------------------------------- the variant
-
-
-def _file_is_unscaled(f: GGUFFile) -> bool:
-    stype = f.arch_get(Keys.Rope.SCALING_TYPE)
-    factor = f.arch_get(Keys.Rope.SCALING_FACTOR) or f.get(f"{f.architecture}.rope.scale_linear")
-    has_factors = any(f.tensor(n) is not None for n in ROPE_TENSORS)
-    return stype in (None, "none", "linear") and factor in (None, 0, 1) and not has_factors
-
-
-def _build_variant(
-    f: GGUFFile,
-    *,
-    rope_type: str,
-    factor: float | None,
-    original_context: int | None,
-    context_length: int | None,
-    freq_base: float | None,
-    attn_factor: float | None,
-    beta_fast: float | None,
-    beta_slow: float | None,
-) -> tuple[RopeScaling, int]:
-    where = f"set-rope --type {rope_type}"
-    if rope_type not in SCALING_CHOICES:
-        raise RopeConfigError(
-            f"unknown rope type {rope_type!r}", where=where, fix=f"use one of: {', '.join(SCALING_CHOICES)}"
-        )
-    if rope_type != "yarn" and (attn_factor is not None or beta_fast is not None or beta_slow is not None):
-        raise RopeConfigError(
-            "--attn-factor and --beta-fast/--beta-slow apply to YaRN only",
-            where=where,
-            fix="drop them, or use --type yarn",
-        )
-    theta = float(freq_base) if freq_base is not None else float(f.arch_get(Keys.Rope.FREQ_BASE, DEFAULT_THETA))
-    ctx_file = int(f.arch_get(Keys.LLM.CONTEXT_LENGTH))
-    orig_file = f.arch_get(Keys.Rope.SCALING_ORIG_CTX_LEN)
-    scaled = rope_type in ("linear", "yarn") or (rope_type == "ntk" and factor is not None)
-    if scaled:
-        if factor is None:
-            raise RopeConfigError(f"--type {rope_type} needs --factor", where=where, fix="e.g. --factor 4")
-        if not math.isfinite(factor) or factor <= 1:
-            raise RopeConfigError(
-                f"{rope_type} factor must be > 1 to extend the context, got {factor:g}",
-                where=where,
-                fix="use a factor such as 4 or 8, or --type none for no scaling",
-            )
-    if original_context is None:
-        if orig_file is not None:
-            original_context = int(orig_file)
-        elif _file_is_unscaled(f):
-            original_context = ctx_file
-        elif scaled:
-            raise RopeConfigError(
-                f"the file is already rope-scaled and does not record its original context (context_length {ctx_file})",
-                where=str(f.path),
-                fix="give the pre-training context with --original-context",
-            )
-        else:
-            original_context = ctx_file
-    if original_context <= 0:
-        raise RopeConfigError(f"original context must be > 0, got {original_context}", where=where)
-    if context_length is None:
-        context_length = int(round(factor * original_context)) if scaled and factor else original_context
-    if scaled and original_context >= context_length:
-        raise RopeConfigError(
-            f"original context {original_context} must be smaller than the context length {context_length}",
-            where=where,
-            fix=f"set the context length to factor x original, e.g. {int(round(factor * original_context))}",
-        )
-    rope: RopeScaling
-    if rope_type == "none":
-        rope = Default(theta=theta)
-    elif rope_type == "linear":
-        rope = Linear(theta=theta, factor=float(factor))
-    elif rope_type == "yarn":
-        rope = Yarn(
-            theta=theta,
-            factor=float(factor),
-            original_max_position_embeddings=int(original_context),
-            beta_fast=YARN_BETA_FAST if beta_fast is None else float(beta_fast),
-            beta_slow=YARN_BETA_SLOW if beta_slow is None else float(beta_slow),
-            attention_factor=attn_factor,
-        )
-        validate_for_context(rope, context_length=context_length, where=where)
-    elif factor is not None:
-        rope = NtkAware(theta=theta, alpha=float(factor))
-    elif freq_base is not None:
-        rope = Default(theta=theta)  # NTK given directly as the new base
-    else:
-        raise RopeConfigError("--type ntk needs --factor (alpha) or --freq-base (the new base)", where=where)
-    return rope, int(context_length)
 
 
 # --------------------------------------------------------------------------- writing
@@ -298,6 +194,9 @@ def _copy_verified(
                 )
 
 
+# --------------------------------------------------------------------------- set_rope
+
+
 def set_rope(
     in_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str] | None = None,
@@ -327,22 +226,40 @@ def set_rope(
     t0 = time.perf_counter()
     src = Path(in_path)
     f = open_gguf(src)
+    try:  # closed before the rename below, and on every error
+        return _rewrite(
+            f, src, out_path, rope_type=rope_type, factor=factor, original_context=original_context,
+            context_length=context_length, freq_base=freq_base, attn_factor=attn_factor, beta_fast=beta_fast,
+            beta_slow=beta_slow, in_place=in_place, force=force, full_verify=full_verify, progress=progress, t0=t0,
+        )  # fmt: skip
+    finally:
+        f.close()
+
+
+def _rewrite(
+    f: GGUFFile,
+    src: Path,
+    out_path: str | os.PathLike[str] | None,
+    *,
+    rope_type: str,
+    factor: float | None,
+    original_context: int | None,
+    context_length: int | None,
+    freq_base: float | None,
+    attn_factor: float | None,
+    beta_fast: float | None,
+    beta_slow: float | None,
+    in_place: bool,
+    force: bool,
+    full_verify: bool,
+    progress: Progress | None,
+    t0: float,
+) -> SetRopeReport:
+    """``set_rope`` on the open input ``f`` (its arguments, the start time ``t0``)."""
     dest = _check_paths(src, out_path, in_place=in_place, force=force, need_bytes=f.file_size + (1 << 20))
-    arch = f.architecture
-    hp = model_hparams(f)
-    if hp.n_rot <= 0:
-        raise UnsupportedRopeError(
-            f"arch {arch!r} has no rotary embedding to scale (no attention heads)", where=str(src)
-        )
-    stale_tensors = [n for n in ROPE_TENSORS if f.tensor(n) is not None]
-    if stale_tensors and arch in ARCHS_WITH_INTRINSIC_ROPE_FREQS:
-        raise UnsupportedRopeError(
-            f"{', '.join(stale_tensors)} is part of the {arch!r} architecture, not a rope scaling: set-rope would "
-            "have to remove it and llama.cpp requires it",
-            where=str(src),
-            fix="scale this model's context at run time (rope_scaling_type, rope_freq_scale, yarn_orig_ctx)",
-        )
-    rope, ctx = _build_variant(
+    n_rot = _rotary_dims(f)
+    stale_tensors = _stale_rope_tensors(f)
+    rope, ctx = build_variant(
         f,
         rope_type=rope_type,
         factor=factor,
@@ -353,93 +270,22 @@ def set_rope(
         beta_fast=beta_fast,
         beta_slow=beta_slow,
     )
-    if isinstance(rope, Yarn) and (rope.beta_fast, rope.beta_slow) != (YARN_BETA_FAST, YARN_BETA_SLOW):
-        if arch not in ARCHS_READING_YARN_BETAS:
-            fast, slow = f"{rope.beta_fast:g}", f"{rope.beta_slow:g}"
-            raise UnsupportedRopeError(
-                f"llama.cpp ignores the yarn_beta_* keys on arch {arch!r} (only "
-                f"{', '.join(sorted(ARCHS_READING_YARN_BETAS))} read them): the file cannot carry "
-                f"beta_fast={fast}, beta_slow={slow}",
-                where=str(src),
-                fix=f"set-rope without --beta-fast/--beta-slow and pass them at run time: llama-cli "
-                f"--yarn-beta-fast {fast} --yarn-beta-slow {slow}, or Llama(yarn_beta_fast={fast}, yarn_beta_slow={slow})",
-            )
-    plan = plan_gguf_rope(rope, arch=arch, head_dim=hp.n_rot, context_length=ctx)
+    check_yarn_betas(f, rope)
+    plan = plan_gguf_rope(rope, arch=f.architecture, head_dim=n_rot, context_length=ctx)
     if plan.tensors:  # only llama3/longrope produce tensors, and set-rope does not build those
         raise UnsupportedRopeError(f"set-rope cannot write frequency-factor tensors ({', '.join(plan.tensors)})")
-    previous = {
-        k: v.value
-        for k, v in f.metadata.items()
-        if k.startswith(f"{arch}.rope.") or k == key(Keys.LLM.CONTEXT_LENGTH, arch)
-    }
-    report = SetRopeReport(
-        input=str(src),
-        output=str(dest),
-        in_place=in_place,
-        architecture=arch,
-        rope=describe(rope),
-        previous=previous,
-        context_length=ctx,
-        changed_keys={},
-        removed_keys=sorted(k for k in plan.remove if k in f.metadata),
-        removed_tensors=stale_tensors,
-        runtime=dict(plan.runtime),
-        notes=list(plan.notes),
-    )
-    for k, (value, vtype) in plan.kv.items():
-        old = f.metadata.get(k)
-        if old is None or old.type != vtype or not _same_value(old.value, value, vtype):
-            report.changed_keys[k] = value
-    if f.arch_get(Keys.Attention.SLIDING_WINDOW) is not None or f.arch_get(Keys.Rope.FREQ_BASE_SWA) is not None:
-        report.notes.append(
-            f"{arch} has sliding-window layers with rope settings of their own; set-rope changed the global rope "
-            "keys only"
-        )
-    for name in stale_tensors:
-        report.notes.append(
-            f"removed {name}: its per-pair factors belong to the previous rope scaling; the new function is "
-            f"{describe(rope)} without them"
-        )
-    # --- header plan: source order, rope keys replaced in place, new keys appended
-    kv: dict[str, tuple[Any, GGUFValueType]] = {}
-    for k, mv in f.metadata.items():
-        if k == Keys.General.ARCHITECTURE or k in plan.remove:
-            continue
-        kv[k] = plan.kv[k] if k in plan.kv else (_Raw(f.raw_value(k)), mv.type)
-    for k, item in plan.kv.items():
-        kv.setdefault(k, item)
+    report = _new_report(f, dest, in_place=in_place, rope=rope, context_length=ctx, plan=plan, stale=stale_tensors)
+    kv = _header_kv(f, plan)
     tensors = [t for t in f.tensors if t.name not in stale_tensors]
     total = sum(t.n_bytes for t in tensors)
-    tmp = partial_path(dest)
-    mode = (src.stat().st_mode & 0o777) if in_place else 0o666
-    try:
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode))
-    except OSError as exc:
-        raise OutputError(f"cannot create a file in {dest.parent}: {exc.strerror or exc}", where=str(dest)) from None
+    tmp = _create_partial(dest, src, in_place=in_place)
     try:
         data_start = _write_header(tmp, f, kv, tensors)
         runs, dst_offsets = _layout(tensors, data_start, f.alignment)
-        copied = 0
-
-        def on_bytes(n: int) -> None:
-            nonlocal copied
-            copied += n
-            if progress is not None:
-                progress(min(copied, total), total)
-
-        src_fd = os.open(src, os.O_RDONLY)
-        dst_fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.lseek(dst_fd, 0, os.SEEK_END)
-            _copy_verified(src_fd, dst_fd, runs, on_bytes, full=full_verify)
-            end = os.lseek(dst_fd, 0, os.SEEK_CUR)
-            os.write(dst_fd, bytes(GGUFWriter.ggml_pad(end, f.alignment) - end))
-            if in_place:
-                os.fsync(dst_fd)  # the input is about to be replaced: the new bytes must be on disk first
-        finally:
-            os.close(src_fd)
-            os.close(dst_fd)
-        _verify(f, tmp, kv=kv, tensors=tensors, dst_offsets=dst_offsets, rope=rope, n_rot=hp.n_rot, plan=plan)
+        _copy_tensor_data(
+            src, tmp, runs, alignment=f.alignment, total=total, full=full_verify, sync=in_place, progress=progress
+        )
+        _verify(f, tmp, kv=kv, tensors=tensors, dst_offsets=dst_offsets, rope=rope, n_rot=n_rot, plan=plan)
         report.verified = True
         report.tensor_bytes = total
         report.bytes = tmp.stat().st_size
@@ -452,6 +298,144 @@ def set_rope(
             tmp.unlink()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+# --------------------------------------------------------------------------- steps of set_rope
+
+
+def _rotary_dims(f: GGUFFile) -> int:
+    """The rotary dimension count llama.cpp uses; ``UnsupportedRopeError`` when the model has no rope."""
+    n_rot = model_hparams(f).n_rot
+    if n_rot <= 0:
+        raise UnsupportedRopeError(
+            f"arch {f.architecture!r} has no rotary embedding to scale (no attention heads)", where=str(f.path)
+        )
+    return n_rot
+
+
+def _stale_rope_tensors(f: GGUFFile) -> list[str]:
+    """The frequency-factor tensors present, which belong to the old scaling and are dropped.
+
+    Refused where they are part of the architecture (llama.cpp requires them at load).
+    """
+    stale = [n for n in ROPE_TENSORS if f.tensor(n) is not None]
+    arch = f.architecture
+    if stale and arch in ARCHS_WITH_INTRINSIC_ROPE_FREQS:
+        raise UnsupportedRopeError(
+            f"{', '.join(stale)} is part of the {arch!r} architecture, not a rope scaling: set-rope would "
+            "have to remove it and llama.cpp requires it",
+            where=str(f.path),
+            fix="scale this model's context at run time (rope_scaling_type, rope_freq_scale, yarn_orig_ctx)",
+        )
+    return stale
+
+
+def _new_report(
+    f: GGUFFile,
+    dest: Path,
+    *,
+    in_place: bool,
+    rope: RopeScaling,
+    context_length: int,
+    plan: GGUFRopePlan,
+    stale: list[str],
+) -> SetRopeReport:
+    """The report before writing: previous rope keys, keys that change or go, and notes for the user."""
+    arch = f.architecture
+    previous = {
+        k: v.value
+        for k, v in f.metadata.items()
+        if k.startswith(f"{arch}.rope.") or k == key(Keys.LLM.CONTEXT_LENGTH, arch)
+    }
+    report = SetRopeReport(
+        input=str(f.path),
+        output=str(dest),
+        in_place=in_place,
+        architecture=arch,
+        rope=describe(rope),
+        previous=previous,
+        context_length=context_length,
+        changed_keys={},
+        removed_keys=sorted(k for k in plan.remove if k in f.metadata),
+        removed_tensors=stale,
+        runtime=dict(plan.runtime),
+        notes=list(plan.notes),
+    )
+    for k, (value, vtype) in plan.kv.items():
+        old = f.metadata.get(k)
+        if old is None or old.type != vtype or not _same_value(old.value, value, vtype):
+            report.changed_keys[k] = value
+    if f.arch_get(Keys.Attention.SLIDING_WINDOW) is not None or f.arch_get(Keys.Rope.FREQ_BASE_SWA) is not None:
+        report.notes.append(
+            f"{arch} has sliding-window layers with rope settings of their own; set-rope changed the global rope "
+            "keys only"
+        )
+    for name in stale:
+        report.notes.append(
+            f"removed {name}: its per-pair factors belong to the previous rope scaling; the new function is "
+            f"{describe(rope)} without them"
+        )
+    return report
+
+
+def _header_kv(f: GGUFFile, plan: GGUFRopePlan) -> dict[str, tuple[Any, GGUFValueType]]:
+    """The output's metadata: source order, rope keys replaced in place, new keys appended, the rest ``_Raw``."""
+    kv: dict[str, tuple[Any, GGUFValueType]] = {}
+    for k, mv in f.metadata.items():
+        if k == Keys.General.ARCHITECTURE or k in plan.remove:
+            continue
+        kv[k] = plan.kv[k] if k in plan.kv else (_Raw(f.raw_value(k)), mv.type)
+    for k, item in plan.kv.items():
+        kv.setdefault(k, item)
+    return kv
+
+
+def _create_partial(dest: Path, src: Path, *, in_place: bool) -> Path:
+    """Create the temp file beside ``dest`` (with the input's permissions when replacing it)."""
+    tmp = partial_path(dest)
+    mode = (src.stat().st_mode & 0o777) if in_place else 0o666
+    try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode))
+    except OSError as exc:
+        raise OutputError(f"cannot create a file in {dest.parent}: {exc.strerror or exc}", where=str(dest)) from None
+    return tmp
+
+
+def _copy_tensor_data(
+    src: Path,
+    tmp: Path,
+    runs: list[tuple[int, int, int]],
+    *,
+    alignment: int,
+    total: int,
+    full: bool,
+    sync: bool,
+    progress: Progress | None,
+) -> None:
+    """Append the tensor ``runs`` to the header in ``tmp``, compared with the source, padded to ``alignment``.
+
+    ``sync`` flushes the result to disk (before the input is replaced by it).
+    """
+    copied = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal copied
+        copied += n
+        if progress is not None:
+            progress(min(copied, total), total)
+
+    src_fd = os.open(src, os.O_RDONLY)
+    dst_fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.lseek(dst_fd, 0, os.SEEK_END)
+        _copy_verified(src_fd, dst_fd, runs, on_bytes, full=full)
+        end = os.lseek(dst_fd, 0, os.SEEK_CUR)
+        os.write(dst_fd, bytes(GGUFWriter.ggml_pad(end, alignment) - end))
+        if sync:
+            os.fsync(dst_fd)  # the input is about to be replaced: the new bytes must be on disk first
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
 
 
 # --------------------------------------------------------------------------- verification

@@ -11,7 +11,8 @@ What it does, from one base checkpoint (by default the built-in tiny model, trai
   length x depth (a prompt "at length L" leaves room for the answer inside L), multi-key accuracy, and the
   perplexity of the same held-out documentation tokens (the first max(ppl_lengths) of each document) read
   through a context window of each length (sliding, stride half the window; the longest is one pass: EVAL.md's
-  signature of success is that more context lowers it), all through ``edgerope.evaluation.protocols``;
+  signature of success is that more context lowers it), all through ``edgerope.evaluation.protocols``
+  (the measurements: ``edgerope.recipes.extend_eval``);
 * optionally checks that PyTorch and llama.cpp give the same passkey answers for one fine-tuned variant.
 
 ``run_extension`` returns an ``ExtensionReport`` (JSON-able) that the demo and ``bench/quality`` print and plot.
@@ -32,12 +33,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgerope.errors import ConfigError, TrainingError
-from edgerope.evaluation import protocols
+from edgerope.recipes.extend_eval import evaluate_gguf, passkey_agreement
 from edgerope.rope import SCALING_CHOICES
-from edgerope.train.synthetic import heldout_documents, write_jsonl
+from edgerope.train.synthetic import write_jsonl
 
 TUNES = (None, "full", "pose")
 CHARS_PER_TOKEN = 3.0  # rough size of the tiny tokenizer's tokens, only to size the fine-tuning samples
@@ -204,6 +203,11 @@ def _finetune_process(
     return out_report
 
 
+def target_context(original: int, factor: float) -> int:
+    """The context a variant extends ``original`` to (one rounding everywhere)."""
+    return int(round(original * factor))
+
+
 def _gguf_for(
     variant: Variant, *, base: Path, base_gguf: Path, work: Path, s: Settings, data: dict[str, Path], step: StepFn
 ) -> tuple[Path, dict[str, Any] | None]:
@@ -212,7 +216,7 @@ def _gguf_for(
     from edgerope.models.config import ModelConfig
 
     original = ModelConfig.load(base).max_position_embeddings
-    target = int(round(original * variant.factor))
+    target = target_context(original, variant.factor)
     slug = variant.name.replace(" ", "_").replace("+", "").replace("__", "_")
     if variant.rope == "none":
         return base_gguf, None
@@ -222,7 +226,7 @@ def _gguf_for(
         set_rope(base_gguf, out, rope_type=variant.rope, factor=variant.factor, force=True)
         return out, None
     ckpt = work / slug
-    kind = "PoSE inside the 256 window" if variant.tune == "pose" else f"full length, {target} tokens"
+    kind = f"PoSE inside the {original} window" if variant.tune == "pose" else f"full length, {target} tokens"
     step(f"{variant.name}: edgerope finetune --rope {variant.rope} ({kind})")
     ft = _finetune_process(base, ckpt, data[variant.tune], variant, s, target, original)
     out = work / f"{slug}.gguf"
@@ -240,7 +244,7 @@ def _write_data(work: Path, base: Path, s: Settings, variants: Sequence[Variant]
         if v.tune is None or v.tune in out:
             continue
         if v.tune == "full":
-            target = int(original * v.factor)
+            target = target_context(original, v.factor)
             n = max(64, math.ceil(s.ft_steps * s.ft_batch * 2.0))  # ~2 samples per row of `target` tokens
             out["full"] = write_jsonl(
                 work / "finetune_full.jsonl", n_samples=n, max_chars=int(target * CHARS_PER_TOKEN), seed=s.seed + 1,
@@ -248,85 +252,15 @@ def _write_data(work: Path, base: Path, s: Settings, variants: Sequence[Variant]
                 force=True,
             )  # fmt: skip
         else:
-            steps = max(s.pose_steps_for(int(original * x.factor), original) for x in variants if x.tune == "pose")
+            steps = max(
+                s.pose_steps_for(target_context(original, x.factor), original) for x in variants if x.tune == "pose"
+            )
             n = max(64, math.ceil(steps * s.pose_batch * s.pose_grad_accum * 2.0))
             out["pose"] = write_jsonl(
                 work / "finetune_pose.jsonl", n_samples=n, max_chars=int(original * CHARS_PER_TOKEN), seed=s.seed + 2,
                 force=True,
             )  # fmt: skip
     return out
-
-
-# ---------------------------------------------------------------------------------------------------- evaluation
-
-
-ANSWER_ROOM = 16  # a passkey prompt "at length L" has L - ANSWER_ROOM tokens, so prompt + answer fit in L
-
-
-def _heldout_ids(b: protocols.Backend, n: int) -> list[list[int]]:
-    """The first ``n`` tokens of each held-out documentation topic that has ``n`` (perplexity and KL text)."""
-    return [ids[:n] for ids in (b.tokenize(d.text) for d in heldout_documents()) if len(ids) >= n]
-
-
-def _passkey(b: protocols.Backend, s: Settings, lengths: Sequence[int]) -> protocols.GridResult:
-    """The passkey grid with prompts of L - ANSWER_ROOM tokens for each length L (reported under L)."""
-    grid = protocols.passkey_grid(
-        b.generate, b.tokenize, [n - ANSWER_ROOM for n in lengths], s.depths, s.trials, s.eval_seed
-    )
-    for c in grid.cells:
-        c.length += ANSWER_ROOM
-    return grid
-
-
-def evaluate_gguf(gguf: Path, s: Settings, *, lengths: Sequence[int] | None = None) -> dict[str, Any]:
-    """Passkey grid, multi-key and held-out perplexity of one GGUF in llama.cpp (``s.kv`` cache)."""
-    from edgerope.evaluation.report import model_context
-
-    lengths = tuple(lengths or s.lengths)
-    ctx = model_context(gguf)
-    longest = max(max(lengths), *s.ppl_lengths) if s.ppl_lengths else max(lengths)
-    options = dict(n_ctx=longest, type_k=s.kv, type_v=s.kv, n_threads=s.n_threads)  # prompt + answer fit in L
-    with protocols.llama_backend(gguf, allow_extrapolation=longest > ctx, **options) as b:
-        grid = _passkey(b, s, lengths)
-        out: dict[str, Any] = {"context_length": ctx, "passkey": grid.to_dict(), "passkey_by_length": grid.by_length()}
-        if s.multikey_trials:
-            mk = protocols.multikey_grid(
-                b.generate, b.tokenize, [n - ANSWER_ROOM for n in lengths], s.multikey_trials, s.eval_seed
-            )
-            out["multikey_by_length"] = {n + ANSWER_ROOM: a for n, a in mk.by_length().items()}
-        if s.ppl_lengths:
-            n_max = max(s.ppl_lengths)
-            docs = _heldout_ids(b, n_max)
-            if not docs or b.bos_id is None:
-                raise ConfigError(f"no held-out document has {n_max} tokens (or no BOS)", fix="use shorter ppl_lengths")
-            # the same n_max tokens of each document read through a window of n (stride n / 2; n_max: one pass)
-            ppl = {
-                n: protocols.perplexity_sliding(
-                    b.logits, docs, window=n, stride=n // 2, bos_id=b.bos_id, bucket_size=256
-                )
-                for n in s.ppl_lengths
-            }
-            out["perplexity"] = {n: p.perplexity for n, p in ppl.items()}
-            out["perplexity_detail"] = {n: p.to_dict() for n, p in ppl.items()}
-    return out
-
-
-def passkey_agreement(checkpoint: Path, gguf: Path, s: Settings, *, lengths: Sequence[int]) -> dict[str, Any]:
-    """The same passkey grid in PyTorch (fp32) and in llama.cpp (f16 KV): the fraction of equal answers."""
-    with protocols.torch_backend(checkpoint) as tb:
-        a = _passkey(tb, s, lengths)
-    n_ctx = max(lengths)
-    with protocols.llama_backend(gguf, n_ctx=n_ctx, type_k="f16", type_v="f16", n_threads=s.n_threads) as lb:
-        b = _passkey(lb, s, lengths)
-    return {
-        "checkpoint": str(checkpoint),
-        "gguf": str(gguf),
-        "kv": "f16",
-        "trials": a.total,
-        "agreement": protocols.agreement(a, b),
-        "torch_accuracy": a.accuracy,
-        "llama_cpp_accuracy": b.accuracy,
-    }
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -352,57 +286,79 @@ def run_extension(
     step = on_step or _noop
     base, work = Path(base), Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    cfg = ModelConfig.load(base)
-    original = cfg.max_position_embeddings
+    original = ModelConfig.load(base).max_position_embeddings
+    _check_targets(variants, s, original)
+    step(f"base model: {base} (trained context {original}); GGUFs with {s.weights} weights, KV cache {s.kv}")
+    base_gguf = work / "base.gguf"
+    convert(base, base_gguf, outtype=s.weights, force=True)
+    data = _write_data(work, base, s, variants)
+    results = [
+        _variant_result(v, base=base, base_gguf=base_gguf, work=work, s=s, data=data, original=original, step=step)
+        for v in variants
+    ]
+    report = ExtensionReport(str(base), original, {**asdict(s), "variants": [asdict(v) for v in variants]}, results)
+    if agreement_for is not None:
+        report.agreement = _agreement(report.result(agreement_for), work, s, agreement_lengths, step)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _check_targets(variants: Sequence[Variant], s: Settings, original: int) -> None:
+    """A fine-tuned variant's target must reach the longest evaluated length."""
     for v in variants:
         longest = max(s.lengths)
         if v.rope != "none" and original * v.factor < longest and v.tune is not None:
             raise ConfigError(
                 f"{v.name}: the target {original * v.factor:g} is shorter than the longest length {longest}"
             )
-    step(f"base model: {base} (trained context {original}); GGUFs with {s.weights} weights, KV cache {s.kv}")
-    base_gguf = work / "base.gguf"
-    convert(base, base_gguf, outtype=s.weights, force=True)
-    data = _write_data(work, base, s, variants)
-    results = []
-    for v in variants:
-        tv = time.perf_counter()
-        gguf, ft = _gguf_for(v, base=base, base_gguf=base_gguf, work=work, s=s, data=data, step=step)
-        target = int(original * v.factor)
-        lengths = (*s.lengths, target) if target > max(s.lengths) else s.lengths  # x16: also at its target
-        step(f"{v.name}: passkey {', '.join(map(str, lengths))} tokens in llama.cpp")
-        ev = evaluate_gguf(gguf, s, lengths=lengths)
-        results.append(
-            VariantResult(
-                name=v.name,
-                rope=v.rope,
-                factor=v.factor,
-                tune=v.tune,
-                gguf=str(gguf),
-                gguf_bytes=gguf.stat().st_size,
-                context_length=ev["context_length"],
-                passkey=ev["passkey"],
-                passkey_by_length=ev["passkey_by_length"],
-                multikey_by_length=ev.get("multikey_by_length", {}),
-                perplexity=ev.get("perplexity", {}),
-                perplexity_detail=ev.get("perplexity_detail", {}),
-                finetune=ft,
-                seconds=time.perf_counter() - tv,
-            )  # fmt: skip
-        )
-    report = ExtensionReport(str(base), original, {**asdict(s), "variants": [asdict(v) for v in variants]}, results)
-    if agreement_for is not None:
-        r = report.result(agreement_for)
-        if not r.finetune:
-            raise ConfigError(f"agreement needs a fine-tuned variant, {agreement_for!r} is not")
-        step(f"{r.name}: PyTorch vs llama.cpp (f16 KV) passkey answers")
-        f32 = work / "agreement.f32.gguf"
-        convert(r.finetune["checkpoint"], f32, outtype="f32", force=True)
-        report.agreement = passkey_agreement(
-            Path(r.finetune["checkpoint"]), f32, s, lengths=tuple(agreement_lengths) or s.lengths
-        )
-    report.seconds = time.perf_counter() - t0
-    return report
+
+
+def _variant_result(
+    v: Variant,
+    *,
+    base: Path,
+    base_gguf: Path,
+    work: Path,
+    s: Settings,
+    data: dict[str, Path],
+    original: int,
+    step: StepFn,
+) -> VariantResult:
+    """Make and convert variant ``v``, then measure its GGUF at every length (and at its target when longer)."""
+    tv = time.perf_counter()
+    gguf, ft = _gguf_for(v, base=base, base_gguf=base_gguf, work=work, s=s, data=data, step=step)
+    target = target_context(original, v.factor)
+    lengths = (*s.lengths, target) if target > max(s.lengths) else s.lengths  # x16: also at its target
+    step(f"{v.name}: passkey {', '.join(map(str, lengths))} tokens in llama.cpp")
+    ev = evaluate_gguf(gguf, s, lengths=lengths)
+    return VariantResult(
+        name=v.name,
+        rope=v.rope,
+        factor=v.factor,
+        tune=v.tune,
+        gguf=str(gguf),
+        gguf_bytes=gguf.stat().st_size,
+        context_length=ev["context_length"],
+        passkey=ev["passkey"],
+        passkey_by_length=ev["passkey_by_length"],
+        multikey_by_length=ev.get("multikey_by_length", {}),
+        perplexity=ev.get("perplexity", {}),
+        perplexity_detail=ev.get("perplexity_detail", {}),
+        finetune=ft,
+        seconds=time.perf_counter() - tv,
+    )
+
+
+def _agreement(r: VariantResult, work: Path, s: Settings, lengths: Sequence[int], step: StepFn) -> dict[str, Any]:
+    """PyTorch vs llama.cpp passkey answers of the fine-tuned variant ``r`` (its checkpoint converted to f32)."""
+    from edgerope.convert.export import convert
+
+    if not r.finetune:
+        raise ConfigError(f"agreement needs a fine-tuned variant, {r.name!r} is not")
+    step(f"{r.name}: PyTorch vs llama.cpp (f16 KV) passkey answers")
+    f32 = work / "agreement.f32.gguf"
+    convert(r.finetune["checkpoint"], f32, outtype="f32", force=True)
+    return passkey_agreement(Path(r.finetune["checkpoint"]), f32, s, lengths=tuple(lengths) or s.lengths)
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
@@ -465,38 +421,3 @@ def save_plot(report: ExtensionReport, out: str | Path, *, title: str = "") -> P
             Panel("held-out perplexity", "context window (tokens)", "perplexity", ppl, log_x=True, log_y=True)
         )
     return save_panels(out, panels, title=title).path
-
-
-# ---------------------------------------------------------------------------------------------------- KV cache types
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def kv_comparison(
-    gguf: str | Path, s: Settings, *, kvs: Sequence[str] = ("f16", "q8_0", "q4_0"), reference: str = "f16"
-) -> dict[str, Any]:
-    """Passkey accuracy per length and next-token KL divergence against the ``reference`` cache, per KV type.
-
-    The KL is measured on the held-out documents cut to the longest length (mean over every position, and
-    top-1 agreement with the reference): EVAL.md's point that retrieval can pass while quality drops.
-    """
-    longest = max(s.lengths)
-    out: dict[str, Any] = {"gguf": str(gguf), "reference": reference, "kv": {}}
-    ref_logp: list[np.ndarray] = []
-    for kv in [reference, *[k for k in kvs if k != reference]]:
-        with protocols.llama_backend(gguf, n_ctx=longest, type_k=kv, type_v=kv, n_threads=s.n_threads) as b:
-            grid = _passkey(b, s, s.lengths)
-            docs = _heldout_ids(b, longest)
-            logp = [_log_softmax(b.logits(ids).astype(np.float64)) for ids in docs]  # (T, V) each
-        row: dict[str, Any] = {"passkey_by_length": grid.by_length(), "passkey_accuracy": grid.accuracy}
-        if kv == reference:
-            ref_logp = logp
-        else:
-            kl = [float((np.exp(r) * (r - q)).sum(-1).mean()) for r, q in zip(ref_logp, logp, strict=True)]
-            top1 = [float((r.argmax(-1) == q.argmax(-1)).mean()) for r, q in zip(ref_logp, logp, strict=True)]
-            row.update(kl_mean=float(np.mean(kl)), top1_agreement=float(np.mean(top1)), kl_tokens=longest * len(docs))
-        out["kv"][kv] = row
-    return out

@@ -17,9 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from edgerope.models.config import ModelConfig
 
 ORIGINAL_CONTEXT = 256
 FACTOR = 8
@@ -85,11 +88,8 @@ def run_demo(
 ) -> DemoReport:
     """Build, convert and check every variant under ``workdir``; returns the per-variant error table."""
     from edgerope.convert.export import convert
-    from edgerope.convert.quantize import quantize
-    from edgerope.evaluation import parity
-    from edgerope.gguf.reader import open_gguf
     from edgerope.models.config import ModelConfig
-    from edgerope.models.tiny_random import make_tiny_checkpoint, train_tokenizer
+    from edgerope.models.tiny_random import train_tokenizer
     from edgerope.rope.scaling import describe
 
     step = on_step or (lambda _msg: None)
@@ -103,56 +103,91 @@ def run_demo(
     for name, rope_parameters in VARIANTS.items():
         step(f"{name}: make, convert, compare")
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
-        scaled = rope_parameters["rope_type"] not in ("default",)
-        hf_dir = make_tiny_checkpoint(
-            work / slug,
-            rope_parameters={"rope_theta": 10000.0, **rope_parameters},
-            max_position_embeddings=n_positions if scaled else ORIGINAL_CONTEXT,
-            tokenizer_dir=tok_dir,
-            seed=seed,
-        )
+        hf_dir = _make_checkpoint(work / slug, rope_parameters, n_positions=n_positions, tok_dir=tok_dir, seed=seed)
         cfg = ModelConfig.load(hf_dir)
-        report.model = (
-            f"tiny {cfg.model_type}: {cfg.n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers, "
-            f"head_dim {cfg.head_dim}, {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads"
-        )
+        report.model = _model_line(cfg)
         gguf_path = work / f"{slug}.f32.gguf"
         convert(hf_dir, gguf_path, outtype="f32", force=True)
         tokens = [1] + rng.integers(3, cfg.vocab_size, size=n_positions - 1).tolist()
-        results = parity.check_parity(
-            hf_dir,
-            gguf_path,
-            tokens=tokens,
-            original_context=ORIGINAL_CONTEXT,
-            kv_settings=KV_SETTINGS,
-            n_ctx=n_positions,
-        )
-        errors = {}
-        for res in results:
-            within = res.buckets[0]
-            beyond = res.buckets[1:]
-            diff_beyond = max((b.rel_l2 for b in beyond), default=float("nan"))
-            errors[res.kv + (" +FA" if res.flash_attn else "")] = {"within": within.rel_l2, "beyond": diff_beyond}
-        with open_gguf(gguf_path) as view:
-            keys = {k: v for k, v in view.kv().items() if ".rope." in k or k.endswith(".context_length")}
-            keys.update({name: "F32 tensor" for name in view.freq_factors()})
-        report.rows.append(DemoRow(name, describe(cfg.rope), keys, errors))
+        errors = _errors(hf_dir, gguf_path, tokens=tokens, n_positions=n_positions)
+        report.rows.append(DemoRow(name, describe(cfg.rope), _rope_keys(gguf_path), errors))
         if name == "yarn x8":
             step("yarn x8: quantize to Q8_0 with llama.cpp's quantizer")
-            q = quantize(gguf_path, work / f"{slug}.Q8_0.gguf", qtype="Q8_0", force=True)
-            qres = parity.check_parity(
-                hf_dir,
-                q.path,
-                tokens=tokens,
-                original_context=ORIGINAL_CONTEXT,
-                kv_settings=(("q8_0", "q8_0", True),),
-                n_ctx=n_positions,
-            )[0]
-            report.quantized = {
-                "path": str(q.path),
-                "bytes": Path(q.path).stat().st_size,
-                "f32_bytes": gguf_path.stat().st_size,
-                "rel_l2_q8_0_kv": qres.rel_l2,
-            }
+            q8 = work / f"{slug}.Q8_0.gguf"
+            report.quantized = _quantized(hf_dir, gguf_path, q8, tokens=tokens, n_positions=n_positions)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _make_checkpoint(out: Path, rope_parameters: dict[str, Any], *, n_positions: int, tok_dir: Path, seed: int) -> Path:
+    """The tiny model with ``rope_parameters``: context ``n_positions`` when scaled, else the original context."""
+    from edgerope.models.tiny_random import make_tiny_checkpoint
+
+    scaled = rope_parameters["rope_type"] not in ("default",)
+    return make_tiny_checkpoint(
+        out,
+        rope_parameters={"rope_theta": 10000.0, **rope_parameters},
+        max_position_embeddings=n_positions if scaled else ORIGINAL_CONTEXT,
+        tokenizer_dir=tok_dir,
+        seed=seed,
+    )
+
+
+def _model_line(cfg: ModelConfig) -> str:
+    return (
+        f"tiny {cfg.model_type}: {cfg.n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers, "
+        f"head_dim {cfg.head_dim}, {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads"
+    )
+
+
+def _errors(hf_dir: Path, gguf_path: Path, *, tokens: list[int], n_positions: int) -> dict[str, dict[str, float]]:
+    """Relative L2 error of llama.cpp's logits against PyTorch's, per KV setting: within and beyond the original."""
+    from edgerope.evaluation import parity
+
+    results = parity.check_parity(
+        hf_dir,
+        gguf_path,
+        tokens=tokens,
+        original_context=ORIGINAL_CONTEXT,
+        kv_settings=KV_SETTINGS,
+        n_ctx=n_positions,
+    )
+    errors = {}
+    for res in results:
+        within = res.buckets[0]
+        beyond = res.buckets[1:]
+        diff_beyond = max((b.rel_l2 for b in beyond), default=float("nan"))
+        errors[res.kv + (" +FA" if res.flash_attn else "")] = {"within": within.rel_l2, "beyond": diff_beyond}
+    return errors
+
+
+def _rope_keys(gguf_path: Path) -> dict[str, Any]:
+    """The GGUF's rope and context-length keys, and its rope frequency-factor tensors."""
+    from edgerope.gguf.reader import open_gguf
+
+    with open_gguf(gguf_path) as view:
+        keys = {k: v for k, v in view.kv().items() if ".rope." in k or k.endswith(".context_length")}
+        keys.update({name: "F32 tensor" for name in view.freq_factors()})
+    return keys
+
+
+def _quantized(hf_dir: Path, gguf_path: Path, out: Path, *, tokens: list[int], n_positions: int) -> dict[str, Any]:
+    """``gguf_path`` quantized to Q8_0 by llama.cpp into ``out``; its size and error with a q8_0 KV cache."""
+    from edgerope.convert.quantize import quantize
+    from edgerope.evaluation import parity
+
+    q = quantize(gguf_path, out, qtype="Q8_0", force=True)
+    qres = parity.check_parity(
+        hf_dir,
+        q.path,
+        tokens=tokens,
+        original_context=ORIGINAL_CONTEXT,
+        kv_settings=(("q8_0", "q8_0", True),),
+        n_ctx=n_positions,
+    )[0]
+    return {
+        "path": str(q.path),
+        "bytes": Path(q.path).stat().st_size,
+        "f32_bytes": gguf_path.stat().st_size,
+        "rel_l2_q8_0_kv": qres.rel_l2,
+    }

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgerope.models.config import ModelConfig
 from edgerope.models.llama import LlamaModel
-from edgerope.models.tiny_random import _write_json, tiny_config, train_tokenizer, write_tokenizer_files
+from edgerope.models.tiny_random import tiny_config, train_tokenizer, write_json, write_tokenizer_files
 from edgerope.system.device import pick_device
 from edgerope.train.data import load_tokenizer
 from edgerope.train.synthetic import Mixture, RowBuilder
@@ -92,8 +93,8 @@ def pretrain(
     save_every: int | None = None,
     progress: Callable[[PretrainProgress], None] | None = None,
 ) -> Path:
-    """Train the tiny model of ``recipe`` on ``device`` (auto, cpu, cuda, cuda:N) into ``out_dir`` (created; must be
-    empty)."""
+    """Train the tiny model of ``recipe`` on ``device`` (auto, cpu, cuda, cuda:N) into ``out_dir`` (created if needed;
+    the files a run writes replace those of an earlier run there)."""
     recipe = recipe or TinyRecipe()
     dev = pick_device(device)  # auto, cpu, cuda, cuda:N; an absent or unknown device fails before any file is written
     out = Path(out_dir)
@@ -101,7 +102,23 @@ def pretrain(
     with tempfile.TemporaryDirectory() as tmp:
         model_file = train_tokenizer(tmp, vocab_size=recipe.vocab_size, seed=recipe.seed)
         write_tokenizer_files(out, model_file=model_file, chat_template=False)  # not trained to chat
-    cfg = tiny_config(
+    cfg = _model_config(recipe)
+    write_json(out / "config.json", cfg.to_hf())  # the tokenizer loader reads bos/eos ids from it
+    rows = RowBuilder(load_tokenizer(out), seq_len=recipe.context + 1, mixture=recipe.mixture, dense=recipe.dense)
+
+    model = _initial_model(cfg, seed=recipe.seed).to(dev)  # drawn on the CPU generator: the same on every device
+    losses, seconds = _train(model, rows, recipe, dev, out=out, save_every=save_every, progress=progress)
+
+    model = model.to("cpu").to(torch.bfloat16)
+    model.save_pretrained(out, force=True)
+    _write_generation_config(out, cfg)
+    write_json(out / "recipe.json", _recipe_record(recipe, model, losses, seconds=seconds, dev=dev))
+    return out
+
+
+def _model_config(recipe: TinyRecipe) -> ModelConfig:
+    """The tiny Llama's config: the recipe's shape, context and rope base, tied embeddings."""
+    return tiny_config(
         vocab_size=recipe.vocab_size,
         hidden_size=recipe.hidden_size,
         num_hidden_layers=recipe.num_hidden_layers,
@@ -113,12 +130,13 @@ def pretrain(
         tie_word_embeddings=True,
         name="edgerope-tiny",
     )
-    _write_json(out / "config.json", cfg.to_hf())  # the tokenizer loader reads bos/eos ids from it
-    rows = RowBuilder(load_tokenizer(out), seq_len=recipe.context + 1, mixture=recipe.mixture, dense=recipe.dense)
 
-    torch.manual_seed(recipe.seed)
+
+def _initial_model(cfg: ModelConfig, *, seed: int) -> LlamaModel:
+    """The model at its GPT-2 style init: N(0, 0.02), residual projections scaled by depth (on the CPU)."""
+    torch.manual_seed(seed)
     model = LlamaModel(cfg)
-    with torch.no_grad():  # GPT-2 style init: N(0, 0.02), residual projections scaled by depth
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 std = (
@@ -127,21 +145,43 @@ def pretrain(
                     else 0.02
                 )
                 p.normal_(0.0, std)
-    model = model.to(dev)  # drawn on the CPU generator first: the same initial weights on every device
+    return model
+
+
+def _optimizer(model: LlamaModel, recipe: TinyRecipe) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95), weight decay on the matrices only."""
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=recipe.lr,
         betas=(0.9, 0.95),
     )
+
+
+def _train(
+    model: LlamaModel,
+    rows: RowBuilder,
+    recipe: TinyRecipe,
+    dev: torch.device,
+    *,
+    out: Path,
+    save_every: int | None,
+    progress: Callable[[PretrainProgress], None] | None,
+) -> tuple[list[float], float]:
+    """The training loop (batches from ``[seed, step]``, clipping at 1.0); (the loss per step, seconds).
+
+    Every ``save_every`` steps but the last, an intermediate checkpoint in ``out/step-N``.
+    """
+    opt = _optimizer(model, recipe)
     losses: list[float] = []
     model.train()
     t0 = time.perf_counter()
     for step in range(recipe.steps):
         for g in opt.param_groups:
             g["lr"] = _lr(recipe, step)
-        batch = torch.from_numpy(rows.rows(recipe.batch_size, seed=[recipe.seed, step]).astype(np.int64)).to(dev)
+        ids = rows.rows(recipe.batch_size, seed=[recipe.seed, step])  # (B, T+1)
+        batch = torch.from_numpy(ids.astype(np.int64)).to(dev)
         logits = model(batch[:, :-1])  # (B, T, V)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
@@ -150,38 +190,36 @@ def pretrain(
         opt.step()
         losses.append(float(loss.detach()))
         if save_every and (step + 1) % save_every == 0 and step + 1 < recipe.steps:
-            _save(model, out, cfg, out / f"step-{step + 1}")
+            _save(model, out, model.config, out / f"step-{step + 1}")
         if progress is not None:
             dt = time.perf_counter() - t0
             tps = (step + 1) * recipe.batch_size * recipe.context / dt
             progress(
                 PretrainProgress(step + 1, recipe.steps, losses[-1], tps, dt / (step + 1) * (recipe.steps - step - 1))
             )
-    seconds = time.perf_counter() - t0
+    return losses, time.perf_counter() - t0
 
-    model = model.to("cpu").to(torch.bfloat16)
-    model.save_pretrained(out, force=True)
-    _write_generation_config(out, cfg)
-    _write_json(
-        out / "recipe.json",
-        {
-            "recipe": recipe.to_dict(),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "tokens": recipe.steps * recipe.batch_size * recipe.context,
-            "seconds": round(seconds, 1),
-            "loss_every_50_steps": [round(float(np.mean(losses[i : i + 50])), 4) for i in range(0, len(losses), 50)],
-            "final_loss": round(float(np.mean(losses[-50:])), 4),
-            "losses": [round(x, 4) for x in losses],
-            "machine": f"{platform.machine()} {platform.processor() or platform.system()}, torch {torch.__version__}, "
-            + (torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"),
-        },
-    )
-    return out
+
+def _recipe_record(
+    recipe: TinyRecipe, model: LlamaModel, losses: list[float], *, seconds: float, dev: torch.device
+) -> dict[str, Any]:
+    """``recipe.json``: the recipe, the model's size, the loss curve, the time and the machine it ran on."""
+    return {
+        "recipe": recipe.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens": recipe.steps * recipe.batch_size * recipe.context,
+        "seconds": round(seconds, 1),
+        "loss_every_50_steps": [round(float(np.mean(losses[i : i + 50])), 4) for i in range(0, len(losses), 50)],
+        "final_loss": round(float(np.mean(losses[-50:])), 4),
+        "losses": [round(x, 4) for x in losses],
+        "machine": f"{platform.machine()} {platform.processor() or platform.system()}, torch {torch.__version__}, "
+        + (torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"),
+    }
 
 
 def _write_generation_config(out: Path, cfg: Any) -> None:
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False, "max_new_tokens": 64}
-    _write_json(out / "generation_config.json", gen)
+    write_json(out / "generation_config.json", gen)
 
 
 def _save(model: LlamaModel, src: Path, cfg: Any, dst: Path) -> None:

@@ -53,12 +53,15 @@ NEOX_ARCHS = frozenset(
     }
 )
 SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+# llama_rope_scaling_type values a runtime may pass (-1, "from model", resolves to the GGUF's type)
+_RUNTIME_SCALING_TYPES = {0: "none", 1: "linear", 2: "yarn", 3: "longrope"}
 VERIFY_RTOL = 1e-9
 
 ROPE_FREQS = "rope_freqs.weight"
 ROPE_FACTORS_LONG = "rope_factors_long.weight"
 ROPE_FACTORS_SHORT = "rope_factors_short.weight"
 ROPE_TENSORS = (ROPE_FREQS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT)
+_U32, _F32, _STR, _BOOL = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING, GGUFValueType.BOOL
 
 
 def key(template: str, arch: str) -> str:
@@ -138,67 +141,17 @@ class LlamaCppRope:
         """
         tensors = tensors or {}
         rt = dict(runtime or {})
-
-        def get(template: str, default: Any = None) -> Any:
-            return kv.get(key(template, arch), default)
-
-        ctx_train = get(Keys.LLM.CONTEXT_LENGTH)
-        if ctx_train is None:
-            raise GGUFError(f"missing required key {key(Keys.LLM.CONTEXT_LENGTH, arch)}")
-        stype = get(Keys.Rope.SCALING_TYPE, "linear")
-        if stype not in SCALING_TYPES:
-            raise GGUFError(
-                f"rope scaling type {stype!r} is not one llama.cpp knows (it aborts on load)",
-                fix=f"set {key(Keys.Rope.SCALING_TYPE, arch)} to one of {', '.join(SCALING_TYPES)}",
-            )
-        factor = get(Keys.Rope.SCALING_FACTOR)
-        if factor is None:  # the legacy key counts only when the new one is absent; 0 means "no scaling"
-            factor = kv.get(f"{arch}.rope.scale_linear")
-        scale_train = 1.0 / factor if factor else 1.0
-        base_train = get(Keys.Rope.FREQ_BASE, 10000.0)
-        n_ctx_orig = get(Keys.Rope.SCALING_ORIG_CTX_LEN) or ctx_train
-        gguf_attn = get(Keys.Rope.SCALING_ATTN_FACTOR, 1.0)
-
-        rtype = {-1: stype, 0: "none", 1: "linear", 2: "yarn", 3: "longrope"}[int(rt.get("rope_scaling_type", -1))]
-        base = rt.get("rope_freq_base") or base_train
-        scale = rt.get("rope_freq_scale") or scale_train
+        model = _ModelRope.read(arch, kv)
+        rtype = {-1: model.scaling_type, **_RUNTIME_SCALING_TYPES}[int(rt.get("rope_scaling_type", -1))]
+        base = rt.get("rope_freq_base") or model.freq_base
+        scale = rt.get("rope_freq_scale") or model.freq_scale
         if rtype == "none":
             scale = 1.0
-        ext = rt.get("yarn_ext_factor", -1.0)
-        if ext < 0 and arch in ARCHS_READING_YARN_EXT_ATTN:
-            ext = get(Keys.Rope.SCALING_YARN_EXT_FACTOR, -1.0)
-        if ext < 0:
-            ext = 1.0 if rtype == "yarn" else 0.0
-        attn = rt.get("yarn_attn_factor", -1.0)
-        if attn < 0:
-            attn = get(Keys.Rope.SCALING_YARN_ATTN_FACTOR, 1.0) if arch in ARCHS_READING_YARN_EXT_ATTN else 1.0
-        beta_fast = rt.get("yarn_beta_fast", -1.0)
-        beta_slow = rt.get("yarn_beta_slow", -1.0)
-        if beta_fast < 0:
-            beta_fast = get(Keys.Rope.SCALING_YARN_BETA_FAST, 32.0) if arch in ARCHS_READING_YARN_BETAS else 32.0
-        if beta_slow < 0:
-            beta_slow = get(Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0) if arch in ARCHS_READING_YARN_BETAS else 1.0
-        if rt.get("yarn_orig_ctx"):
-            n_ctx_orig = int(rt["yarn_orig_ctx"])
-        if ext != 0:
-            big_f = 1.0 / scale
-            log_mul = get(Keys.Rope.SCALING_YARN_LOG_MUL, 0.0) if arch in ARCHS_READING_YARN_LOG_MUL else 0.0
-            if arch in ("deepseek2", "deepseek32"):
-                log_mul /= 0.1
-            if log_mul:
-                attn = scaling.yarn_mscale(big_f, 1.0) / scaling.yarn_mscale(big_f, log_mul)
-            else:
-                attn = scaling.yarn_mscale(big_f, 1.0)
-            attn /= 1.0 + 0.1 * math.log(big_f)
-        attn *= gguf_attn
-
-        ff = None
-        if ROPE_FREQS in tensors:
-            ff = tensors[ROPE_FREQS]
-        elif stype == "longrope" or arch == "phi3":
-            ctx = int(n_ctx or ctx_train)
-            n_ctx_seq = math.ceil(ctx / 256) * 256 // max(1, n_seq_max)
-            ff = tensors.get(ROPE_FACTORS_LONG if n_ctx_seq > n_ctx_orig else ROPE_FACTORS_SHORT)
+        ext = _ext_factor(arch, kv, rt, rtype=rtype)
+        attn = _kernel_attn_factor(arch, kv, rt, ext=ext, scale=scale) * model.attn_factor
+        beta_fast, beta_slow = _yarn_betas(arch, kv, rt)
+        n_ctx_orig = int(rt["yarn_orig_ctx"]) if rt.get("yarn_orig_ctx") else model.n_ctx_orig
+        ff = _freq_factors(arch, model, tensors, n_ctx=n_ctx, n_seq_max=n_seq_max, n_ctx_orig=n_ctx_orig)
         return cls(
             freq_base=float(base),
             freq_scale=float(scale),
@@ -209,6 +162,113 @@ class LlamaCppRope:
             n_ctx_orig=int(n_ctx_orig),
             freq_factors=None if ff is None else tuple(float(x) for x in np.asarray(ff).ravel()),
         )
+
+
+# --------------------------------------------------------------------------- llama.cpp's resolution, step by step
+
+
+def _get(kv: Mapping[str, Any], arch: str, template: str, default: Any = None) -> Any:
+    return kv.get(key(template, arch), default)
+
+
+@dataclass(frozen=True)
+class _ModelRope:
+    """The rope keys llama.cpp's loader reads for every arch (hparams; docs/llama_cpp.md §1)."""
+
+    ctx_train: Any
+    scaling_type: str
+    freq_base: Any
+    freq_scale: float
+    n_ctx_orig: Any
+    attn_factor: Any
+
+    @classmethod
+    def read(cls, arch: str, kv: Mapping[str, Any]) -> _ModelRope:
+        ctx_train = _get(kv, arch, Keys.LLM.CONTEXT_LENGTH)
+        if ctx_train is None:
+            raise GGUFError(f"missing required key {key(Keys.LLM.CONTEXT_LENGTH, arch)}")
+        stype = _get(kv, arch, Keys.Rope.SCALING_TYPE, "linear")
+        if stype not in SCALING_TYPES:
+            raise GGUFError(
+                f"rope scaling type {stype!r} is not one llama.cpp knows (it aborts on load)",
+                fix=f"set {key(Keys.Rope.SCALING_TYPE, arch)} to one of {', '.join(SCALING_TYPES)}",
+            )
+        factor = _get(kv, arch, Keys.Rope.SCALING_FACTOR)
+        if factor is None:  # the legacy key counts only when the new one is absent; 0 means "no scaling"
+            factor = kv.get(f"{arch}.rope.scale_linear")
+        return cls(
+            ctx_train=ctx_train,
+            scaling_type=stype,
+            freq_base=_get(kv, arch, Keys.Rope.FREQ_BASE, 10000.0),
+            freq_scale=1.0 / factor if factor else 1.0,
+            n_ctx_orig=_get(kv, arch, Keys.Rope.SCALING_ORIG_CTX_LEN) or ctx_train,
+            attn_factor=_get(kv, arch, Keys.Rope.SCALING_ATTN_FACTOR, 1.0),
+        )
+
+
+def _ext_factor(arch: str, kv: Mapping[str, Any], rt: Mapping[str, float], *, rtype: str) -> float:
+    """YaRN's extrapolation mix: the runtime's, else grok's GGUF key, else 1 for yarn and 0 otherwise."""
+    ext = rt.get("yarn_ext_factor", -1.0)
+    if ext < 0 and arch in ARCHS_READING_YARN_EXT_ATTN:
+        ext = _get(kv, arch, Keys.Rope.SCALING_YARN_EXT_FACTOR, -1.0)
+    if ext < 0:
+        ext = 1.0 if rtype == "yarn" else 0.0
+    return ext
+
+
+def _yarn_betas(arch: str, kv: Mapping[str, Any], rt: Mapping[str, float]) -> tuple[float, float]:
+    """(beta_fast, beta_slow): the runtime's, else the GGUF's on the arches that read them, else 32 and 1."""
+    beta_fast = rt.get("yarn_beta_fast", -1.0)
+    beta_slow = rt.get("yarn_beta_slow", -1.0)
+    if beta_fast < 0:
+        beta_fast = _get(kv, arch, Keys.Rope.SCALING_YARN_BETA_FAST, 32.0) if arch in ARCHS_READING_YARN_BETAS else 32.0
+    if beta_slow < 0:
+        beta_slow = _get(kv, arch, Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0) if arch in ARCHS_READING_YARN_BETAS else 1.0
+    return beta_fast, beta_slow
+
+
+def _kernel_attn_factor(
+    arch: str, kv: Mapping[str, Any], rt: Mapping[str, float], *, ext: float, scale: float
+) -> float:
+    """cparams.yarn_attn_factor before the GGUF's ``rope.scaling.attn_factor`` multiplies it.
+
+    With YaRN active (ext != 0) llama.cpp replaces any runtime or GGUF value by the YaRN magnitude divided by
+    the (1 + 0.1 ln F) the kernel multiplies in again (docs/llama_cpp.md §2).
+    """
+    attn = rt.get("yarn_attn_factor", -1.0)
+    if attn < 0:
+        attn = _get(kv, arch, Keys.Rope.SCALING_YARN_ATTN_FACTOR, 1.0) if arch in ARCHS_READING_YARN_EXT_ATTN else 1.0
+    if ext != 0:
+        big_f = 1.0 / scale
+        log_mul = _get(kv, arch, Keys.Rope.SCALING_YARN_LOG_MUL, 0.0) if arch in ARCHS_READING_YARN_LOG_MUL else 0.0
+        if arch in ("deepseek2", "deepseek32"):
+            log_mul /= 0.1
+        if log_mul:
+            attn = scaling.yarn_mscale(big_f, 1.0) / scaling.yarn_mscale(big_f, log_mul)
+        else:
+            attn = scaling.yarn_mscale(big_f, 1.0)
+        attn /= 1.0 + 0.1 * math.log(big_f)
+    return attn
+
+
+def _freq_factors(
+    arch: str,
+    model: _ModelRope,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    n_ctx: int | None,
+    n_seq_max: int,
+    n_ctx_orig: int,
+) -> np.ndarray | None:
+    """The frequency-factor tensor in use: ``rope_freqs``, else LongRoPE's long or short set by the allocated
+    per-sequence context (``n_ctx``, default the training context, padded to 256), else none."""
+    if ROPE_FREQS in tensors:
+        return tensors[ROPE_FREQS]
+    if model.scaling_type == "longrope" or arch == "phi3":
+        ctx = int(n_ctx or model.ctx_train)
+        n_ctx_seq = math.ceil(ctx / 256) * 256 // max(1, n_seq_max)
+        return tensors.get(ROPE_FACTORS_LONG if n_ctx_seq > n_ctx_orig else ROPE_FACTORS_SHORT)
+    return None
 
 
 @dataclass
@@ -259,23 +319,32 @@ def plan_gguf_rope(
     YaRN with non-default betas unless ``allow_runtime_rope``, untruncated
     YaRN ramps that differ).
     """
-    U32, F32, STR, BOOL = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING, GGUFValueType.BOOL
     plan = GGUFRopePlan(arch=arch)
     plan.remove = rope_key_names(arch) | set()
     kv = plan.kv
-    kv[key(Keys.LLM.CONTEXT_LENGTH, arch)] = (int(context_length), U32)
-    kv[key(Keys.Rope.DIMENSION_COUNT, arch)] = (int(head_dim), U32)
-    kv[key(Keys.Rope.FREQ_BASE, arch)] = (float(rope.theta), F32)
-    where = f"rope scaling {rope.name}"
+    kv[key(Keys.LLM.CONTEXT_LENGTH, arch)] = (int(context_length), _U32)
+    kv[key(Keys.Rope.DIMENSION_COUNT, arch)] = (int(head_dim), _U32)
+    kv[key(Keys.Rope.FREQ_BASE, arch)] = (float(rope.theta), _F32)
+    _plan_variant(plan, rope, head_dim=head_dim, allow_runtime_rope=allow_runtime_rope)
+    if finetuned is not None and not isinstance(rope, (scaling.Default, scaling.NtkAware)):
+        kv[key(Keys.Rope.SCALING_FINETUNED, arch)] = (bool(finetuned), _BOOL)
+    plan.remove -= set(kv)
+    verify_plan(rope, plan, head_dim=head_dim)
+    return plan
 
+
+def _plan_variant(plan: GGUFRopePlan, rope: scaling.RopeScaling, *, head_dim: int, allow_runtime_rope: bool) -> None:
+    """Add what ``rope``'s variant needs beyond context length, rope dimension and base to ``plan``."""
+    arch, kv = plan.arch, plan.kv
+    where = f"rope scaling {rope.name}"
     match rope:
         case scaling.Default():
             pass  # no type key: docs/llama_cpp.md pitfall 6 ("none" would discard a runtime rope_freq_scale)
         case scaling.NtkAware():
-            kv[key(Keys.Rope.FREQ_BASE, arch)] = (scaling.ntk_theta(rope.theta, rope.alpha, head_dim), F32)
+            kv[key(Keys.Rope.FREQ_BASE, arch)] = (scaling.ntk_theta(rope.theta, rope.alpha, head_dim), _F32)
         case scaling.Linear():
-            kv[key(Keys.Rope.SCALING_TYPE, arch)] = ("linear", STR)
-            kv[key(Keys.Rope.SCALING_FACTOR, arch)] = (float(rope.factor), F32)
+            kv[key(Keys.Rope.SCALING_TYPE, arch)] = ("linear", _STR)
+            kv[key(Keys.Rope.SCALING_FACTOR, arch)] = (float(rope.factor), _F32)
         case scaling.DynamicNtk():
             raise UnsupportedRopeError(
                 "dynamic NTK rope scaling has no GGUF representation: Hugging Face recomputes the base for every "
@@ -286,58 +355,71 @@ def plan_gguf_rope(
                 "--bake-dynamic N (exact only for prompts of N tokens)",
             )
         case scaling.Yarn():
-            if rope.factor <= 1:
-                raise UnsupportedRopeError(f"YaRN factor must be > 1, got {rope.factor:g}", where=where)
-            kv[key(Keys.Rope.SCALING_TYPE, arch)] = ("yarn", STR)
-            kv[key(Keys.Rope.SCALING_FACTOR, arch)] = (float(rope.factor), F32)
-            kv[key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = (int(rope.original_max_position_embeddings), U32)
-            target = scaling.attention_factor(rope)
-            if arch in ARCHS_READING_YARN_LOG_MUL:
-                raise UnsupportedRopeError(f"YaRN export for arch {arch!r} is not supported", where=where)
-            default = scaling.yarn_mscale(rope.factor)
-            if not math.isclose(target, default, rel_tol=1e-12):
-                kv[key(Keys.Rope.SCALING_ATTN_FACTOR, arch)] = (target / default, F32)
-            if (rope.beta_fast, rope.beta_slow) != (scaling.YARN_BETA_FAST, scaling.YARN_BETA_SLOW):
-                if arch in ARCHS_READING_YARN_BETAS:
-                    kv[key(Keys.Rope.SCALING_YARN_BETA_FAST, arch)] = (float(rope.beta_fast), F32)
-                    kv[key(Keys.Rope.SCALING_YARN_BETA_SLOW, arch)] = (float(rope.beta_slow), F32)
-                elif allow_runtime_rope:
-                    kv[key(Keys.Rope.SCALING_YARN_BETA_FAST, arch)] = (float(rope.beta_fast), F32)
-                    kv[key(Keys.Rope.SCALING_YARN_BETA_SLOW, arch)] = (float(rope.beta_slow), F32)
-                    plan.runtime = {"yarn_beta_fast": rope.beta_fast, "yarn_beta_slow": rope.beta_slow}
-                    plan.notes.append(
-                        f"llama.cpp ignores yarn_beta_* keys on arch {arch!r}: pass yarn_beta_fast={rope.beta_fast:g}, "
-                        f"yarn_beta_slow={rope.beta_slow:g} at run time (edgerope's runtime does this itself)"
-                    )
-                else:
-                    raise UnsupportedRopeError(
-                        f"YaRN beta_fast={rope.beta_fast:g}, beta_slow={rope.beta_slow:g} cannot be stored for arch "
-                        f"{arch!r}: llama.cpp ignores the yarn_beta_* keys there and would use 32/1",
-                        where=where,
-                        fix="pass --allow-runtime-rope to record them for runtimes that apply them "
-                        "(edgerope's runtime does; plain llama.cpp needs --yarn-beta-fast/--yarn-beta-slow)",
-                    )
+            _plan_yarn(plan, rope, where=where, allow_runtime_rope=allow_runtime_rope)
         case scaling.Llama3():
             plan.tensors[ROPE_FREQS] = scaling.llama3_freq_factors(rope, head_dim).astype(np.float32)
             # no scaling type or factor: docs/llama_cpp.md pitfall 7 (a factor would add a global 1/F on top)
         case scaling.LongRope():
-            kv[key(Keys.Rope.SCALING_TYPE, arch)] = ("longrope", STR)
-            kv[key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = (int(rope.original_max_position_embeddings), U32)
-            kv[key(Keys.Rope.SCALING_ATTN_FACTOR, arch)] = (float(scaling.attention_factor(rope)), F32)
-            for name, values in ((ROPE_FACTORS_LONG, rope.long_factor), (ROPE_FACTORS_SHORT, rope.short_factor)):
-                plan.tensors[name] = np.asarray(values, dtype=np.float32)
-            plan.notes.append(
-                "llama.cpp picks the LongRoPE factor set from the allocated context, not the prompt length: "
-                f"with n_ctx > {rope.original_max_position_embeddings} short prompts use the long factors "
-                "(Hugging Face uses the short ones); edgerope's runtime warns about this"
-            )
+            _plan_longrope(plan, rope)
         case _:
             raise TypeError(f"not a rope scaling variant: {rope!r}")
-    if finetuned is not None and not isinstance(rope, (scaling.Default, scaling.NtkAware)):
-        kv[key(Keys.Rope.SCALING_FINETUNED, arch)] = (bool(finetuned), BOOL)
-    plan.remove -= set(kv)
-    verify_plan(rope, plan, head_dim=head_dim)
-    return plan
+
+
+def _plan_yarn(plan: GGUFRopePlan, rope: scaling.Yarn, *, where: str, allow_runtime_rope: bool) -> None:
+    """YaRN: type, factor, original context, an attention factor when it differs from llama.cpp's own, betas."""
+    arch, kv = plan.arch, plan.kv
+    if rope.factor <= 1:
+        raise UnsupportedRopeError(f"YaRN factor must be > 1, got {rope.factor:g}", where=where)
+    kv[key(Keys.Rope.SCALING_TYPE, arch)] = ("yarn", _STR)
+    kv[key(Keys.Rope.SCALING_FACTOR, arch)] = (float(rope.factor), _F32)
+    kv[key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = (int(rope.original_max_position_embeddings), _U32)
+    target = scaling.attention_factor(rope)
+    if arch in ARCHS_READING_YARN_LOG_MUL:
+        raise UnsupportedRopeError(f"YaRN export for arch {arch!r} is not supported", where=where)
+    default = scaling.yarn_mscale(rope.factor)
+    if not math.isclose(target, default, rel_tol=1e-12):
+        kv[key(Keys.Rope.SCALING_ATTN_FACTOR, arch)] = (target / default, _F32)
+    if (rope.beta_fast, rope.beta_slow) != (scaling.YARN_BETA_FAST, scaling.YARN_BETA_SLOW):
+        _plan_yarn_betas(plan, rope, where=where, allow_runtime_rope=allow_runtime_rope)
+
+
+def _plan_yarn_betas(plan: GGUFRopePlan, rope: scaling.Yarn, *, where: str, allow_runtime_rope: bool) -> None:
+    """Non-default YaRN betas: GGUF keys where the arch reads them, else runtime overrides if allowed, else an error."""
+    arch, kv = plan.arch, plan.kv
+    if arch in ARCHS_READING_YARN_BETAS:
+        kv[key(Keys.Rope.SCALING_YARN_BETA_FAST, arch)] = (float(rope.beta_fast), _F32)
+        kv[key(Keys.Rope.SCALING_YARN_BETA_SLOW, arch)] = (float(rope.beta_slow), _F32)
+    elif allow_runtime_rope:
+        kv[key(Keys.Rope.SCALING_YARN_BETA_FAST, arch)] = (float(rope.beta_fast), _F32)
+        kv[key(Keys.Rope.SCALING_YARN_BETA_SLOW, arch)] = (float(rope.beta_slow), _F32)
+        plan.runtime = {"yarn_beta_fast": rope.beta_fast, "yarn_beta_slow": rope.beta_slow}
+        plan.notes.append(
+            f"llama.cpp ignores yarn_beta_* keys on arch {arch!r}: pass yarn_beta_fast={rope.beta_fast:g}, "
+            f"yarn_beta_slow={rope.beta_slow:g} at run time (edgerope's runtime does this itself)"
+        )
+    else:
+        raise UnsupportedRopeError(
+            f"YaRN beta_fast={rope.beta_fast:g}, beta_slow={rope.beta_slow:g} cannot be stored for arch "
+            f"{arch!r}: llama.cpp ignores the yarn_beta_* keys there and would use 32/1",
+            where=where,
+            fix="pass --allow-runtime-rope to record them for runtimes that apply them "
+            "(edgerope's runtime does; plain llama.cpp needs --yarn-beta-fast/--yarn-beta-slow)",
+        )
+
+
+def _plan_longrope(plan: GGUFRopePlan, rope: scaling.LongRope) -> None:
+    """LongRoPE: type, original context, attention factor, and both factor sets as tensors."""
+    arch, kv = plan.arch, plan.kv
+    kv[key(Keys.Rope.SCALING_TYPE, arch)] = ("longrope", _STR)
+    kv[key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = (int(rope.original_max_position_embeddings), _U32)
+    kv[key(Keys.Rope.SCALING_ATTN_FACTOR, arch)] = (float(scaling.attention_factor(rope)), _F32)
+    for name, values in ((ROPE_FACTORS_LONG, rope.long_factor), (ROPE_FACTORS_SHORT, rope.short_factor)):
+        plan.tensors[name] = np.asarray(values, dtype=np.float32)
+    plan.notes.append(
+        "llama.cpp picks the LongRoPE factor set from the allocated context, not the prompt length: "
+        f"with n_ctx > {rope.original_max_position_embeddings} short prompts use the long factors "
+        "(Hugging Face uses the short ones); edgerope's runtime warns about this"
+    )
 
 
 def verify_plan(rope: scaling.RopeScaling, plan: GGUFRopePlan, *, head_dim: int) -> None:

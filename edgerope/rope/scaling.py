@@ -8,22 +8,18 @@ the GGUF exporter use:
 * ``attention_factor(rope)`` -- the magnitude multiplied into cos and sin
   (so q.k scales by its square).
 
-``parse_hf_rope`` turns a Hugging Face ``config.json`` (4.x ``rope_scaling`` +
-``rope_theta`` or 5.x ``rope_parameters``) into a variant; ``to_hf_rope``
-writes one back.  The formulas follow transformers >= 4.56 (explicit YaRN
-factor, ``original_max_position_embeddings`` honoured); see
-``docs/llama_cpp.md`` §4.
+The formulas follow transformers >= 4.56 (explicit YaRN factor,
+``original_max_position_embeddings`` honoured); see ``docs/llama_cpp.md`` §4.
 
-What this module does not do: decide how a variant is stored in GGUF or what
+What this module does not do: read or write Hugging Face config dicts (that
+is ``edgerope.rope.hf``), or decide how a variant is stored in GGUF or what
 llama.cpp computes from GGUF keys -- that is ``edgerope.rope.ggml``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -283,203 +279,6 @@ def describe(rope: RopeScaling) -> str:
     if isinstance(rope, Yarn) and (rope.beta_fast, rope.beta_slow) != (YARN_BETA_FAST, YARN_BETA_SLOW):
         extra.append(f"beta_fast {rope.beta_fast:g}, beta_slow {rope.beta_slow:g}")
     return " ".join(parts) + f" ({', '.join(extra)})"
-
-
-# --------------------------------------------------------------------------- HF config parsing
-
-_KNOWN_KEYS: dict[str, set[str]] = {
-    "default": set(),
-    "linear": {"factor"},
-    "dynamic": {"factor", "original_max_position_embeddings"},
-    "yarn": {
-        "factor",
-        "original_max_position_embeddings",
-        "beta_fast",
-        "beta_slow",
-        "attention_factor",
-        "mscale",
-        "mscale_all_dim",
-        "truncate",
-    },
-    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
-    "longrope": {"short_factor", "long_factor", "original_max_position_embeddings", "factor", "attention_factor"},
-    "ntk": {"alpha", "factor"},
-}
-_COMMON_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
-
-
-def _number(d: Mapping[str, Any], key: str, where: str, *, positive: bool = True) -> float:
-    if key not in d or d[key] is None:
-        raise RopeConfigError(f"rope scaling is missing '{key}'", where=where, fix=f"add '{key}' to the rope config")
-    value = d[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RopeConfigError(f"rope '{key}' must be a number, got {value!r}", where=where)
-    if positive and value <= 0:
-        raise RopeConfigError(f"rope '{key}' must be > 0, got {value!r}", where=where)
-    return float(value)
-
-
-def _factor_list(d: Mapping[str, Any], key: str, where: str) -> tuple[float, ...]:
-    value = d.get(key)
-    if not isinstance(value, (list, tuple)) or not value:
-        raise RopeConfigError(f"longrope '{key}' must be a non-empty list of numbers", where=where)
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise RopeConfigError(f"longrope '{key}' must hold numbers only", where=where) from None
-    if not all(math.isfinite(v) and v > 0 for v in out):
-        raise RopeConfigError(f"longrope '{key}' entries must be finite and > 0", where=where)
-    return out
-
-
-def parse_hf_rope(config: Mapping[str, Any], *, where: str = "config.json") -> RopeScaling:
-    """Parse the rope settings of a Hugging Face config dict into a typed variant.
-
-    Accepts the 5.x ``rope_parameters`` form and the 4.x ``rope_scaling`` plus
-    top-level ``rope_theta`` form (legacy ``type`` key included).  Resolves
-    ``original_max_position_embeddings`` the way transformers 5.x does
-    (top-level attribute first, then the rope dict, then
-    ``max_position_embeddings``).  Unknown types and keys are errors, and so
-    are both forms present with different meanings (transformers 5.x would
-    use ``rope_scaling``, llama.cpp's converter ``rope_parameters``).
-    """
-    if config.get("rope_parameters") and config.get("rope_scaling"):
-        v5 = parse_hf_rope({k: v for k, v in config.items() if k != "rope_scaling"}, where=where)
-        v4 = parse_hf_rope({k: v for k, v in config.items() if k != "rope_parameters"}, where=where)
-        if v5 != v4:
-            raise RopeConfigError(
-                f"rope_parameters ({describe(v5)}) and rope_scaling ({describe(v4)}) disagree",
-                where=where,
-                fix="keep one of them in config.json (transformers 5.x lets rope_scaling win, llama.cpp's "
-                "converter reads rope_parameters)",
-            )
-        return v5
-    raw = config.get("rope_parameters")
-    key_name = "rope_parameters"
-    if raw is None:
-        raw = config.get("rope_scaling")
-        key_name = "rope_scaling"
-    where = f"{where}: {key_name}" if raw else where
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise RopeConfigError(f"'{key_name}' must be an object, got {type(raw).__name__}", where=where)
-    if any(isinstance(v, Mapping) for v in raw.values()):
-        raise RopeConfigError(
-            "per-layer-type rope parameters are not supported (a nested rope config)",
-            where=where,
-            fix="edgerope supports one rope setting for all layers (Llama, Mistral, Qwen2)",
-        )
-    theta = raw.get("rope_theta", config.get("rope_theta", DEFAULT_THETA))
-    theta = _number({"rope_theta": theta}, "rope_theta", where)
-    partial = raw.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
-        raise RopeConfigError(
-            f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported",
-            where=where,
-            fix="only full-head rotary models (Llama, Mistral, Qwen2) are supported",
-        )
-    rope_type = raw.get("rope_type", raw.get("type", "default"))
-    if rope_type == "su":  # the Phi-3 preview name of longrope
-        rope_type = "longrope"
-    if rope_type not in _KNOWN_KEYS:
-        raise RopeConfigError(
-            f"unknown rope type {rope_type!r}",
-            where=where,
-            fix=f"use one of: {', '.join(sorted(_KNOWN_KEYS))}",
-        )
-    unknown = set(raw) - _KNOWN_KEYS[rope_type] - _COMMON_KEYS
-    if unknown:
-        raise RopeConfigError(
-            f"unknown key(s) for rope type {rope_type!r}: {', '.join(sorted(unknown))}",
-            where=where,
-            fix=f"allowed keys: {', '.join(sorted(_KNOWN_KEYS[rope_type] | {'rope_type', 'rope_theta'}))}",
-        )
-    max_pos = config.get("max_position_embeddings")
-
-    def orig_ctx() -> int:
-        value = config.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
-        value = value or max_pos
-        if value is None:
-            raise RopeConfigError(
-                f"rope type {rope_type!r} needs original_max_position_embeddings",
-                where=where,
-                fix="add original_max_position_embeddings (the pre-training context) to the rope config",
-            )
-        return int(_number({"original_max_position_embeddings": value}, "original_max_position_embeddings", where))
-
-    match rope_type:
-        case "default":
-            return Default(theta=theta)
-        case "linear":
-            return Linear(theta=theta, factor=_number(raw, "factor", where))
-        case "ntk":
-            alpha = raw.get("alpha", raw.get("factor"))
-            return NtkAware(theta=theta, alpha=_number({"alpha": alpha}, "alpha", where))
-        case "dynamic":
-            if max_pos is None:
-                raise RopeConfigError("dynamic rope needs max_position_embeddings", where=where)
-            return DynamicNtk(theta=theta, factor=_number(raw, "factor", where), max_position_embeddings=int(max_pos))
-        case "yarn":
-            orig = orig_ctx()
-            factor = raw.get("factor")
-            factor = _number(raw, "factor", where) if factor is not None else (max_pos or orig) / orig
-            opt = {
-                k: _number(raw, k, where, positive=False)
-                for k in ("attention_factor", "mscale", "mscale_all_dim")
-                if raw.get(k) is not None
-            }
-            return Yarn(
-                theta=theta,
-                factor=factor,
-                original_max_position_embeddings=orig,
-                beta_fast=float(raw.get("beta_fast") or YARN_BETA_FAST),
-                beta_slow=float(raw.get("beta_slow") or YARN_BETA_SLOW),
-                truncate=bool(raw.get("truncate", True)),
-                **opt,
-            )
-        case "llama3":
-            return Llama3(
-                theta=theta,
-                factor=_number(raw, "factor", where),
-                low_freq_factor=_number(raw, "low_freq_factor", where),
-                high_freq_factor=_number(raw, "high_freq_factor", where),
-                original_max_position_embeddings=orig_ctx(),
-            )
-        case "longrope":
-            orig = orig_ctx()
-            factor = raw.get("factor")
-            if factor is None:
-                factor = (max_pos or orig) / orig
-            att = raw.get("attention_factor")
-            return LongRope(
-                theta=theta,
-                short_factor=_factor_list(raw, "short_factor", where),
-                long_factor=_factor_list(raw, "long_factor", where),
-                original_max_position_embeddings=orig,
-                factor=_number({"factor": factor}, "factor", where),
-                attention_factor=None if att is None else _number(raw, "attention_factor", where),
-            )
-    raise AssertionError(rope_type)  # unreachable: _KNOWN_KEYS is the closed set
-
-
-def to_hf_rope(rope: RopeScaling, *, head_dim: int) -> dict[str, Any]:
-    """The 5.x ``rope_parameters`` dict for ``rope`` (NTK-aware becomes ``default`` with the new base)."""
-    if isinstance(rope, NtkAware):
-        return {"rope_type": "default", "rope_theta": ntk_theta(rope.theta, rope.alpha, head_dim)}
-    out: dict[str, Any] = {"rope_type": rope.name, "rope_theta": rope.theta}
-    for f in fields(rope):
-        if f.name == "theta":
-            continue
-        value = getattr(rope, f.name)
-        if f.name == "max_position_embeddings":
-            continue
-        if value is None:
-            continue
-        if isinstance(rope, Yarn) and f.name in ("beta_fast", "beta_slow", "truncate") and value == f.default:
-            continue
-        out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
 
 
 def validate_for_context(rope: RopeScaling, *, context_length: int, where: str = "rope") -> None:

@@ -33,8 +33,9 @@ from typing import Any
 from gguf import Keys
 
 from edgerope.errors import RuntimeConfigError
+from edgerope.gguf.hparams import ModelHparams, model_hparams
 from edgerope.gguf.kv import ARCHS_DISABLING_SWA, KV_PAD, SWA_NOTE, kv_bytes, kv_type, padded_ctx
-from edgerope.gguf.reader import GGUFFile, ModelHparams, model_hparams, using_gguf
+from edgerope.gguf.reader import GGUFFile, using_gguf
 from edgerope.rope.ggml import key
 from edgerope.system.memory import MiB, available_memory, parse_size
 

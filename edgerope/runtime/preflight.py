@@ -23,8 +23,9 @@ from gguf import Keys
 
 from edgerope.errors import RuntimeConfigError
 from edgerope.gguf.checks import check_runnable
+from edgerope.gguf.hparams import ModelHparams, model_hparams
 from edgerope.gguf.kv import KVType, kv_bytes, kv_type, padded_ctx
-from edgerope.gguf.reader import GGUFFile, ModelHparams, model_hparams, using_gguf
+from edgerope.gguf.reader import GGUFFile, using_gguf
 from edgerope.rope.ggml import ARCHS_READING_YARN_BETAS, ROPE_FACTORS_LONG, LlamaCppRope, key
 from edgerope.runtime.cpu_repack import CpuBackend, CpuRepack, WeightLayout, plan_layout
 from edgerope.runtime.native import (
