@@ -72,7 +72,7 @@ def test_console_script_runs_from_the_wheel(installed, tmp_path):
     exe = installed["bin"] / "edgerope"
     r = run(installed, str(exe), "demo", "--help")
     assert r.returncode == 0 and "--trials" in r.stdout, r.stderr
-    from test_native import write_tiny_gguf
+    from helpers.tiny_gguf import write_tiny_gguf
 
     gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf")
     r = run(installed, str(exe), "inspect", str(gguf_path))

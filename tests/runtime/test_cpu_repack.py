@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from test_native import write_tiny_gguf
+from helpers.tiny_gguf import write_tiny_gguf
 
 from edgerope.errors import RuntimeConfigError
 from edgerope.gguf.reader import TensorInfo

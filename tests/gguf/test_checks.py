@@ -19,7 +19,7 @@ from pathlib import Path
 import gguf
 import pytest
 from gguf import GGUFValueType as T
-from test_native import write_tiny_gguf
+from helpers.tiny_gguf import write_tiny_gguf
 
 from edgerope.errors import GGUFError
 from edgerope.gguf.checks import check_runnable, value_problems

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from gguf import GGUFValueType as VT
 from gguf import Keys
-from test_gguf_file import write_gguf
+from helpers.any_gguf import write_gguf
 
 import edgerope.gguf.set_rope as set_rope_module
 from edgerope.cli import cli

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
-from test_native import write_tiny_gguf
+from helpers.tiny_gguf import write_tiny_gguf
 
 from edgerope.cli import cli
 from edgerope.convert.quantize import QUANT_TYPES, main_type, quantize

@@ -71,7 +71,7 @@ def test_the_real_amx_crash_is_reported(tmp_path):
 
     if "AMX" not in native.cpu_backend()[0]:
         pytest.skip("this CPU/llama.cpp build has no AMX buffer type: the crash cannot happen here")
-    from test_native import write_tiny_gguf
+    from helpers.tiny_gguf import write_tiny_gguf
 
     from edgerope.convert.quantize import quantize
 

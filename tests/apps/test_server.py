@@ -301,7 +301,7 @@ def test_cli_serve_json_logs_and_sigterm(gguf: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-c", "from edgerope.cli import main; main()", "serve", str(gguf), "--port", "0"]
     cmd += ["--ctx", str(N_CTX), "--threads", "2", "--backend", "cpu", "--json-logs", "--model-id", "cli"]
     cmd += ["--cache-dir", str(tmp_path / "cache")]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stderr is not None

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from other_arch_gguf import ARCHS, BPE_SPECIALS, SPECS, write_arch_gguf
+from helpers.other_arch_gguf import ARCHS, BPE_SPECIALS, SPECS, write_arch_gguf
 
 from edgerope.apps.ask import ask
 from edgerope.gguf.inspect import inspect_gguf

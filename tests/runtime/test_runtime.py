@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from gguf import GGUFValueType
-from test_native import write_tiny_gguf
+from helpers.tiny_gguf import write_tiny_gguf
 
 from edgerope.errors import GGUFError, RuntimeConfigError
 from edgerope.runtime.native import supports_gpu_offload

@@ -9,8 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_finetune import Interrupted, stop_at  # noqa: E402
-from test_finetune import small as cpu_small  # noqa: E402
+from helpers.training import Interrupted, stop_at  # noqa: E402
+from helpers.training import small as cpu_small  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: torch.cuda.is_available() is False")
 

@@ -654,7 +654,7 @@ def test_write_failure_midway_leaves_nothing(make_tiny, tmp_path):
         text=True,
         preexec_fn=limit,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "file-size limit" in proc.stderr

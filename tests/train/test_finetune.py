@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers.training import Interrupted, small, stop_at
 
 from edgerope.cli import cli
 from edgerope.errors import ConfigError, DataError, OutputError, RopeConfigError, TrainingError
@@ -29,28 +30,7 @@ from edgerope.rope.scaling import Default, Linear, Yarn, ntk_theta
 from edgerope.train.finetune import finetune
 from edgerope.train.recipe import estimate_memory, lr_multiplier
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def small(**kw):
-    """Fast settings for the tiny model: factor 2 (256 -> 512), 64-token rows, lr high enough to move in 10 steps."""
-    base = dict(rope="yarn", factor=2, steps=6, batch_size=2, seq_len=64, lr=3e-3, seed=0, device="cpu")
-    base.update(kw)
-    return base
-
-
-class Interrupted(Exception):
-    """Raised from a progress callback: the run stops part-way, as a crash would stop it."""
-
-
-def stop_at(step: int):
-    """A progress callback that interrupts the run after optimizer step ``step``."""
-
-    def progress(p):
-        if p.step == step:
-            raise Interrupted
-
-    return progress
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_loss_decreases_and_output_carries_the_rope(make_tiny, corpus, tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_native import write_tiny_gguf
+from helpers.tiny_gguf import write_tiny_gguf
 
 from edgerope.system import files, memory
 

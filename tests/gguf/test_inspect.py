@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from gguf import GGUFValueType as VT
 from gguf import Keys
-from test_gguf_file import spm_vocab, write_gguf
+from helpers.any_gguf import spm_vocab, write_gguf
 
 from edgerope.cli import cli
 from edgerope.errors import GGUFError
