@@ -1,14 +1,20 @@
-"""Convert a Hugging Face Llama / Mistral / Qwen2 checkpoint folder to one GGUF file, rope metadata exact.
+"""Convert a Hugging Face checkpoint folder to one GGUF file, rope metadata exact.
+
+Families: Llama (Llama 2/3.x, SmolLM2), Mistral, Qwen2, Qwen3, Gemma 3 (text), Phi-3 (Phi-3.5-mini,
+Phi-4-mini), SmolLM3 (``edgerope.models.config.FAMILIES``).
 
 What it does:
 
 * reads ``config.json`` (``edgerope.models.config``), the safetensors checkpoint
   (``edgerope.convert.safetensors_reader``, no torch) and the tokenizer (``edgerope.convert.vocab``);
-* checks every tensor against the config (missing, unexpected, unknown and
-  mis-shaped tensors are reported together) before anything is written;
+* refuses, before anything is written, what the family's llama.cpp architecture would compute differently
+  (``edgerope.convert.families``), and checks every tensor against the config (missing, unexpected, unknown
+  and mis-shaped tensors are reported together);
 * writes rope metadata and frequency-factor tensors exactly as
-  ``edgerope.rope.ggml.plan_gguf_rope`` plans them (this module has no rope
-  math), permutes Q/K rows for the ``llama`` arch (docs/llama_cpp.md §3.1);
+  ``edgerope.rope.gguf_plan.plan_gguf_rope`` plans them (this module has no rope
+  math; Gemma 3's sliding layers get their own base), the family's metadata, fused tensors as they are
+  (Phi-3's qkv / gate_up), permutes Q/K rows for the adjacent-pair arches (docs/llama_cpp.md §3.1) and
+  stores Gemma 3's norms the way llama.cpp multiplies them;
 * streams tensors to a temp file beside the output: raw bytes when the stored
   type is kept, otherwise chunked casts spread over threads while the previous
   tensor is written; fsyncs, re-reads the file with ``edgerope.gguf.reader.open_gguf``,
@@ -29,10 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-import numpy as np
 from gguf import GGMLQuantizationType as QT
+from gguf import GGUFValueType
 
-from edgerope.convert.safetensors_reader import SafetensorsCheckpoint
+from edgerope.convert import families
+from edgerope.convert.families import neox_to_norm_rows
+from edgerope.convert.safetensors_reader import SafetensorsCheckpoint, check_input_files
 from edgerope.convert.stream import SAME_BYTES, TensorJob, write_gguf
 from edgerope.convert.vocab import load_vocab
 from edgerope.errors import (
@@ -40,11 +48,11 @@ from edgerope.errors import (
     ConfigError,
     EdgeropeError,
     OutputError,
-    UnsupportedRopeError,
 )
 from edgerope.gguf.verify import open_written, rope_function_problem, rope_plan_problems
-from edgerope.models.config import ModelConfig, hf_tensor_shapes
-from edgerope.rope import ggml as ggml_rope
+from edgerope.models.config import ModelConfig
+from edgerope.models.layout import hf_tensor_shapes
+from edgerope.rope import gguf_plan
 from edgerope.rope.scaling import DynamicNtk, Llama3, LongRope, RopeScaling, Yarn, describe, original_context
 from edgerope.system.files import atomic_output, check_output
 
@@ -56,10 +64,14 @@ OUTTYPES: dict[str, tuple[QT, gguf.LlamaFileType]] = {
     "bf16": (QT.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-GGUF_ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
-# Of these, the arches whose llama.cpp loader creates rope_freqs / rope_factors_* tensors (src/models/<arch>.cpp);
-# qwen2 does not, and refuses a file holding them ("wrong number of tensors").
-ARCHS_WITH_ROPE_FACTOR_TENSORS = frozenset({"llama"})
+GGUF_ARCHS = {
+    "llama": gguf.MODEL_ARCH.LLAMA,
+    "qwen2": gguf.MODEL_ARCH.QWEN2,
+    "qwen3": gguf.MODEL_ARCH.QWEN3,
+    "gemma3": gguf.MODEL_ARCH.GEMMA3,
+    "phi3": gguf.MODEL_ARCH.PHI3,
+    "smollm3": gguf.MODEL_ARCH.SMOLLM3,
+}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; llama.cpp has no use for them
 ProgressFn = Callable[[int, int], None]
 
@@ -98,19 +110,6 @@ def extended_context(cfg: ModelConfig, rope: RopeScaling) -> int:
     if isinstance(rope, (Yarn, Llama3, LongRope)) and orig and cfg.max_position_embeddings <= orig:
         return round(rope.factor * orig)
     return cfg.max_position_embeddings
-
-
-def neox_to_norm_rows(n_rows: int, n_head: int) -> np.ndarray:
-    """Row order that turns HF's rotate-half pairs (i, i+d/2) into adjacent pairs (2i, 2i+1) per head.
-
-    Returns ``idx`` with ``new = old[idx]``: within each head new row 2j is old
-    row j and new row 2j+1 is old row j + d/2 (docs/llama_cpp.md §3.1).
-    """
-    if n_rows % (2 * n_head):
-        raise CheckpointError(f"cannot split {n_rows} rows into {n_head} heads of rotary pairs")
-    half = n_rows // n_head // 2
-    # (head, which half, pair) -> (head, pair, which half)
-    return np.arange(n_rows).reshape(n_head, 2, half).swapaxes(1, 2).reshape(-1)
 
 
 def _out_type(name: str, shape: tuple[int, ...], outtype: str, notes: list[str]) -> QT:
@@ -159,7 +158,7 @@ def plan_tensors(
     problems = []
     for title, items in (
         ("missing tensors", missing),
-        ("unknown tensors (not part of a Llama-family model)", unknown),
+        (f"unknown tensors (not part of a {cfg.architecture} model)", unknown),
         ("unexpected tensors for this config", unexpected),
         ("shape mismatches", wrong_shape),
         ("unsupported dtypes (need F32, F16 or BF16)", non_float),
@@ -180,12 +179,12 @@ def plan_tensors(
         gguf_name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:  # pragma: no cover - every expected name is in gguf's map
             raise CheckpointError(f"gguf has no name for {hf_name}", where=where)
-        order = None
-        if arch == "llama" and ".self_attn.q_proj." in hf_name:
-            order = neox_to_norm_rows(entry.shape[0], cfg.num_attention_heads)
-        elif arch == "llama" and ".self_attn.k_proj." in hf_name:
-            order = neox_to_norm_rows(entry.shape[0], cfg.num_key_value_heads)
         shape = entry.shape
+        values = families.transformed(cfg, hf_name, lambda name=hf_name: ckpt.float32(name))
+        if values is not None:  # small 1-D tensors llama.cpp needs in another form (Gemma 3's norms)
+            jobs.append(TensorJob(gguf_name, shape, QT.F32, array=values))
+            continue
+        order = families.row_order(cfg, hf_name, shape[0])
         jobs.append(
             TensorJob(gguf_name, shape, _out_type(gguf_name, shape, outtype, notes), entry=entry, row_order=order)
         )
@@ -211,12 +210,20 @@ def _output_error(exc: OSError, path: Path) -> OutputError:
     return OutputError(f"cannot write the output: {exc.strerror or exc}", where=str(path))
 
 
-def _add_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, hf_dir: Path, *, outtype: str, n_vocab: int) -> None:
+def model_name(cfg: ModelConfig, hf_dir: Path) -> str:
+    """``general.name`` as written: the config's record, else the model card's, else the folder name."""
     try:
         meta = gguf.Metadata.load(None, hf_dir, None, cfg.n_params)
     except Exception as exc:  # gguf's model-card reader raises yaml/json/value errors alike
         raise ConfigError(f"cannot read the model card metadata: {exc}", where=str(hf_dir / "README.md")) from None
-    meta.name = cfg.name or meta.name or hf_dir.resolve().name
+    return cfg.name or meta.name or hf_dir.resolve().name
+
+
+def _add_metadata(
+    w: gguf.GGUFWriter, cfg: ModelConfig, hf_dir: Path, *, outtype: str, n_vocab: int, context: int
+) -> None:
+    meta = gguf.Metadata.load(None, hf_dir, None, cfg.n_params)  # model_name() has read it once without error
+    meta.name = model_name(cfg, hf_dir)
     meta.size_label = meta.size_label or gguf.size_label(cfg.n_params, 0, 0, 0)
     w.add_type(gguf.GGUFType.MODEL)
     meta.set_gguf_meta_model(w)
@@ -229,6 +236,8 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, hf_dir: Path, *, outtype
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    for k, (value, vtype) in families.family_kv(cfg, context=context).items():
+        w.add_key_value(k, value, vtype, sub_type=GGUFValueType.BOOL if vtype == GGUFValueType.ARRAY else None)
     w.add_file_type(OUTTYPES[outtype][1])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -236,14 +245,15 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, hf_dir: Path, *, outtype
 def verify_gguf(
     path: Path,
     jobs: list[TensorJob],
-    plan: ggml_rope.GGUFRopePlan,
+    plan: gguf_plan.GGUFRopePlan,
     *,
     rope: RopeScaling | None = None,
     n_rot: int = 0,
     n_ctx: int | None = None,
 ) -> None:
     """Re-read ``path`` and check tensors (names, shapes, types, offsets), the rope keys and factor tensors against
-    the plan, and (given ``rope`` and ``n_rot``) the function llama.cpp resolves from them."""
+    the plan, and (given ``rope`` and ``n_rot``) the function llama.cpp resolves from them (on the sliding-window
+    layers too, where the plan has a rope for them)."""
     problems: list[str] = []
     with open_written(path) as g:
         # TensorInfo.shape is GGUF order (ne0 first), TensorJob.shape numpy order (rows first)
@@ -267,7 +277,7 @@ class _RopeDecision:
 
     rope: RopeScaling
     context: int
-    plan: ggml_rope.GGUFRopePlan
+    plan: gguf_plan.GGUFRopePlan
     words: str
     notes: tuple[str, ...]
 
@@ -288,36 +298,36 @@ def _decide_rope(
             )
         if bake_dynamic <= 0:
             raise ConfigError(f"--bake-dynamic must be a positive token count, got {bake_dynamic}")
-        rope = ggml_rope.bake_dynamic(rope, seq_len=bake_dynamic, dim=cfg.head_dim)
+        rope = gguf_plan.bake_dynamic(rope, seq_len=bake_dynamic, dim=cfg.head_dim)
         context = bake_dynamic
         words += f", baked at {bake_dynamic} tokens (theta {rope.theta:.6g})"
         notes.append(
             f"dynamic NTK was frozen at {bake_dynamic} tokens: llama.cpp matches Hugging Face only for forwards of "
             f"exactly {bake_dynamic} positions"
         )
-    if cfg.sliding_window is not None and cfg.sliding_window < context:
-        raise ConfigError(
-            f"sliding_window {cfg.sliding_window} is smaller than the context {context}: llama.cpp's {arch} "
-            "architecture has no sliding-window attention and would attend over the whole context",
-            where=str(hf_dir / "config.json"),
-            fix="set sliding_window to null (or >= the context) if the model was trained with full attention",
+    try:
+        plan = gguf_plan.plan_gguf_rope(
+            rope,
+            arch=arch,
+            head_dim=cfg.rotary_dim,
+            context_length=context,
+            finetuned=cfg.rope_finetuned,
+            allow_runtime_rope=allow_runtime_rope,
+            sliding_rope=_sliding_rope(cfg),
         )
-    plan = ggml_rope.plan_gguf_rope(
-        rope,
-        arch=arch,
-        head_dim=cfg.head_dim,
-        context_length=context,
-        finetuned=cfg.rope_finetuned,
-        allow_runtime_rope=allow_runtime_rope,
-    )
-    if plan.tensors and arch not in ARCHS_WITH_ROPE_FACTOR_TENSORS:
-        raise UnsupportedRopeError(
-            f"{rope.name} rope scaling needs per-frequency factor tensors, which llama.cpp's {arch} architecture "
-            "does not load",
-            where=str(hf_dir / "config.json"),
-            fix="use YaRN or linear scaling for this model (or a Llama/Mistral model for llama3/longrope)",
-        )
+    except EdgeropeError as exc:
+        exc.where = exc.where or str(hf_dir / "config.json")
+        raise
+    if cfg.rope_local is not None:
+        words += f"; sliding-window layers: {describe(cfg.rope_local)}"
     return _RopeDecision(rope, context, plan, words, tuple(notes) + tuple(plan.notes))
+
+
+def _sliding_rope(cfg: ModelConfig) -> RopeScaling | None:
+    """The sliding-window layers' own rope, where the family has one and some layer slides (Gemma 3)."""
+    if cfg.rope_local is None or not any(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)):
+        return None
+    return cfg.rope_local
 
 
 def convert(
@@ -343,6 +353,7 @@ def convert(
     hf_dir, out = Path(hf_dir), Path(out_path)
     if outtype not in OUTTYPES:
         raise ConfigError(f"unknown outtype {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
+    check_input_files(hf_dir)  # a FIFO or device as config/tokenizer/weights would block or read forever
     cfg = ModelConfig.load(hf_dir)
     arch = cfg.gguf_arch
     rd = _decide_rope(cfg, hf_dir, arch=arch, bake_dynamic=bake_dynamic, allow_runtime_rope=allow_runtime_rope)
@@ -350,8 +361,15 @@ def convert(
     with SafetensorsCheckpoint(hf_dir) as ckpt:
         emb = ckpt.entries.get("model.embed_tokens.weight")
         n_rows = emb.shape[0] if emb is not None and len(emb.shape) == 2 else cfg.vocab_size
-        jobs = plan_tensors(cfg, ckpt, arch=arch, outtype=outtype, notes=notes)
         vocab = load_vocab(hf_dir, n_embd_rows=n_rows)
+        notes += families.check_carriable(
+            cfg,
+            context=rd.context,
+            model_name=model_name(cfg, hf_dir),
+            tokens=vocab.tokens,
+            where=str(hf_dir / "config.json"),
+        )
+        jobs = plan_tensors(cfg, ckpt, arch=arch, outtype=outtype, notes=notes)
         notes += vocab.notes
         jobs = [TensorJob(name, arr.shape, QT.F32, array=arr) for name, arr in rd.plan.tensors.items()] + jobs
         est = sum(j.nbytes for j in jobs) + 64 * len(vocab) + (1 << 20)
@@ -359,7 +377,7 @@ def convert(
         check_output(out, force=force, inputs=inputs, need_bytes=est, input_fix="write the GGUF elsewhere")
 
         def add_kv(w: gguf.GGUFWriter) -> None:
-            _add_metadata(w, cfg, hf_dir, outtype=outtype, n_vocab=len(vocab))
+            _add_metadata(w, cfg, hf_dir, outtype=outtype, n_vocab=len(vocab), context=rd.context)
             for k, (value, vtype) in rd.plan.kv.items():
                 w.add_key_value(k, value, vtype)
             vocab.write(w)
@@ -369,7 +387,7 @@ def convert(
                 write_gguf(tmp, arch, jobs, add_kv=add_kv, progress=progress)
             except OSError as exc:
                 raise _output_error(exc, out) from None
-            verify_gguf(tmp, jobs, rd.plan, rope=rd.rope, n_rot=cfg.head_dim, n_ctx=rd.context)
+            verify_gguf(tmp, jobs, rd.plan, rope=rd.rope, n_rot=cfg.rotary_dim, n_ctx=rd.context)
     return ConvertReport(
         path=out,
         arch=arch,

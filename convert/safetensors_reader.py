@@ -10,7 +10,10 @@ What it does:
   tensors, index entries that exist in the shard they name.  Every problem is
   a ``CheckpointError`` naming the file;
 * memory-maps the data, so a tensor is read only when it is asked for, and
-  hands out raw storage (bfloat16 as ``uint16``) or float32 values.
+  hands out raw storage (bfloat16 as ``uint16``) or float32 values;
+* ``check_input_files`` refuses, by type and before anything is opened, a FIFO,
+  device or socket where the converter reads a file (weights, index, config,
+  tokenizer): opening a FIFO blocks until a writer comes, a device reads forever.
 
 What it does not do: write safetensors, or read pickled ``.bin`` checkpoints.
 """
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from edgerope.errors import CheckpointError
+from edgerope.system.files import special_file_kind
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -186,8 +190,32 @@ def _overlaps(entries: dict[str, TensorEntry]) -> list[str]:
     ]
 
 
+INPUT_SUFFIXES = (".safetensors", ".json", ".model", ".txt")  # what the converter reads from a model folder
+
+
+def check_input_files(model_dir: str | Path, names: list[str] | None = None) -> None:
+    """Refuse (``CheckpointError``) a FIFO, device or socket among the files the converter reads from
+    ``model_dir`` (``names``, default: every ``*.safetensors``, ``*.json``, ``*.model`` and ``*.txt`` entry),
+    decided by ``stat``, before any of them is opened."""
+    folder = Path(model_dir)
+    if names is None:
+        try:
+            names = sorted(e.name for e in folder.iterdir() if e.name.endswith(INPUT_SUFFIXES))
+        except OSError:
+            return  # a missing or unreadable folder is reported by whoever reads it
+    for name in names:
+        kind = special_file_kind(folder / name)
+        if kind:
+            raise CheckpointError(
+                f"{name} is {kind}, not a regular file: the converter would block or read forever",
+                where=str(folder / name),
+                fix="replace it with the real file (a symlink to a regular file is fine)",
+            )
+
+
 def checkpoint_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a model folder and, when sharded, the index's name -> file map."""
+    check_input_files(model_dir)
     index = model_dir / INDEX_FILE
     if index.is_file():
         try:
@@ -202,6 +230,7 @@ def checkpoint_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None
         ):
             raise CheckpointError("the shard index has no 'weight_map' of tensor name -> file", where=str(index))
         names = sorted(set(weight_map.values()))
+        check_input_files(model_dir, [n for n in names if Path(n).name == n])
         missing = [n for n in names if not (model_dir / n).is_file() or Path(n).name != n]
         if missing:
             raise CheckpointError(

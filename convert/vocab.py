@@ -30,6 +30,7 @@ from typing import Any
 import gguf
 from gguf import TokenType
 
+from edgerope.convert.tokenizer_files import TokenizerFiles
 from edgerope.errors import TokenizerError
 
 SPM_FILE = "tokenizer.model"
@@ -42,11 +43,18 @@ _CONTRACTIONS_CI = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 _CONTRACTIONS_ADAPTED = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _LLAMA3_TAIL = r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN2_TAIL = r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# o200k (GPT-4o; Phi-4-mini's tokenizer.json): llama.cpp's "gpt-4o" pre-tokenizer
+_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+GPT4O_REGEX = (
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS_CI}?|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+    rf"{_CONTRACTIONS_CI}?|\p{{N}}{{1,3}}| ?[^\s\p{{L}}\p{{N}}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 KNOWN_PRE_REGEXES: dict[str, str] = {
     _CONTRACTIONS_CI + _LLAMA3_TAIL: "llama-bpe",
     _CONTRACTIONS_ADAPTED + _LLAMA3_TAIL: "llama-bpe",
     _CONTRACTIONS_CI + _QWEN2_TAIL: "qwen2",
     _CONTRACTIONS_ADAPTED + _QWEN2_TAIL: "qwen2",
+    GPT4O_REGEX: "gpt-4o",
 }
 # llama.cpp forces ignore_merges for these pre-tokenizers (a whole word in the vocab is taken as is).
 PRE_IGNORING_MERGES = frozenset({"llama-bpe"})
@@ -218,35 +226,17 @@ class GGUFVocab:
 
 
 def _special_vocab(model_dir: Path, n_vocab: int, *, load_merges: bool) -> gguf.SpecialVocab:
+    """gguf's reading of special ids, add-bos/eos flags and the chat template (files type-checked before)."""
     try:
         return gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=n_vocab)
     except (ValueError, OSError, json.JSONDecodeError) as exc:
         raise TokenizerError(f"cannot read the special tokens: {exc}", where=str(model_dir)) from None
-
-
-def _read_json(path: Path) -> Any:
-    """A tokenizer JSON file's content; ``TokenizerError`` when it is not valid UTF-8 JSON."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"{path.name} is not valid JSON: {exc}", where=str(path)) from None
-
-
-def _added_tokens(model_dir: Path) -> dict[int, tuple[str, bool]]:
-    """Added tokens from tokenizer_config.json / added_tokens.json: id -> (content, special)."""
-    out: dict[int, tuple[str, bool]] = {}
-    cfg_path = model_dir / "tokenizer_config.json"
-    if cfg_path.is_file():
-        cfg = _read_json(cfg_path)
-        for tid, info in (cfg.get("added_tokens_decoder") or {}).items():
-            if isinstance(info, dict) and isinstance(info.get("content"), str):
-                out[int(tid)] = (info["content"], bool(info.get("special", False)))
-    added_path = model_dir / "added_tokens.json"
-    if added_path.is_file():
-        added = _read_json(added_path)
-        for content, tid in added.items():
-            out.setdefault(int(tid), (content, False))
-    return out
+    except (AttributeError, TypeError, KeyError, IndexError) as exc:  # a shape TokenizerFiles does not check
+        raise TokenizerError(
+            f"cannot read the special tokens: a tokenizer or config file has an unexpected structure ({exc!r})",
+            where=str(model_dir),
+            fix="compare tokenizer_config.json, tokenizer.json and config.json with the files the model shipped with",
+        ) from None
 
 
 def load_sentencepiece(model_dir: Path) -> GGUFVocab:
@@ -281,7 +271,7 @@ def load_sentencepiece(model_dir: Path) -> GGUFVocab:
         kind = {1: "unigram", 3: "word", 4: "char"}.get(spm.model_type, str(spm.model_type))
         notes.append(f"the SentencePiece model is {kind}, llama.cpp merges greedily by score, some inputs may differ")
     tokens, scores, types = list(spm.pieces), list(spm.scores), list(spm.types)
-    for tid, (content, special) in sorted(_added_tokens(model_dir).items()):
+    for tid, (content, special) in sorted(TokenizerFiles.read(model_dir).added.items()):
         if tid < len(tokens):
             if tokens[tid] != content:
                 raise TokenizerError(
@@ -326,6 +316,18 @@ def byte_level_alphabet() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
+def _is_smollm(steps: list[dict[str, Any]]) -> bool:
+    """SmolLM / SmolLM2 (StarCoder-style): every digit alone, then GPT-2's byte-level regex (llama.cpp "smollm")."""
+    return (
+        len(steps) == 2
+        and steps[0].get("type") == "Digits"
+        and steps[0].get("individual_digits") is True
+        and steps[1].get("type") == "ByteLevel"
+        and steps[1].get("use_regex", True) is True
+        and not steps[1].get("add_prefix_space")
+    )
+
+
 def identify_pre_tokenizer(pre_tokenizer: Any, *, where: str) -> str:
     """The llama.cpp ``tokenizer.ggml.pre`` name implementing a tokenizer.json ``pre_tokenizer``."""
     steps = (
@@ -336,10 +338,12 @@ def identify_pre_tokenizer(pre_tokenizer: Any, *, where: str) -> str:
     steps = [s for s in steps or [] if isinstance(s, dict)]
     splits = [s for s in steps if s.get("type") == "Split"]
     byte_levels = [s for s in steps if s.get("type") == "ByteLevel"]
+    if _is_smollm(steps):
+        return "smollm"
     others = [s.get("type") for s in steps if s.get("type") not in ("Split", "ByteLevel")]
     fix = (
-        "llama.cpp must implement the same pre-tokenizer; edgerope recognises the llama3 ('llama-bpe'), qwen2 and "
-        "gpt-2 splitting regexes. Train the tokenizer with one of them (e.g. a Split with the Llama 3 regex, then "
+        "llama.cpp must implement the same pre-tokenizer; edgerope recognises the llama3 ('llama-bpe'), qwen2, "
+        "gpt-4o (o200k) and gpt-2 splitting regexes and SmolLM's digits + gpt-2 ('smollm'). Train the tokenizer with one of them (e.g. a Split with the Llama 3 regex, then "
         "ByteLevel(use_regex=False))"
     )
     if len(byte_levels) != 1 or others:
@@ -377,7 +381,7 @@ def load_hf_bpe(model_dir: Path) -> GGUFVocab:
     """Read a Hugging Face byte-level BPE ``tokenizer.json``."""
     path = model_dir / HF_FILE
     where = str(path)
-    tok = _read_json(path)
+    tok = TokenizerFiles.read(model_dir).tokenizer_json or {}
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
         raise TokenizerError(

@@ -8,8 +8,9 @@ What it does:
   (``pydoc_data.topics``), which every Python installation ships;
 * ``make_tiny_checkpoint`` writes a Hugging Face model folder (``config.json``,
   ``model.safetensors`` in float32, tokenizer files, generation config) with
-  random weights from a seeded generator, for Llama, Mistral or Qwen2, with
-  any rope scaling ``edgerope.rope.scaling`` parses.
+  random weights from a seeded generator, for every family of ``edgerope.models.config.FAMILIES``
+  (Llama, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3, SmolLM3), with any rope scaling ``edgerope.rope.scaling``
+  parses.
 
 What it does not do: train the weights (they are random, wide enough that a
 rope bug visibly moves the logits), import torch, or download anything.
@@ -28,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from edgerope.errors import ConfigError
-from edgerope.models.config import MODEL_TYPES, ModelConfig, hf_tensor_shapes
-from edgerope.rope.hf import parse_hf_rope
+from edgerope.models.config import MODEL_TYPES, ModelConfig
+from edgerope.models.layout import hf_tensor_shapes
 
 TOKENIZER_FILE = "tokenizer.model"
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
@@ -101,6 +102,13 @@ def _spm_vocab_size(model_path: Path) -> int:
     return spm.SentencePieceProcessor(model_file=str(model_path)).get_piece_size()
 
 
+def _spm_special_ids(model_path: Path) -> tuple[int | None, int | None]:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    return (sp.bos_id() if sp.bos_id() >= 0 else None), (sp.eos_id() if sp.eos_id() >= 0 else None)
+
+
 def _hf_vocab_size(path: Path) -> int:
     tok = json.loads(path.read_text(encoding="utf-8"))
     ids = list((tok.get("model") or {}).get("vocab", {}).values()) + [t["id"] for t in tok.get("added_tokens", [])]
@@ -122,51 +130,59 @@ def tiny_config(
     head_dim: int | None = None,
     sliding_window: int | None = None,
     name: str | None = None,
+    **family_fields: Any,
 ) -> ModelConfig:
-    """A validated ``ModelConfig`` for a tiny model (rope parsed by ``edgerope.rope.scaling``)."""
+    """A validated ``ModelConfig`` for a tiny model, read from the ``config.json`` dict it stands for.
+
+    ``rope_parameters`` is a 5.x rope dict (Gemma 3: one per layer type); None means plain rope at
+    10000 (the family's own default base for Gemma 3 and SmolLM3).  ``family_fields`` are further
+    ``config.json`` fields of the family (``layer_types``, ``no_rope_layers``, ``query_pre_attn_scalar``,
+    ``original_max_position_embeddings``, ...).
+    """
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"unknown model_type {model_type!r}", fix=f"use one of {', '.join(MODEL_TYPES)}")
-    head_dim = head_dim or hidden_size // num_attention_heads
-    rope = parse_hf_rope(
-        {
-            "rope_parameters": rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
-            "max_position_embeddings": max_position_embeddings,
-        },
-        where="make_tiny_checkpoint(rope_parameters=...)",
-    )
-    return ModelConfig(
-        model_type=model_type,
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=max_position_embeddings,
-        head_dim=head_dim,
-        rope=rope,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=tie_word_embeddings,
-        sliding_window=sliding_window,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        torch_dtype="float32",
-        name=name or f"edgerope-tiny-{model_type}",
-    )
+    if rope_parameters is None and model_type not in ("gemma3_text", "smollm3"):
+        rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    raw: dict[str, Any] = {
+        "architectures": [MODEL_TYPES[model_type][0]],
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "head_dim": head_dim or hidden_size // num_attention_heads,
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": tie_word_embeddings,
+        "sliding_window": sliding_window,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "dtype": "float32",
+        "edgerope": {"name": name or f"edgerope-tiny-{model_type}"},
+        **family_fields,
+    }
+    if rope_parameters is not None:
+        raw["rope_parameters"] = rope_parameters
+    if model_type == "gemma3_text" and sliding_window is None:
+        raw["sliding_window"] = max_position_embeddings  # no window unless asked for
+    return ModelConfig.from_hf(raw, where="make_tiny_checkpoint(...)")
 
 
 def tiny_weights(cfg: ModelConfig, *, weight_std: float = 0.15, seed: int = 0) -> dict[str, np.ndarray]:
     """Random float32 weights named and shaped as the Hugging Face state dict, in a fixed order.
 
-    Matrices and biases ~ N(0, weight_std); norm weights ~ 1 + N(0, 0.1), not
-    exactly 1, so that a mixed-up norm shows.
+    Matrices and biases ~ N(0, weight_std); norms scale by 1 + N(0, 0.1), not exactly 1, so that a mixed-up
+    norm shows (Gemma 3 stores the offset from 1: its norms multiply by 1 + weight).
     """
 
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
+    offset = 0.0 if cfg.model_type == "gemma3_text" else 1.0
     for name, shape in hf_tensor_shapes(cfg).items():
         if name.endswith("norm.weight"):
-            out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+            out[name] = (offset + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         else:
             out[name] = (rng.standard_normal(shape) * weight_std).astype(np.float32)
     return out
@@ -222,8 +238,14 @@ def make_tiny_checkpoint(
             write_tokenizer_files(out, model_file=train_tokenizer(tmp))
         n_tokens = _spm_vocab_size(out / TOKENIZER_FILE)
     elif (Path(tokenizer_dir) / TOKENIZER_FILE).is_file():
-        write_tokenizer_files(out, model_file=Path(tokenizer_dir) / TOKENIZER_FILE)
+        if (Path(tokenizer_dir) / "tokenizer_config.json").is_file():  # a tokenizer folder with its own settings
+            for name in (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"):
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+        else:
+            write_tokenizer_files(out, model_file=Path(tokenizer_dir) / TOKENIZER_FILE)
         n_tokens = _spm_vocab_size(out / TOKENIZER_FILE)
+        bos_id, eos_id = _spm_special_ids(out / TOKENIZER_FILE)
     elif (Path(tokenizer_dir) / "tokenizer.json").is_file():  # a Hugging Face tokenizer (e.g. byte-level BPE)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (Path(tokenizer_dir) / name).is_file():

@@ -2,7 +2,8 @@
 
 What it does:
 
-* ``read_document`` reads UTF-8 text, refusing empty, binary (NUL bytes) or undecodable files;
+* ``ask_file`` reads the document with ``edgerope.apps.documents.read_document``: refused by type (a FIFO, a
+  device) or by size (more bytes than the model's context can hold) before anything is read;
 * ``ask`` builds a plain completion prompt -- ``DOC_TEMPLATE`` with the document, then
   ``QUESTION_TEMPLATE`` with the question, tokenized separately so the document prefix is the same
   token sequence for every question -- checks that it fits the context (truncating only when asked, below), then
@@ -22,7 +23,14 @@ prefix of the whole document's), at a word boundary, leaving room for the questi
 answer tokens (at most half the free context); ``Answer.truncation`` says exactly what was cut (tokens,
 character offset, the cut part's first and last words).
 
-The answer streams through ``on_token(token)`` and ``on_text(text_so_far)``.
+Cheap checks come before tokenizing: a document whose bytes alone prove it cannot fit the context
+(``VocabFacts.min_tokens``) is refused without tokenizing it, and with ``truncate`` only the part that can fit is
+tokenized.  Long documents are tokenized in chunks, linear in their length (``edgerope.runtime.tokenizing``).
+
+The answer streams through ``on_token(token)`` and ``on_text(piece)``: incremental detokenization
+(``edgerope.runtime.textstream``), linear in the answer.  In the plain format the answer ends at the next marker
+of the format (``PLAIN_QA_STOPS``: a new "Question:" or "Document:" line) as well as at the end-of-generation
+token; a chat template ends it with its own end-of-turn token.
 
 What it does not do: summarise a document, cut its middle, or sample other than greedily.
 """
@@ -35,21 +43,25 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from edgerope.apps.chat_template import ChatTemplate, from_gguf
-from edgerope.errors import DocumentError, RuntimeConfigError
+from edgerope.apps.documents import check_document, document_byte_limit, read_document
+from edgerope.errors import RuntimeConfigError
 from edgerope.gguf.reader import GGUFFile, using_gguf
 from edgerope.prompts import DOC_TEMPLATE, PLAIN_QA_FORMAT, QUESTION_TEMPLATE
 from edgerope.runtime.doccache import DocCache, model_identity
 from edgerope.runtime.prefix import load_prefix
-from edgerope.runtime.runtime import Generation, Runtime
+from edgerope.runtime.runtime import Runtime
+from edgerope.runtime.textstream import TextStream
+from edgerope.runtime.tokenizing import LinearTokenizer, VocabFacts
 
 logger = logging.getLogger(__name__)
 
 PROMPT_FORMATS = ("auto", "chat", "plain")
 _SPLIT = "\ue000edgerope-question\ue000"  # a private-use marker where the question goes
+# the plain format's own markers, from its templates: an answer that starts a new question or document has ended
+PLAIN_QA_STOPS = ("\nQuestion:", "\nDocument:")
 
 
 @dataclass(frozen=True)
@@ -101,44 +113,6 @@ class Answer:
         return asdict(self)
 
 
-def read_document(path: str | os.PathLike[str]) -> str:
-    """The text of a UTF-8 document; ``DocumentError`` for a missing, empty, binary or undecodable file."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise DocumentError(f"cannot read the document: {exc.strerror or exc}", where=str(p)) from exc
-    return check_document(data, where=str(p))
-
-
-def check_document(data: bytes | str, *, where: str = "document") -> str:
-    """Decode and check a document's content (see ``read_document``)."""
-    if isinstance(data, bytes):
-        nul = data.find(b"\x00")
-        if nul >= 0:
-            raise DocumentError(
-                f"the document is binary (NUL byte at offset {nul})",
-                where=where,
-                fix="give a UTF-8 text or markdown file",
-            )
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DocumentError(
-                f"the document is not UTF-8 text (bad byte at offset {exc.start})",
-                where=where,
-                fix="convert it to UTF-8 text first",
-            ) from None
-    else:
-        text = data
-        if "\x00" in text:
-            raise DocumentError("the document contains NUL characters", where=where, fix="give plain text")
-    text = text.removeprefix("\ufeff")
-    if not text.strip():
-        raise DocumentError("the document is empty", where=where, fix="give a document with some text")
-    return text
-
-
 def _fit_error(rt: Runtime, n_doc: int, n_q: int, where: str) -> RuntimeConfigError:
     need = n_doc + n_q + 1
     n_ctx, n_train = rt.plan.n_ctx, rt.plan.hparams.n_ctx_train
@@ -166,17 +140,18 @@ _SNAP_CHARS = 200  # how far back a cut may move to land on whitespace
 
 
 def _truncate(
-    text: str, encode: Callable[[str], list[int]], *, target: int, n_before: int, where: str
+    text: str, encode: Callable[[str], list[int]], *, target: int, n_before: int, where: str, max_chars: int
 ) -> tuple[str, Truncation]:
     """The longest leading part of ``text`` (ending at whitespace when one is near) whose prompt prefix
-    ``encode(part)`` has at most ``target`` tokens, and what was cut."""
+    ``encode(part)`` has at most ``target`` tokens, and what was cut.  Only ``text[:max_chars]`` can fit (a
+    token covers at most so many characters), so only that is searched."""
     if len(encode("")) > target:
         raise RuntimeConfigError(
             f"even without the document the prompt needs more than the {target} tokens left for it",
             where=where,
             fix="raise --ctx, or ask a shorter question / fewer --max-tokens",
         )
-    lo, hi = 0, len(text)  # encode(text[:lo]) fits, encode(text) does not
+    lo, hi = 0, min(len(text), max_chars + 1)  # encode(text[:lo]) fits, encode(text[:hi]) does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if len(encode(text[:mid])) <= target:
@@ -250,43 +225,70 @@ class _Prompt:
     format: str  # PLAIN_QA_FORMAT, or "chat-<template digest>"
     question: list[int]
     encode: Callable[[str], list[int]]  # document text -> the prefix tokens (the same for every question)
+    stops: tuple[str, ...] = ()  # where the answer ends besides the end-of-generation token
 
     @classmethod
-    def build(cls, rt: Runtime, template: ChatTemplate | None, question: str, document: str) -> _Prompt:
+    def build(cls, tok: LinearTokenizer, template: ChatTemplate | None, question: str, document: str) -> _Prompt:
         if template is None:
-            q = rt.tokenize(QUESTION_TEMPLATE.format(question=question), add_bos=False)
-            return cls(PLAIN_QA_FORMAT, q, lambda doc_text: rt.tokenize(DOC_TEMPLATE.format(document=doc_text)))
+            q = tok(QUESTION_TEMPLATE.format(question=question), add_bos=False)
+            return cls(PLAIN_QA_FORMAT, q, lambda doc_text: tok(DOC_TEMPLATE.format(document=doc_text)), PLAIN_QA_STOPS)
         fmt = f"chat-{hashlib.sha256(template.source.encode()).hexdigest()[:16]}"
-        q = rt.tokenize(chat_parts(template, document, question)[1], add_bos=False, special=True)
+        q = tok(chat_parts(template, document, question)[1], add_bos=False, special=True)
 
         def encode(doc_text: str) -> list[int]:
             prefix = chat_parts(template, doc_text, question)[0]
             has_bos = bool(template.bos_token) and prefix.startswith(template.bos_token)
-            return rt.tokenize(prefix, add_bos=False if has_bos else None, special=True)
+            return tok(prefix, add_bos=False if has_bos else None, special=True)
 
         return cls(fmt, q, encode)
 
 
 def _fit(
-    rt: Runtime, prompt: _Prompt, text: str, *, max_tokens: int, truncate: bool, where: str
+    rt: Runtime, prompt: _Prompt, text: str, *, facts: VocabFacts, max_tokens: int, truncate: bool, where: str
 ) -> tuple[str, list[int], Truncation | None]:
     """(the document text used, its prefix tokens, what was cut): refuses a prompt that does not fit the context,
-    or cuts the document's tail when ``truncate``."""
+    or cuts the document's tail when ``truncate``; a document too long by its bytes alone is refused (or cut to
+    what can fit) before it is tokenized."""
     q, n_ctx = prompt.question, rt.plan.n_ctx
-    doc = prompt.encode(text)
     if len(q) + 1 > n_ctx:
         raise RuntimeConfigError(
             f"the question alone has {len(q)} tokens, the context is {n_ctx}", where=where, fix="ask a shorter question"
         )
+    n_bytes = len(text.encode("utf-8"))
+    at_least = facts.min_tokens(n_bytes)
+    if at_least + len(q) + 1 > n_ctx and not truncate:
+        raise RuntimeConfigError(
+            f"the document alone needs at least {at_least} tokens ({n_bytes} bytes, at most {facts.max_token_bytes} "
+            f"bytes per token), the context is {n_ctx}; nothing was tokenized or truncated",
+            where=where,
+            fix="use a smaller document, or --truncate (truncate=True) to cut its tail",
+        )
+    doc = prompt.encode(text)
     if len(doc) + len(q) + 1 <= n_ctx:
         return text, doc, None
     if not truncate:
         raise _fit_error(rt, len(doc), len(q), where)
     free = n_ctx - len(q)
     target = free - max(1, min(max_tokens, free // 2))
-    text, truncation = _truncate(text, prompt.encode, target=target, n_before=len(doc), where=where)
+    max_chars = target * facts.max_token_bytes if facts.min_tokens(1) else len(text)
+    text, truncation = _truncate(
+        text, prompt.encode, target=target, n_before=len(doc), where=where, max_chars=max_chars
+    )
     logger.info("document truncated: %s", truncation.describe())
     return text, prompt.encode(text), truncation
+
+
+@dataclass(frozen=True)
+class _Answered:
+    tokens: list[int]
+    text: str
+    stop_reason: str
+    t_first: float
+    t_end: float
+
+
+class _Stop(Exception):
+    """A stop string ended the answer."""
 
 
 def _answer(
@@ -294,28 +296,36 @@ def _answer(
     question: list[int],
     max_tokens: int,
     *,
+    stops: tuple[str, ...],
     on_token: Callable[[int], None] | None,
     on_text: Callable[[str], None] | None,
-) -> tuple[Generation, float, float]:
-    """Evaluate the question after the cached document and answer greedily: (generation, time of the first
-    token, end time)."""
+) -> _Answered:
+    """Evaluate the question after the cached document and answer greedily, streaming text through a
+    ``TextStream`` (incremental, linear) that also ends the answer at a stop string."""
     first: list[float] = []
-    answer: list[int] = []
+    stream = TextStream(rt.detokenize, stops=stops)
 
     def seen(tok: int) -> None:
         if not first:
             first.append(time.perf_counter())
         if on_token is not None:
             on_token(tok)
-        if on_text is not None:
-            answer.append(tok)
-            so_far = rt.detokenize(answer)  # an end-of-generation token adds no text
-            if not so_far.endswith("\ufffd"):
-                on_text(so_far)
+        piece = stream.push(tok)
+        if piece and on_text is not None:
+            on_text(piece)
+        if stream.stopped is not None:
+            raise _Stop
 
-    gen = rt.generate(question, max_tokens=max_tokens, clear=False, on_token=seen)
+    try:
+        gen = rt.generate(question, max_tokens=max_tokens, clear=False, on_token=seen)
+        tokens, reason = gen.tokens, gen.stop_reason
+    except _Stop:
+        tokens, reason = stream.tokens, "stop"
     t_end = time.perf_counter()
-    return gen, (first[0] if first else t_end), t_end
+    rest = stream.finish()
+    if rest and on_text is not None:
+        on_text(rest)
+    return _Answered(tokens, stream.text, reason, first[0] if first else t_end, t_end)
 
 
 def ask(
@@ -346,27 +356,34 @@ def ask(
     not fit the context (nothing is ever truncated).  ``prompt_format`` "auto" uses the GGUF's chat template
     when it has one (``"chat"`` requires one, ``"plain"`` never uses it); ``Answer.prompt_format`` says which.
     ``truncate=True`` cuts the tail of a document that does not fit instead of refusing (module docstring);
-    ``Answer.truncation`` reports the cut.  ``on_text(text_so_far)`` is called after each answer token whose
-    text is complete (not in the middle of a multi-byte character).  ``n_ctx`` None: the runtime's default
+    ``Answer.truncation`` reports the cut.  ``on_text(piece)`` is called with each new piece of the answer's text
+    as it becomes final (whole characters, never past a stop string); the pieces join to ``Answer.text``.  In the
+    plain format the answer ends at ``PLAIN_QA_STOPS`` (``stop_reason`` "stop").  ``n_ctx`` None: the runtime's default
     (the largest context that fits the memory budget, capped at the model's context_length).
     """
     text = check_document(document_text)
     _check_request(question, max_tokens, prompt_format)
-    where = str(model_path)
     with using_gguf(model_path) as gguf_file:  # the header is parsed once for the template, cache key and plan
+        where = str(gguf_file.path)
         template = _template(gguf_file, prompt_format, where=where)
-        identity = model_identity(gguf_file) if use_cache else None  # before loading: the file as it is now
+        facts = VocabFacts.from_gguf(gguf_file)
         owned = runtime is None
         rt = runtime or Runtime.open(gguf_file, n_ctx=n_ctx, type_k=type_k, type_v=type_v, **runtime_request)
     try:
-        prompt = _Prompt.build(rt, template, question.strip(), text)
-        text, doc, truncation = _fit(rt, prompt, text, max_tokens=max_tokens, truncate=truncate, where=where)
+        prompt = _Prompt.build(LinearTokenizer(rt, facts), template, question.strip(), text)
+        text, doc, truncation = _fit(
+            rt, prompt, text, facts=facts, max_tokens=max_tokens, truncate=truncate, where=where
+        )
         t0 = time.perf_counter()
+        identity = model_identity(rt.plan.path, cache_dir=cache_dir) if use_cache else None  # content digest, recorded
         cache = DocCache(cache_dir) if use_cache else None
         loaded = load_prefix(rt, doc, cache=cache, model=identity, prompt_format=prompt.format, progress=progress)
         t1 = time.perf_counter()
         room = rt.plan.n_ctx - len(doc) - len(prompt.question)
-        gen, t_first, t2 = _answer(rt, prompt.question, min(max_tokens, room), on_token=on_token, on_text=on_text)
+        gen = _answer(
+            rt, prompt.question, min(max_tokens, room), stops=prompt.stops, on_token=on_token, on_text=on_text
+        )
+        t_first, t2 = gen.t_first, gen.t_end
         n_after = max(len(gen.tokens) - 1, 0)
         timings = Timings(
             prefill_s=t1 - t0,
@@ -396,3 +413,19 @@ def ask(
     finally:
         if owned:
             rt.close()
+
+
+def ask_file(
+    model_path: str | os.PathLike[str],
+    document_path: str | os.PathLike[str],
+    question: str,
+    *,
+    n_ctx: int | None = None,
+    truncate: bool = False,
+    **kwargs: Any,
+) -> Answer:
+    """``ask`` on a document file: the GGUF is opened once, and the document refused by type or size before it is
+    read (``read_document`` with ``document_byte_limit``)."""
+    with using_gguf(model_path) as f:
+        text = read_document(document_path, max_bytes=document_byte_limit(f, n_ctx=n_ctx, truncate=truncate))
+        return ask(f, text, question, n_ctx=n_ctx, truncate=truncate, **kwargs)

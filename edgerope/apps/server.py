@@ -1,371 +1,219 @@
-"""A small OpenAI-compatible HTTP server around one ``Runtime`` (stdlib ``http.server``, no web framework).
+"""An OpenAI-compatible HTTP server for one GGUF: uvicorn (h11) in front, the model in a supervised worker process.
 
-What it does:
+``open_server(model, ...)`` does everything that can fail before listening, cheapest first: reads the GGUF's
+header once (the chat template, compiled and rendered once on a probe conversation, so a bad template is a
+clean error at start-up; the vocab facts for cheap prompt checks; the document cache's model key), starts the
+model worker and waits for it to load the model (``edgerope.apps.supervisor``; a refused model or setting raises
+its typed error), then binds the listening socket.  ``server.serve_forever()`` runs uvicorn on that socket in
+the calling thread; ``server.close()`` stops it and the worker.
 
-* ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions``, non-streaming or streaming
-  (server-sent events: ``data: {chunk}`` lines, then ``data: [DONE]``);
-* chat prompts come from the GGUF's chat template rendered in the sandbox (``edgerope.apps.chat_template``), or
-  the documented plain format when the GGUF has none; the prompt is tokenized with special tokens parsed;
-* ``max_tokens`` (default: the rest of the context), ``stop`` (a string or up to 4 strings; the text is cut
-  before the first match), ``usage`` token counts; ``temperature`` 0 or absent decodes greedily, above 0
-  samples with llama.cpp's chain (``top_p``, then temperature, then a draw seeded by ``seed``, random when
-  absent); ``n`` must be 1;
-* a prompt that does not fit the context, or whose ``max_tokens`` would not fit after it, is a 400 error
-  saying the numbers -- never truncated; malformed JSON, missing or mistyped fields are 400 JSON errors;
-* one request runs at a time (a lock around the runtime); at most ``max_queue`` wait, more are answered 429;
-  an optional API key (``Authorization: Bearer``) is checked before anything else;
-* a client that disconnects mid-stream stops its generation; the server keeps serving;
-* a long first system message (a document, say) has its KV state saved in the document cache
-  (``edgerope.runtime.doccache``, the same keys as ``edgerope.apps.ask``) and restored by later requests that start with it;
-  ``usage.prompt_tokens_details.cached_tokens`` says how many prompt tokens were restored;
-* ``close()`` stops accepting, lets the running request end, and closes the runtime.
+The pieces: ``edgerope.apps.openai_api`` (request and response shapes), ``edgerope.apps.asgi`` (limits, routes,
+queue, streaming), ``edgerope.apps.supervisor`` and ``edgerope.apps.worker`` (the model process),
+``edgerope.apps.engine`` (one request on the runtime).  This module adds the HTTP protocol settings:
 
-The request logic (tokens, limits, the lock, stop strings, the cached prefix) is ``edgerope.apps.engine``; this
-module is the HTTP and JSON layer.
+* uvicorn with h11, a strict HTTP/1.1 parser (a malformed request line or header, a bad or negative
+  ``Content-Length``, both ``Content-Length`` and ``Transfer-Encoding``: 400 and the connection closed), request
+  heads limited to ``MAX_HEAD_BYTES``;
+* a listen backlog of ``BACKLOG`` (a burst of connections waits in the kernel instead of being reset), at most
+  ``max_connections`` open connections (more get 503);
+* a deadline for a request's head (``head_timeout_s`` from its first byte, or from the connection's start),
+  idle keep-alive connections closed after ``keepalive_s``;
+* a kernel send buffer of ``send_buffer_bytes`` per connection (instead of autotuning up to megabytes), so a
+  client that stops reading fills it, and the application's ``max_buffer_bytes``, quickly; the application can
+  drop such a connection (an abort handle in the request scope);
+* SIGINT/SIGTERM stop the server gracefully (the CLI exits 0).
 
-What it does not do: penalties, logit bias, batch requests, tool calls, logprobs, or reuse any other part of
-the KV cache between requests.
+What it does not do: TLS, HTTP/2, batching several requests into one llama.cpp context.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
 import logging
 import os
-import secrets
-import time
-import uuid
-from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import signal
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgerope.apps.chat_template import from_gguf
-from edgerope.apps.engine import MIN_PREFIX_TOKENS, Completion, Engine, RequestError
-from edgerope.errors import EdgeropeError, RuntimeConfigError
-from edgerope.runtime.doccache import DocCache, model_identity
-from edgerope.runtime.runtime import Runtime, Sampling
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-logger = logging.getLogger(__name__)
+from edgerope.apps.asgi import ABORT_KEY, MAX_HEAD_BYTES, Limits, ServerApp
+from edgerope.apps.chat_template import ChatTemplate, from_gguf
+from edgerope.apps.engine import DEFAULT_MAX_TOKENS, MIN_PREFIX_TOKENS
+from edgerope.apps.supervisor import Supervisor
+from edgerope.apps.worker import WorkerConfig
+from edgerope.errors import RuntimeConfigError
+from edgerope.gguf.reader import using_gguf
+from edgerope.runtime.doccache import model_identity
+from edgerope.runtime.tokenizing import VocabFacts
 
-MAX_BODY_BYTES = 4 << 20
-MAX_STOP_STRINGS = 4
+logger = logging.getLogger("edgerope.apps.server")
+
 DEFAULT_HOST = "127.0.0.1"
+BACKLOG = 2048
+WRITE_BUFFER_BYTES = 16 << 10  # a connection's user-space write buffer before the application waits
+PROBE = [{"role": "user", "content": "Hello"}]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# request parsing
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus a deadline for each request head and an abort handle in the request scope."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_BYTES)  # then send() waits: a stalled client shows
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and self._head_timer is None and not self.transport.is_closing():
+            self._arm()  # the first bytes of a next request: its head has head_timeout_s to arrive
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle and self.cycle is not None:  # a request head arrived
+            self._disarm()
+            self.scope.setdefault("extensions", {})[ABORT_KEY] = self.transport.abort  # type: ignore[typeddict-unknown-key]
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._disarm()  # uvicorn's keep-alive timer takes over
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(getattr(self.config, "head_timeout_s", 10.0), self._head_timeout)
+
+    def _disarm(self) -> None:
+        timer = getattr(self, "_head_timer", None)
+        if timer is not None:
+            timer.cancel()
+        self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.abort()  # a request head that never completes: slow or stalled client
 
 
-def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = False) -> Any:
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise RequestError(f"the request has no {name!r} field", param=name)
-        return None
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise RequestError(f"{name!r} must not be a boolean", param=name)
-    if not isinstance(value, kind):
-        raise RequestError(f"{name!r} has the wrong type ({type(value).__name__})", param=name)
-    return value
-
-
-def _stops(body: Mapping[str, Any]) -> list[str]:
-    stop = _field(body, "stop", (str, list))
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if len(stops) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stops):
-        raise RequestError(f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS}", param="stop")
-    return list(stops)
-
-
-def _sampling(body: Mapping[str, Any]) -> Sampling | None:
-    """None (greedy) for temperature 0 or absent, else llama.cpp's chain with ``top_p`` and ``seed`` (random if
-    absent)."""
-    n = _field(body, "n", int)
-    if n not in (None, 1):
-        raise RequestError("only n=1 is supported", param="n")
-    temperature = _field(body, "temperature", (int, float))
-    top_p = _field(body, "top_p", (int, float))
-    seed = _field(body, "seed", int)
-    if temperature is not None and temperature < 0:
-        raise RequestError(f"temperature must be >= 0, got {temperature}", param="temperature")
-    if not temperature:
-        return None
-    try:
-        return Sampling(
-            float(temperature),
-            top_p=1.0 if top_p is None else float(top_p),
-            seed=secrets.randbits(32) if seed is None else seed,
-        )
-    except RuntimeConfigError as exc:
-        raise RequestError(exc.what, param="temperature/top_p/seed") from None
-
-
-def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
-    messages = _field(body, "messages", list, required=True)
-    if not messages:
-        raise RequestError("'messages' is empty", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise RequestError(f"messages[{i}] must be an object with a 'role' string", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise RequestError(f"messages[{i}]: only text content parts are supported", param="messages")
-            content = "".join(str(p.get("text", "")) for p in content)
-        if content is not None and not isinstance(content, str):
-            raise RequestError(f"messages[{i}].content must be a string", param="messages")
-        out.append({"role": m["role"], "content": content or ""})
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# HTTP
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: EdgeropeServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (http.server's signature)
-        logger.debug("%s " + format, self.address_string(), *args)
-
-    def _send_json(self, status: int, payload: Mapping[str, Any]) -> None:
-        data = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _authorised(self) -> bool:
-        key = self.server.api_key
-        if key is None or self.headers.get("Authorization") == f"Bearer {key}":
-            return True
-        self._send_json(401, RequestError("missing or wrong API key", status=401).body())
-        return False
-
-    def do_GET(self) -> None:  # noqa: N802
-        if not self._authorised():
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM stop the server gracefully and are not re-raised afterwards (uvicorn re-raises them)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
             return
-        route = self.path.rstrip("/")
-        if route == "/v1/models":
-            info = self.server.engine.runtime.info
-            model = {"id": self.server.engine.model_id, "object": "model", "created": 0, "owned_by": "edgerope"}
-            model["n_ctx"] = info.n_ctx  # type: ignore[assignment]
-            status, payload = 200, {"object": "list", "data": [model]}
-        else:
-            status, payload = 404, RequestError(f"no route {self.path}", status=404).body()
-        self._send_json(status, payload)
-        self._log(route, status, None, 0.0)
-
-    def do_POST(self) -> None:  # noqa: N802
-        if not self._authorised():
-            return
-        route = self.path.rstrip("/")
-        t0 = time.perf_counter()
-        status, usage = 200, None
+        old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            body = self._body()
-            if route == "/v1/chat/completions":
-                usage = self._complete(body, chat=True)
-            elif route == "/v1/completions":
-                usage = self._complete(body, chat=False)
-            else:
-                raise RequestError(f"no route {self.path}", status=404)
-        except RequestError as exc:
-            status = exc.status
-            self._send_json(exc.status, exc.body())
-        except (ConnectionError, TimeoutError):
-            status = 499  # the client went away (broken pipe, reset): its generation has stopped
-            self.close_connection = True
-        except EdgeropeError as exc:
-            status = 400
-            self._send_json(400, RequestError(exc.message).body())
-        except Exception:  # a bug: answer 500 and keep serving
-            logger.exception("error while answering %s %s", self.command, route)
-            status = 500
-            self.close_connection = True
-            try:
-                self._send_json(500, RequestError("internal error; see the server log", status=500).body())
-            except OSError:
-                pass
-        self._log(route, status, usage, time.perf_counter() - t0)
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
 
-    def _log(self, route: str, status: int, usage: dict[str, Any] | None, seconds: float) -> None:
-        fields = {"method": self.command, "path": route, "status": status, "usage": usage, "seconds": round(seconds, 4)}
-        logger.info("%s %s %d", self.command, route, status, extra={"request": fields})
 
-    def _body(self) -> dict[str, Any]:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise RequestError("the request needs a Content-Length header", status=411) from None
-        if length > MAX_BODY_BYTES:
-            raise RequestError(f"the request body is {length} bytes, above {MAX_BODY_BYTES}", status=413)
-        raw = self.rfile.read(length)
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RequestError(f"the request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object")
-        return body
+class EdgeropeServer:
+    """The bound server: ``serve_forever()`` in some thread, ``close()`` to stop it and the worker."""
 
-    def _complete(self, body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
-        engine = self.server.engine
-        sampling = _sampling(body)
-        stops = _stops(body)
-        max_tokens = _field(body, "max_tokens", int)
-        if chat and max_tokens is None:
-            max_tokens = _field(body, "max_completion_tokens", int)
-        stream = bool(_field(body, "stream", bool))
-        n_prefix = 0
-        if chat:
-            tokens, n_prefix = engine.chat_tokens(_messages(body))
-        else:
-            prompt = _field(body, "prompt", (str, list), required=True)
-            if isinstance(prompt, list):
-                if len(prompt) != 1 or not isinstance(prompt[0], str):
-                    raise RequestError("'prompt' must be a string (or a list of one string)", param="prompt")
-                prompt = prompt[0]
-            tokens = engine.tokens(prompt, special=False)
-        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        base = {"id": ident, "created": created, "model": engine.model_id}
-        if not stream:
-            c = engine.run(tokens, max_tokens=max_tokens, stops=stops, sampling=sampling, n_prefix=n_prefix)
-            usage = _usage(c)
-            if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": c.text}}
-                obj = "chat.completion"
-            else:
-                choice = {"index": 0, "text": c.text, "logprobs": None}
-                obj = "text_completion"
-            choice["finish_reason"] = c.finish_reason
-            self._send_json(200, {**base, "object": obj, "choices": [choice], "usage": usage})
-            return usage
-        return self._stream(
-            tokens, base, chat=chat, max_tokens=max_tokens, stops=stops, sampling=sampling, n_prefix=n_prefix
+    def __init__(
+        self,
+        app: ServerApp,
+        supervisor: Supervisor,
+        sock: socket.socket,
+        *,
+        max_connections: int,
+        head_timeout_s: float,
+        keepalive_s: float,
+    ) -> None:
+        self.app = app
+        self.supervisor = supervisor
+        self.sock = sock
+        config = uvicorn.Config(
+            app,
+            http=_Protocol,
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            backlog=BACKLOG,
+            limit_concurrency=max_connections,
+            timeout_keep_alive=max(1, round(keepalive_s)),
+            timeout_graceful_shutdown=5,
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         )
+        config.head_timeout_s = head_timeout_s  # type: ignore[attr-defined]  # read by _Protocol
+        self._uvicorn = _Uvicorn(config)
+        self._serving = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
 
-    def _stream(
-        self,
-        tokens: list[int],
-        base: dict[str, Any],
-        *,
-        chat: bool,
-        max_tokens: int | None,
-        stops: list[str],
-        sampling: Sampling | None,
-        n_prefix: int,
-    ) -> dict[str, Any]:
-        engine = self.server.engine
-        engine.check(tokens, max_tokens)  # refuse before the 200 header goes out
-        with engine.admit():  # a full queue is a 429, also before the header
-            return self._stream_admitted(
-                tokens, base, chat=chat, max_tokens=max_tokens, stops=stops, sampling=sampling, n_prefix=n_prefix
-            )
-
-    def _stream_admitted(
-        self,
-        tokens: list[int],
-        base: dict[str, Any],
-        *,
-        chat: bool,
-        max_tokens: int | None,
-        stops: list[str],
-        sampling: Sampling | None,
-        n_prefix: int,
-    ) -> dict[str, Any]:
-        engine = self.server.engine
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-
-        def event(payload: Mapping[str, Any] | str) -> None:
-            data = payload if isinstance(payload, str) else json.dumps(payload)
-            self.wfile.write(f"data: {data}\n\n".encode())
-            self.wfile.flush()
-
-        def choice(text: str | None, finish: str | None, *, first: bool = False) -> dict[str, Any]:
-            if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-                if text is not None:
-                    delta["content"] = text
-                return {"index": 0, "delta": delta, "finish_reason": finish}
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-
-        if chat:
-            event({**base, "object": obj, "choices": [choice(None, None, first=True)]})
-        try:
-            c = engine.run(
-                tokens,
-                max_tokens=max_tokens,
-                stops=stops,
-                sampling=sampling,
-                n_prefix=n_prefix,
-                admitted=True,
-                emit=lambda piece: event({**base, "object": obj, "choices": [choice(piece, None)]}),
-            )
-        except EdgeropeError as exc:  # after the 200 header: the error goes in the stream
-            body = exc.body() if isinstance(exc, RequestError) else RequestError(exc.message).body()
-            event(body)
-            event("[DONE]")
-            return {"error": body["error"]["message"]}
-        usage = _usage(c)
-        event({**base, "object": obj, "choices": [choice(None if chat else "", c.finish_reason)], "usage": usage})
-        event("[DONE]")
-        return usage
-
-
-def _usage(c: Completion) -> dict[str, Any]:
-    return {
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": c.completion_tokens,
-        "total_tokens": c.prompt_tokens + c.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": c.cached_tokens},
-    }
-
-
-class EdgeropeServer(ThreadingHTTPServer):
-    """The HTTP server; ``serve_forever()`` in some thread, ``close()`` to stop and free the runtime."""
-
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, engine: Engine, *, host: str = DEFAULT_HOST, port: int = 8080, api_key: str | None = None):
-        self.engine = engine
-        self.api_key = api_key
-        super().__init__((host, port), _Handler)
+    @property
+    def server_address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return host, port
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self.server_address
         return f"http://{host}:{port}"
 
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        self._running = True
+    @property
+    def model_id(self) -> str:
+        return self.app.model_id
+
+    def serve_forever(self) -> None:
+        """Serve until ``shutdown()``/``close()`` or SIGINT/SIGTERM (in the main thread)."""
+        self._stopped.clear()
+        self._serving.set()
         try:
-            super().serve_forever(poll_interval)
+            asyncio.run(self._uvicorn.serve(sockets=[self.sock]))
         finally:
-            self._running = False
+            self._serving.clear()
+            self._stopped.set()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop ``serve_forever`` (running in another thread) and wait for it."""
+        self._uvicorn.should_exit = True
+        self._stopped.wait(timeout)
 
     def close(self) -> None:
-        """Stop ``serve_forever`` (running in another thread), stop listening, let the running request end, close
-        the runtime.  Safe to call twice."""
-        if getattr(self, "_running", False):
+        """Stop serving, stop the model worker, close the socket.  Safe to call twice."""
+        if self._serving.is_set():
             self.shutdown()
-        self.server_close()
-        with self.engine._lock:
-            self.engine.runtime.close()
+        self.supervisor.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _listen(host: str, port: int, *, send_buffer_bytes: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)  # inherited by each connection
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise RuntimeConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}", fix="choose another --port (0: any free one)"
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+def _checked_template(template: ChatTemplate | None) -> None:
+    """Render a probe conversation once, so a template that cannot render anything fails at start-up."""
+    if template is not None:
+        template.render(PROBE)
 
 
 def open_server(
@@ -374,38 +222,64 @@ def open_server(
     host: str = DEFAULT_HOST,
     port: int = 8080,
     api_key: str | None = None,
-    max_queue: int = 8,
+    max_queue: int | None = None,
     model_id: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     min_prefix_tokens: int = MIN_PREFIX_TOKENS,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    limits: Limits | None = None,
+    max_connections: int = 512,
+    head_timeout_s: float = 10.0,
+    keepalive_s: float = 5.0,
+    send_buffer_bytes: int = 256 << 10,
+    supervisor_options: dict[str, Any] | None = None,
+    log_format: str | None = None,
     **runtime_request: Any,
 ) -> EdgeropeServer:
-    """Open the GGUF (``Runtime.open(model_path, **runtime_request)``, validated) and its chat template, and bind
-    the server (``port`` 0: any free port; see ``server.url``).  ``cache_dir``/``use_cache`` as in ``edgerope.apps.ask``:
-    a long system message's KV state (``min_prefix_tokens`` or more) is kept in the document cache.  Raises ``TemplateError`` for a template that does
-    not compile and the runtime's errors for a bad model or request; the runtime is closed on failure."""
-    if max_queue < 0:
-        raise RuntimeConfigError(f"max_queue must be >= 0, got {max_queue}")
-    template = from_gguf(model_path)
-    identity = model_identity(model_path) if use_cache else None  # before loading: the file as it is now
-    rt = Runtime.open(model_path, **runtime_request)
+    """Check the model and settings, start the model worker, bind the socket (``port`` 0: any free port; see
+    ``server.url``).  ``runtime_request`` are ``Runtime.open``'s keyword arguments (n_ctx, type_k, ...);
+    ``max_queue`` (default: ``limits.max_queue``, 8) requests may wait for the model; ``cache_dir``/``use_cache``
+    as in ``edgerope.apps.ask``: a long system message's KV state
+    (``min_prefix_tokens`` or more) is kept in the document cache.  ``default_max_tokens`` bounds a request that
+    gives none; ``limits`` are the HTTP layer's (``edgerope.apps.asgi.Limits``).  Raises ``TemplateError`` for a template that does not compile or render, the runtime's errors
+    for a bad model or request, ``RuntimeConfigError`` for a port it cannot bind; nothing is left running."""
+    base = limits or Limits()
+    limits = Limits(**{**base.__dict__, "max_queue": base.max_queue if max_queue is None else max_queue})
+    if limits.max_queue < 0:
+        raise RuntimeConfigError(f"max_queue must be >= 0, got {limits.max_queue}", fix="use --max-queue 0 or more")
+    if default_max_tokens < 1:
+        raise RuntimeConfigError(f"the default max_tokens must be >= 1, got {default_max_tokens}")
+    with using_gguf(model_path) as f:
+        _checked_template(from_gguf(f))
+        facts = VocabFacts.from_gguf(f)
+        identity = model_identity(f, cache_dir=cache_dir) if use_cache else None
+        path = str(f.path)
+    config = WorkerConfig(
+        model_path=path,
+        runtime_request=dict(runtime_request),
+        model_identity=identity,
+        cache_dir=None if cache_dir is None else str(cache_dir),
+        use_cache=use_cache,
+        min_prefix_tokens=min_prefix_tokens,
+        default_max_tokens=default_max_tokens,
+        log_format=log_format,
+    )
+    supervisor = Supervisor(config, max_buffer_bytes=limits.max_buffer_bytes, **(supervisor_options or {}))
+    supervisor.start()
     try:
-        engine = Engine(
-            rt,
-            template=template,
-            model_id=model_id or Path(model_path).stem,
-            max_queue=max_queue,
-            cache=DocCache(cache_dir) if use_cache else None,
-            model_identity=identity,
-            min_prefix_tokens=min_prefix_tokens,
+        sock = _listen(host, port, send_buffer_bytes=send_buffer_bytes)
+        app = ServerApp(
+            supervisor, model_id=model_id or Path(model_path).stem, facts=facts, api_key=api_key, limits=limits
         )
-        return EdgeropeServer(engine, host=host, port=port, api_key=api_key)
-    except OSError as exc:
-        rt.close()
-        raise RuntimeConfigError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}", fix="choose another --port (0: any free one)"
-        ) from None
+        return EdgeropeServer(
+            app,
+            supervisor,
+            sock,
+            max_connections=max_connections,
+            head_timeout_s=head_timeout_s,
+            keepalive_s=keepalive_s,
+        )
     except BaseException:
-        rt.close()
+        supervisor.close()
         raise

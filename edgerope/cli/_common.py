@@ -1,4 +1,4 @@
-"""Shared plumbing for CLI commands: error mapping, JSON output, progress bars."""
+"""Shared plumbing for CLI commands: error mapping and signals, JSON output, progress bars."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -18,22 +20,59 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_BAD_INPUT = 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP), raised in the main thread like Ctrl-C's KeyboardInterrupt, so that every ``finally``
+    and ``atomic_output`` on the way out removes its temporary files exactly as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise ``Terminated`` (a ``KeyboardInterrupt``) in the main thread;
+    the previous handlers are restored after.  A no-op outside the main thread.  A command that installs its own
+    handlers inside (``serve``) overrides these for its duration."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, _raise_terminated)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def handle_errors(func: F) -> F:
-    """Turn ``EdgeropeError`` (and Ctrl-C) into a clean message and exit code 2, never a traceback."""
+    """Turn ``EdgeropeError`` into a clean message and exit code 2, never a traceback; Ctrl-C, SIGTERM and SIGHUP
+    stop the command the same way (temporary outputs removed on the way out) with exit code 128 + the signal."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with stop_signals_as_interrupt():
+                return func(*args, **kwargs)
         except EdgeropeError as exc:
             if kwargs.get("as_json"):
                 click.echo(json.dumps(exc.to_dict(), indent=2))
             else:
                 click.secho(f"error: {exc.message}", fg="red", err=True)
             sys.exit(EXIT_BAD_INPUT)
-        except KeyboardInterrupt:
-            click.secho("interrupted; no output was written", fg="yellow", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+            what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            click.secho(f"{what}; temporary outputs were removed", fg="yellow", err=True)
+            sys.exit(128 + signum)
 
     return wrapper  # type: ignore[return-value]
 

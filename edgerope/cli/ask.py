@@ -1,7 +1,8 @@
 """``edgerope ask``: answer a question about a long document; the document's KV state is cached on disk.
 
 The answer streams to stdout as it is generated (``--json`` prints one object at the end instead); the
-document's prefill shows a progress bar with an ETA on stderr (tty only).
+document's prefill shows a progress bar with an ETA on stderr (tty only).  A document that is not a regular file
+(a FIFO, a device) or is larger than the model's context can hold is refused before it is read (exit 2).
 """
 
 from __future__ import annotations
@@ -14,24 +15,24 @@ from edgerope.cli._common import cpu_repack_option, echo_json, handle_errors, pr
 
 
 class _Stream:
-    """Prints the answer's text to stdout as it grows (leading whitespace dropped)."""
+    """Prints the answer's text to stdout piece by piece as it is generated (leading whitespace dropped)."""
 
     def __init__(self) -> None:
-        self.shown = ""
+        self.started = False
+        self.trailing = ""  # whitespace held back, so the answer ends without it
 
-    def __call__(self, so_far: str) -> None:
-        text = so_far.lstrip()
-        if text.startswith(self.shown) and len(text) > len(self.shown):
-            click.echo(text[len(self.shown) :], nl=False)
-            self.shown = text
+    def __call__(self, piece: str) -> None:
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        text = self.trailing + piece
+        body = text.rstrip()
+        self.trailing = text[len(body) :]
+        if body:
+            click.echo(body, nl=False)
 
-    def finish(self, final: str) -> None:
-        text = final.strip()
-        if text.startswith(self.shown):
-            click.echo(text[len(self.shown) :])
-        else:  # the streamed pieces and the final decoding disagree: show the final text on its own line
-            click.echo()
-            click.echo(text)
+    def finish(self) -> None:
+        click.echo()
 
 
 def _ctx(value: str | None) -> int | None:
@@ -95,17 +96,15 @@ def ask(
 ) -> None:
     """Answer QUESTION about the document DOC with MODEL (a GGUF); a second question on the same document
     restores its cached state instead of evaluating it again."""
-    from edgerope.apps.ask import ask as run_ask
-    from edgerope.apps.ask import read_document
+    from edgerope.apps.ask import ask_file
 
     n_ctx = _ctx(ctx)
-    text = read_document(doc)
     stream = None if as_json else _Stream()
     request: dict[str, Any] = {"memory_budget": memory} if memory is not None else {}
     with progress_bar("document", unit="tok", enabled=not as_json) as progress:
-        a = run_ask(
+        a = ask_file(
             model,
-            text,
+            doc,
             question,
             n_ctx=n_ctx,
             type_k=kv,
@@ -124,7 +123,7 @@ def ask(
         echo_json(a.to_dict())
         return
     assert stream is not None
-    stream.finish(a.text)
+    stream.finish()
     t = a.timings
     source = "restored from cache" if a.cached else "evaluated"
     if a.truncation is not None:

@@ -49,6 +49,12 @@ def _outtype(ctx: click.Context, param: click.Parameter, value: str) -> str:
     is_flag=True,
     help="Accept rope settings llama.cpp only takes as runtime parameters (e.g. non-default YaRN betas).",
 )
+@click.option(
+    "--lora-gguf",
+    is_flag=True,
+    help="HF_DIR is a LoRA adapter folder: write llama.cpp's adapter GGUF (f32 or f16) instead of the merged model.",
+)
+@click.option("--base", default=None, type=click.Path(file_okay=False), help="A LoRA adapter's base checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def convert(
@@ -58,15 +64,38 @@ def convert(
     force: bool,
     bake_dynamic: int | None,
     allow_runtime_rope: bool,
+    lora_gguf: bool,
+    base: str | None,
     as_json: bool,
 ) -> None:
-    """Convert the Hugging Face checkpoint folder HF_DIR to a GGUF file with exact rope metadata."""
+    """Convert the Hugging Face checkpoint folder HF_DIR to a GGUF file with exact rope metadata.
+
+    A LoRA adapter folder (``finetune --lora``) is merged into its base first, or with --lora-gguf written as
+    llama.cpp's adapter GGUF for a base GGUF with the adapter's rope."""
     from edgerope.convert.export import convert as run_convert
+    from edgerope.convert.lora import convert_merged, is_adapter_folder, write_adapter_gguf
 
     quant = None
+    adapter = is_adapter_folder(hf_dir)
+    if lora_gguf or (base and not adapter):
+        if not adapter:
+            raise click.BadParameter(
+                "HF_DIR is not a LoRA adapter folder (no adapter_config.json)", param_hint="HF_DIR"
+            )
+        rep = write_adapter_gguf(hf_dir, output, outtype=outtype.lower(), base=base, force=force)
+        if as_json:
+            echo_json(rep.to_dict())
+            return
+        click.echo(
+            f"wrote {rep.path} (LoRA adapter, {rep.n_pairs} pairs, rank {rep.rank}, alpha {rep.alpha:g}, {rep.outtype})"
+        )
+        click.echo(f"  runs on:   a {rep.arch} base GGUF with {rep.rope}, context {rep.context_length}")
+        return
     with progress_bar("writing", enabled=not as_json) as progress:
         options = {"bake_dynamic": bake_dynamic, "allow_runtime_rope": allow_runtime_rope, "progress": progress}
-        if outtype in DIRECT_OUTTYPES:
+        if adapter:
+            report, quant = convert_merged(hf_dir, output, outtype=outtype, base=base, force=force, **options)
+        elif outtype in DIRECT_OUTTYPES:
             report = run_convert(hf_dir, output, outtype=outtype, force=force, **options)
         else:
             from edgerope.convert.quantize import convert_quantized

@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
-import sys
-import threading
-from typing import Any
 
 import click
 
 from edgerope.cli._common import cpu_repack_option, handle_errors
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-class _JsonLines(logging.Formatter):
-    """One JSON object per log record: the request fields when the server attached them, else the message."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {"time": round(record.created, 3), "level": record.levelname, "logger": record.name}
-        request = getattr(record, "request", None)
-        data.update(request if isinstance(request, dict) else {"message": record.getMessage()})
-        return json.dumps(data, default=str)
-
-
-def _log_setup(json_logs: bool) -> None:
-    log = logging.getLogger("edgerope.apps.server")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonLines() if json_logs else logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
 
 
 @click.command("serve")
@@ -52,6 +28,20 @@ def _log_setup(json_logs: bool) -> None:
 @click.option("--backend", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--api-key", envvar="EDGEROPE_API_KEY", default=None, help="Require 'Authorization: Bearer KEY'.")
 @click.option("--max-queue", type=int, default=8, show_default=True, help="Requests allowed to wait; more get 429.")
+@click.option(
+    "--default-max-tokens",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Most tokens generated for a request that gives no max_tokens (less if the context has less room).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Open connections at most; more are answered 503.",
+)
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Document cache folder.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the document cache.")
 @click.option(
@@ -75,16 +65,21 @@ def serve(
     backend: str,
     api_key: str | None,
     max_queue: int,
+    default_max_tokens: int,
+    max_connections: int,
     cache_dir: str | None,
     no_cache: bool,
     min_prefix_tokens: int,
     model_id: str | None,
     json_logs: bool,
 ) -> None:
-    """Serve MODEL (a GGUF) over an OpenAI-compatible HTTP API until Ctrl-C or SIGTERM."""
+    """Serve MODEL (a GGUF) over an OpenAI-compatible HTTP API until Ctrl-C or SIGTERM.  The model runs in a
+    worker process that is restarted if it crashes; see README, "Serving"."""
+    from edgerope.apps.logs import configure
     from edgerope.apps.server import open_server
 
-    _log_setup(json_logs)
+    fmt = "json" if json_logs else "text"
+    configure(fmt)
     log = logging.getLogger("edgerope.apps.server")
     if host not in LOOPBACK:
         log.warning("listening on %s: reachable from other machines%s", host, "" if api_key else " without an API key")
@@ -98,38 +93,34 @@ def serve(
         cache_dir=cache_dir,
         use_cache=not no_cache,
         min_prefix_tokens=min_prefix_tokens,
+        default_max_tokens=default_max_tokens,
+        max_connections=max_connections,
+        log_format=fmt,
         n_ctx=n_ctx,
         type_k=kv,
         type_v=kv,
         n_threads=n_threads,
         backend=backend,
     )
-    info = server.engine.runtime.info
-    template = "chat template from the GGUF" if server.engine.template is not None else "plain chat format"
+    info = server.supervisor.info
+    template = "chat template from the GGUF" if info.get("chat_template") else "plain chat format"
     log.info(
-        "listening on %s (model %s, n_ctx %d, KV %s/%s, %s, backend %s, pid %d)",
+        "listening on %s (model %s, n_ctx %d, KV %s/%s, %s, backend %s, pid %d, worker pid %d)",
         server.url,
-        server.engine.model_id,
-        info.n_ctx,
-        info.type_k,
-        info.type_v,
+        server.model_id,
+        info["n_ctx"],
+        info["type_k"],
+        info["type_v"],
         template,
-        info.backend,
+        info["backend"],
         os.getpid(),
-        extra={
-            "request": {"event": "listening", "url": server.url, "n_ctx": info.n_ctx, "model": server.engine.model_id}
-        },
+        info["pid"],
+        extra={"request": {"event": "listening", "url": server.url, "n_ctx": info["n_ctx"], "model": server.model_id}},
     )
-
-    def stop(signum: int, frame: object) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() waits for serve_forever
-
-    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        server.serve_forever()
+        server.serve_forever()  # SIGINT/SIGTERM end it gracefully
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
         server.close()
         log.info("stopped", extra={"request": {"event": "stopped"}})

@@ -11,7 +11,13 @@ Measured on the llama.cpp this project pins, with a tiny llama GGUF whose one va
   ``rope.scaling.attn_factor``, or YaRN with ``original_context_length`` 0 load and run, and every logit is NaN
   or the output degenerate -- the model silently computes something else;
 * ``block_count`` 0 has no layers to run; zero heads, a head count that does not divide, or a rotary dimension
-  that is not the head size are refused by llama.cpp's loader, with a message about a tensor shape.
+  that is not the head size are refused by llama.cpp's loader, with a message about a tensor shape;
+* found by the hostile-input suite (tests/gguf/test_hostile_mutations.py), each an abort at context creation:
+  a K head size other than the V head size (``GGML_ASSERT(n_embd_head == hparams.n_embd_head_k())`` in the graph
+  of most architectures), a rotary dimension other than the head size (``GGML_ASSERT(n_embd_head == n_rot)``),
+  a Q/K/V projection whose rows are not heads x head size (e.g. qwen2 with ``head_count`` 3 on a 64-wide model:
+  ``GGML_ASSERT(ggml_nelements(a) == ne0*ne1*ne2)`` in the reshape; qwen2's loader does not check these rows),
+  and a norm weight or bias that is not F32 (``binary_op: unsupported types`` on the CPU).
 
 What it does not do: check a run request (context, caches: ``edgerope.runtime.preflight``).
 """
@@ -24,15 +30,32 @@ from typing import Any
 from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, Keys, TokenType
 
 from edgerope.errors import GGUFError
+from edgerope.gguf.hparams import MAX_DIM, MAX_HEADS, MAX_LAYERS, ModelHparams, model_hparams
 from edgerope.gguf.reader import GGUFFile
 from edgerope.rope.ggml import ROPE_TENSORS
 
 SUPPORTED_ARCHS = frozenset(MODEL_ARCH_NAMES.values())
 
-
-MAX_LAYERS = 4096  # bounds that keep a corrupt header from allocating gigabytes before llama.cpp refuses it
-MAX_HEADS = 65536
-MAX_DIM = 1 << 20
+# Architectures whose graph asserts K head size == V head size, and those asserting rotary dimension == head size
+# (GGML_ASSERTs in the vendored llama.cpp's src/models/*.cpp, found through each arch's build_arch_graph; an
+# abort at context creation when they do not hold)
+ARCHS_ASSERTING_KV_HEAD_DIMS = frozenset(
+    "afmoe apertus arcee arctic baichuan bailingmoe2 bert bitnet bloom chameleon chatglm codeshell cogvlm cohere2 "
+    "cohere2moe command-r dbrx deci deepseek dflash dots1 dream eagle3 ernie4_5 ernie4_5-moe eurobert exaone falcon "
+    "glm4 glm4moe gpt2 gptneox granite granite_swa granitehybrid graniteswitch grok grovemoe hunyuan-moe hunyuan_vl "
+    "hy_v3 internlm2 jais jais2 laguna llada llada-moe llama llama4 maincoder mellum minimax-01 minimax-m2 minimax-m3 "
+    "mistral3 modern-bert mpt muse-glimmer nanbeige nemotron nemotron_h nemotron_h_moe neo-bert olmo olmo2 olmoe "
+    "openelm orion paddleocr pangu-embedded phi2 phi3 plamo pockettts qwen qwen2 qwen2moe qwen2vl qwen3 qwen35 "
+    "qwen35moe qwen3moe qwen3next qwen3vl qwen3vlmoe qwen4exp refact rnd1 seed_oss smallthinker smollm3 spark2_5 "
+    "stablelm starcoder starcoder2 t5 xverse".split()
+)
+ARCHS_ASSERTING_FULL_ROTARY = frozenset(
+    "apertus arcee arctic baichuan chameleon codeshell cogvlm cohere2moe dbrx deci deepseek dots1 dream ernie4_5 "
+    "ernie4_5-moe exaone exaone-moe exaone4 falcon granite granite_swa graniteswitch grok grovemoe hunyuan-moe "
+    "hunyuan_vl hy_v3 internlm2 jais2 llada llada-moe llama llama4 maincoder mellum minimax-01 minimax-m2 minimax-m3 "
+    "mistral3 nemotron olmo olmo2 olmoe orion paddleocr pangu-embedded plamo pockettts qwen2 qwen2moe qwen2vl qwen3 "
+    "qwen3moe qwen3vl qwen3vlmoe rnd1 seed_oss smallthinker smollm3 starcoder2 talkie xverse".split()
+)
 
 
 def _number(f: GGUFFile, template: str) -> Any:
@@ -45,6 +68,51 @@ def _is_real(value: Any) -> bool:
 
 def _ints(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def shape_problems(f: GGUFFile, hp: ModelHparams) -> list[str]:
+    """Head sizes and tensor shapes the architecture's graph asserts on (the module docstring), each in words."""
+    arch, problems = f.architecture, []
+    if arch in ARCHS_ASSERTING_KV_HEAD_DIMS and hp.head_dim_k != hp.head_dim_v:
+        problems.append(
+            f"the K head size {hp.head_dim_k} differs from the V head size {hp.head_dim_v}: llama.cpp's {arch} graph "
+            "aborts on it (GGML_ASSERT)"
+        )
+    if arch in ARCHS_ASSERTING_FULL_ROTARY and max(hp.n_head_layers) and hp.n_rot != hp.head_dim_v:
+        problems.append(
+            f"rope.dimension_count {hp.n_rot} differs from the head size {hp.head_dim_v}: llama.cpp's {arch} graph "
+            "aborts on it (GGML_ASSERT)"
+        )
+    if arch in ARCHS_ASSERTING_KV_HEAD_DIMS:
+        problems += _projection_problems(f, hp)
+    for t in f.tensors:
+        if len(t.shape) == 1 and t.name.endswith(("norm.weight", ".bias")) and t.ggml_type != GGMLQuantizationType.F32:
+            problems.append(
+                f"{t.name} is {t.ggml_type.name}: llama.cpp's CPU backend aborts on a norm weight or bias that is "
+                "not F32 ('binary_op: unsupported types')"
+            )
+            break
+    return problems
+
+
+def _projection_problems(f: GGUFFile, hp: ModelHparams) -> list[str]:
+    """The attention projections' rows against heads x head size, per layer (the graph reshapes them so)."""
+    heads, kv_heads = hp.n_head_layers, hp.n_head_kv_layers
+    for i in range(hp.n_layers):
+        want = {
+            "attn_q": (heads[i] * hp.head_dim_k, 2 * heads[i] * hp.head_dim_k),  # gated attention doubles Q
+            "attn_k": (kv_heads[i] * hp.head_dim_k,),
+            "attn_v": (kv_heads[i] * hp.head_dim_v,),
+            "attn_qkv": ((heads[i] + 2 * kv_heads[i]) * hp.head_dim_k,),
+        }
+        for kind, rows in want.items():
+            t = f.tensor(f"blk.{i}.{kind}.weight")
+            if t is not None and heads[i] and len(t.shape) == 2 and t.shape[1] not in rows:
+                return [
+                    f"{t.name} has {t.shape[1]} rows, but {heads[i]} heads (KV {kv_heads[i]}) of size {hp.head_dim_k} "
+                    f"need {rows[0]}: llama.cpp's attention reshape aborts on it (GGML_ASSERT)"
+                ]
+    return []
 
 
 def value_problems(f: GGUFFile) -> list[str]:
@@ -95,6 +163,11 @@ def value_problems(f: GGUFFile) -> list[str]:
     orig = _number(f, Keys.Rope.SCALING_ORIG_CTX_LEN)
     if stype in ("yarn", "longrope") and orig is not None and (not isinstance(orig, int) or orig < 1):
         problems.append(f"rope.scaling.original_context_length is {orig!r} with {stype} scaling: it must be >= 1")
+    if not problems:
+        try:
+            problems += shape_problems(f, model_hparams(f))
+        except GGUFError:
+            pass  # counts out of bounds: model_hparams' own error is reported by its callers
     return problems
 
 

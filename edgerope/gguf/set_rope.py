@@ -2,7 +2,7 @@
 
 ``set_rope`` builds the requested rope variant with ``edgerope.rope.scaling`` (none,
 linear, YaRN or static NTK; options checked in ``edgerope.gguf.set_rope_variant``), maps it to GGUF keys with
-``edgerope.rope.ggml.plan_gguf_rope`` for the file's architecture (which
+``edgerope.rope.gguf_plan.plan_gguf_rope`` for the file's architecture (which
 refuses what that architecture would ignore), replaces the rope keys, drops
 stale scaling keys and frequency-factor tensors that would change the new
 function, and keeps every other key byte for byte.  The header is written by
@@ -13,7 +13,7 @@ byte with ``full_verify=True``.  The output is then re-opened and checked (metad
 offsets, the rope function llama.cpp resolves) before it is renamed into
 place.  Temp file in the destination folder, so a failure never leaves a
 partial output; the input is only replaced with ``in_place=True`` and only
-after verification.
+after verification (through a symlink: its target is rewritten and the link kept).
 
 What it does not do: touch tensor values, convert or quantize (``edgerope.convert.export``),
 or decide rope math (``edgerope.rope.scaling``).
@@ -34,10 +34,11 @@ from gguf import GGUFValueType, GGUFWriter, Keys
 from edgerope.errors import OutputError, UnsupportedRopeError
 from edgerope.gguf.hparams import model_hparams
 from edgerope.gguf.reader import GGUFFile, TensorInfo, open_gguf
-from edgerope.gguf.set_rope_variant import build_variant, check_yarn_betas
+from edgerope.gguf.set_rope_variant import build_variant, check_yarn_betas, family_notes, sliding_rope
 from edgerope.gguf.verify import open_written, rope_function_problem
 from edgerope.gguf.writer import FastArrayWriter
-from edgerope.rope.ggml import ROPE_TENSORS, GGUFRopePlan, key, plan_gguf_rope
+from edgerope.rope.ggml import ROPE_TENSORS, key
+from edgerope.rope.gguf_plan import GGUFRopePlan, plan_gguf_rope
 from edgerope.rope.scaling import RopeScaling, describe
 from edgerope.system.files import check_free_space, check_output, copy_range, partial_path
 
@@ -102,8 +103,11 @@ def _check_paths(
     if in_place:
         if out_path is not None and Path(out_path).resolve() != src.resolve():
             raise OutputError("--in-place rewrites the input; do not also name a different output", where=str(out_path))
-        check_free_space(src.parent, need_bytes)
-        return src
+        # through a symlink (how the Hugging Face hub cache lays out files) the target is rewritten, beside the
+        # target (same file system: an atomic rename), and the link keeps pointing at it
+        target = src.resolve(strict=True) if src.is_symlink() else src
+        check_free_space(target.parent, need_bytes)
+        return target
     if out_path is None:
         raise OutputError("no output file given", fix="pass -o OUT.gguf, or --in-place to replace the input")
     dest = Path(out_path)
@@ -271,10 +275,12 @@ def _rewrite(
         beta_slow=beta_slow,
     )
     check_yarn_betas(f, rope)
-    plan = plan_gguf_rope(rope, arch=f.architecture, head_dim=n_rot, context_length=ctx)
+    plan = plan_gguf_rope(rope, arch=f.architecture, head_dim=n_rot, context_length=ctx, sliding_rope=sliding_rope(f))
     if plan.tensors:  # only llama3/longrope produce tensors, and set-rope does not build those
         raise UnsupportedRopeError(f"set-rope cannot write frequency-factor tensors ({', '.join(plan.tensors)})")
     report = _new_report(f, dest, in_place=in_place, rope=rope, context_length=ctx, plan=plan, stale=stale_tensors)
+    if in_place and dest != src:
+        report.notes.append(f"{src} is a symlink: its target {dest} was rewritten (the link is kept)")
     kv = _header_kv(f, plan)
     tensors = [t for t in f.tensors if t.name not in stale_tensors]
     total = sum(t.n_bytes for t in tensors)
@@ -365,11 +371,7 @@ def _new_report(
         old = f.metadata.get(k)
         if old is None or old.type != vtype or not _same_value(old.value, value, vtype):
             report.changed_keys[k] = value
-    if f.arch_get(Keys.Attention.SLIDING_WINDOW) is not None or f.arch_get(Keys.Rope.FREQ_BASE_SWA) is not None:
-        report.notes.append(
-            f"{arch} has sliding-window layers with rope settings of their own; set-rope changed the global rope "
-            "keys only"
-        )
+    report.notes += family_notes(f)
     for name in stale:
         report.notes.append(
             f"removed {name}: its per-pair factors belong to the previous rope scaling; the new function is "

@@ -4,7 +4,9 @@
 context, context length, base, YaRN attention factor and betas) and the file's current rope keys into
 an ``edgerope.rope.scaling`` variant and the context length to record; every inconsistent combination
 is a ``RopeConfigError``.  ``check_yarn_betas`` refuses YaRN betas that the file's architecture would
-ignore.
+ignore.  Per family: ``sliding_rope`` is the rope of Gemma 3's sliding-window layers, which set-rope keeps
+(and verifies unchanged: llama.cpp applies a YaRN attention factor there too), and ``family_notes`` says
+what set-rope changed in a family with more than one rope function or a partial one.
 
 What it does not do: decide rope math (``edgerope.rope.scaling``), map the variant to GGUF keys
 (``edgerope.rope.ggml``) or write the file (``edgerope.gguf.set_rope``).
@@ -17,9 +19,16 @@ import math
 from gguf import Keys
 
 from edgerope.errors import RopeConfigError, UnsupportedRopeError
+from edgerope.gguf.hparams import model_hparams
 from edgerope.gguf.reader import GGUFFile
 from edgerope.rope import SCALING_CHOICES
-from edgerope.rope.ggml import ARCHS_READING_YARN_BETAS, ROPE_TENSORS
+from edgerope.rope.ggml import (
+    ARCHS_READING_YARN_BETAS,
+    DEFAULT_SWA_FREQ_BASE,
+    ROPE_TENSORS,
+    has_sliding_rope,
+    key,
+)
 from edgerope.rope.scaling import (
     DEFAULT_THETA,
     YARN_BETA_FAST,
@@ -196,3 +205,39 @@ def _variant(
     if freq_base is not None:
         return Default(theta=theta)  # NTK given directly as the new base
     raise RopeConfigError("--type ntk needs --factor (alpha) or --freq-base (the new base)", where=where)
+
+
+# --------------------------------------------------------------------------- per family
+
+
+def sliding_rope(f: GGUFFile) -> Default | None:
+    """The rope of the sliding-window layers where they have their own (Gemma 3), which set-rope keeps."""
+    if not has_sliding_rope(f.architecture, f.arch_kv()):
+        return None
+    return Default(theta=float(f.arch_get(Keys.Rope.FREQ_BASE_SWA, DEFAULT_SWA_FREQ_BASE)))
+
+
+def family_notes(f: GGUFFile) -> list[str]:
+    """What set-rope changed, in words, for the families with several rope functions or a partial one."""
+    arch, notes = f.architecture, []
+    hp = model_hparams(f)
+    n_rot, head_dim = hp.n_rot, hp.head_dim_k
+    if (local := sliding_rope(f)) is not None:
+        pattern = f.arch_get(Keys.Attention.SLIDING_WINDOW_PATTERN)
+        n_sliding = sum(bool(x) for x in pattern) if isinstance(pattern, list) else None
+        which = f"the {n_sliding} sliding-window layers" if n_sliding is not None else "the sliding-window layers"
+        notes.append(
+            f"{arch} has two rope functions: set-rope changed the one of the full-attention (global) layers "
+            f"({key(Keys.Rope.FREQ_BASE, arch)}, rope.scaling.*); {which} keep plain rope at base "
+            f"{local.theta:g} ({key(Keys.Rope.FREQ_BASE_SWA, arch)}), which llama.cpp never scales"
+        )
+    elif f.arch_get(Keys.Attention.SLIDING_WINDOW) is not None or f.arch_get(Keys.Rope.FREQ_BASE_SWA) is not None:
+        notes.append(
+            f"{arch} has sliding-window layers with rope settings of their own; set-rope changed the global rope "
+            "keys only"
+        )
+    if arch == "smollm3":
+        notes.append("smollm3 applies no rope on every 4th layer (NoPE); the new rope reaches the other layers")
+    if n_rot != head_dim:
+        notes.append(f"rope.dimension_count {n_rot} of a {head_dim}-channel head: the rope rotates {n_rot} channels")
+    return notes

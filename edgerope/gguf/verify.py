@@ -20,7 +20,8 @@ from gguf import GGUFValueType
 
 from edgerope.errors import EdgeropeError, OutputError
 from edgerope.gguf.reader import GGUFFile, open_gguf
-from edgerope.rope.ggml import GGUFRopePlan, LlamaCppRope
+from edgerope.rope.ggml import LlamaCppRope, has_sliding_rope
+from edgerope.rope.gguf_plan import GGUFRopePlan
 from edgerope.rope.scaling import RopeScaling, attention_factor, inv_freq
 
 
@@ -54,20 +55,33 @@ def rope_plan_problems(g: GGUFFile, plan: GGUFRopePlan) -> list[str]:
 
 
 def rope_function_problem(
-    g: GGUFFile, rope: RopeScaling, *, n_rot: int, plan: GGUFRopePlan, n_ctx: int | None = None
+    g: GGUFFile,
+    rope: RopeScaling,
+    *,
+    n_rot: int,
+    plan: GGUFRopePlan,
+    n_ctx: int | None = None,
+    layer: str = "full",
 ) -> str | None:
     """None when llama.cpp would compute ``rope`` from the written file (1e-6 relative), else why not.
 
     ``n_ctx``: the context both sides are resolved at (LongRoPE picks its factors from it; docs/llama_cpp.md
-    pitfall 8); None: llama.cpp's default context and Hugging Face's short sequences."""
+    pitfall 8); None: llama.cpp's default context and Hugging Face's short sequences.  ``layer``
+    ``"sliding"``: the sliding-window layers of an arch that ropes them on a base of their own (Gemma 3);
+    checking the full layers checks these too when the plan records their rope (``plan.sliding``)."""
+    if layer == "full" and plan.sliding is not None and has_sliding_rope(g.architecture, g.arch_kv()):
+        problem = rope_function_problem(g, plan.sliding, n_rot=n_rot, plan=plan, n_ctx=n_ctx, layer="sliding")
+        if problem:
+            return problem
     got = LlamaCppRope.from_gguf(
-        g.architecture, g.arch_kv(), tensors=g.freq_factors(), n_ctx=n_ctx, runtime=plan.runtime
+        g.architecture, g.arch_kv(), tensors=g.freq_factors(), n_ctx=n_ctx, runtime=plan.runtime, layer=layer
     )
     want = inv_freq(rope, n_rot, seq_len=n_ctx)
     err = float(np.max(np.abs(got.inv_freq(n_rot) - want) / want))
     if err > 1e-6 or not math.isclose(got.magnitude, attention_factor(rope), rel_tol=1e-6):
         return (
-            f"llama.cpp would resolve a different rope function (frequency error {err:.2e}, magnitude "
+            f"llama.cpp would resolve a different rope function{'' if layer == 'full' else ' on the ' + layer + ' layers'}"
+            f" (frequency error {err:.2e}, magnitude "
             f"{got.magnitude:.6g} vs {attention_factor(rope):.6g})"
         )
     return None

@@ -7,8 +7,15 @@ What it does, from one base checkpoint (by default the built-in tiny model, trai
   plus a fine-tune (``edgerope finetune`` at the target length, or PoSE inside the original window), each
   fine-tune run as its own ``python -m edgerope finetune`` process so that its peak memory is its own;
 * converts every checkpoint to a GGUF (Q8_0 weights by default) with ``edgerope.convert.export.convert``;
+* fine-tunes on one of three data recipes (``DATA``): ``jsonl``, a JSONL file of documentation spans and
+  retrieval samples in EVAL.md's templates (``edgerope.train.synthetic.write_jsonl``; the demo's); ``text``,
+  the documentation as one plain-text file with finetune's default retrieval mix (the command README
+  documents for a user's own text); ``text-only``, the same file with ``--retrieval-mix 0``; every weight, or
+  LoRA adapters (``Variant.lora``, merged when converted);
 * evaluates each GGUF in llama.cpp (``edgerope.runtime.runtime``; q8_0 KV cache by default): passkey accuracy per
-  length x depth (a prompt "at length L" leaves room for the answer inside L), multi-key accuracy, and the
+  length x depth (a prompt "at length L" leaves room for the answer inside L) in EVAL.md's format and, with
+  ``Settings.independent``, in a format no training data holds (``extend_eval.independent_passkey_grid``),
+  multi-key accuracy, and the
   perplexity of the same held-out documentation tokens (the first max(ppl_lengths) of each document) read
   through a context window of each length (sliding, stride half the window; the longest is one pass: EVAL.md's
   signature of success is that more context lowers it), all through ``edgerope.evaluation.protocols``
@@ -40,6 +47,12 @@ from edgerope.train.synthetic import write_jsonl
 
 TUNES = (None, "full", "pose")
 CHARS_PER_TOKEN = 3.0  # rough size of the tiny tokenizer's tokens, only to size the fine-tuning samples
+DATA = {  # data recipe -> what it is, in words (reports say which data each number used)
+    "jsonl": "synthetic JSONL: documentation spans + passkey/multi-key/Q&A samples in EVAL.md's templates",
+    "text": "the documentation as one .txt file, finetune's default retrieval mix (README's command)",
+    "text-only": "the documentation as one .txt file, --retrieval-mix 0 (the text alone)",
+}
+TEXT_FILE = "pydoc_topics.txt"  # the plain-text file of the text recipes, in the work folder
 
 
 @dataclass(frozen=True)
@@ -50,8 +63,14 @@ class Variant:
     rope: str = "none"
     factor: float = 1.0
     tune: str | None = None
+    data: str = "jsonl"  # a key of DATA (fine-tuned variants)
+    lora: bool = False  # LoRA adapters (finetune --lora) instead of every weight
 
     def __post_init__(self) -> None:
+        if self.data not in DATA:
+            raise ConfigError(f"unknown data recipe {self.data!r}", fix=f"use one of {', '.join(DATA)}")
+        if self.lora and self.tune is None:
+            raise ConfigError(f"{self.name}: LoRA needs a fine-tune")
         if self.rope not in SCALING_CHOICES:
             raise ConfigError(f"unknown rope type {self.rope!r}", fix=f"use one of {', '.join(SCALING_CHOICES)}")
         if self.tune not in TUNES:
@@ -97,9 +116,12 @@ class Settings:
     whole_documents: bool = False  # finetune --whole-documents: no retrieval sample cut at a row boundary
     min_fraction: int = 32  # full fine-tune samples are 1/32 .. 1 of the target: short distances stay trained
     lr: float = 1e-3
+    lora_lr: float | None = None  # None: finetune's LoRA default
+    text_steps: int | None = None  # full fine-tunes on the text recipes: None = ft_steps
     seed: int = 0
     eval_seed: int = 1234
     n_threads: int | None = None
+    independent: bool = False  # also the passkey grid in the independent format (extend_eval)
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 64:
@@ -132,6 +154,9 @@ class VariantResult:
     perplexity_detail: dict[int, dict[str, Any]] = field(default_factory=dict)
     finetune: dict[str, Any] | None = None
     seconds: float = 0.0
+    data: str | None = None  # the data recipe, in words (None: no training)
+    independent: dict[str, Any] = field(default_factory=dict)  # grid in the independent format
+    independent_by_length: dict[int, float] = field(default_factory=dict)
 
     @property
     def passkey_accuracy(self) -> float:
@@ -167,23 +192,41 @@ def _noop(_: str) -> None:
 # ---------------------------------------------------------------------------------------------------- models
 
 
-def _finetune_process(
+def _finetune_command(
     base: Path, out: Path, data: Path, variant: Variant, s: Settings, target: int, original: int
-) -> dict[str, Any]:
-    """``python -m edgerope finetune ... --json`` in its own process; its report (peak memory is that run's)."""
+) -> list[str]:
+    """The ``python -m edgerope finetune`` command line of a variant."""
     pose = variant.tune == "pose"
+    steps = s.pose_steps_for(target, original) if pose else s.ft_steps
+    if variant.data != "jsonl" and not pose and s.text_steps:
+        steps = s.text_steps
     cmd = [
         sys.executable, "-m", "edgerope", "finetune", str(base), "--data", str(data), "-o", str(out),
-        "--rope", variant.rope, "--target-context", str(target),
-        "--steps", str(s.pose_steps_for(target, original) if pose else s.ft_steps),
+        "--rope", variant.rope, "--target-context", str(target), "--steps", str(steps),
         "--batch-size", str(s.pose_batch if pose else s.ft_batch),
         "--grad-accum", str(s.pose_grad_accum if pose else 1),
-        "--lr", str(s.lr), "--seed", str(s.seed), "--holdout", "0.02", "--device", "cpu", "--force", "--json",
+        "--seed", str(s.seed), "--device", "cpu", "--force", "--json",
     ]  # fmt: skip
+    if variant.lora:
+        cmd += ["--lora"] + (["--lr", str(s.lora_lr)] if s.lora_lr else [])
+    else:
+        cmd += ["--lr", str(s.lr)]
+    if variant.data == "jsonl":  # the demo's recipe, as it was: many documents, its own retrieval samples
+        cmd += ["--holdout", "0.02", "--retrieval-mix", "0"]
+    elif variant.data == "text-only":
+        cmd += ["--retrieval-mix", "0"]
     if pose:
         cmd += ["--pose", "--pose-chunks", str(s.pose_chunks)]
     if s.whole_documents:
         cmd.append("--whole-documents")
+    return cmd
+
+
+def _finetune_process(
+    base: Path, out: Path, data: Path, variant: Variant, s: Settings, target: int, original: int
+) -> dict[str, Any]:
+    """``python -m edgerope finetune ... --json`` in its own process; its report (peak memory is that run's)."""
+    cmd = _finetune_command(base, out, data, variant, s, target, original)
     env = dict(os.environ)
     if s.n_threads:
         env["OMP_NUM_THREADS"] = str(s.n_threads)
@@ -196,10 +239,12 @@ def _finetune_process(
         )
     report = json.loads(proc.stdout)
     keep = ("steps", "seq_len", "tokens", "seconds", "tokens_per_s", "peak_memory_bytes",
-            "memory_before_training_bytes", "precision", "pose", "heldout_losses")  # fmt: skip
+            "memory_before_training_bytes", "precision", "pose", "heldout_losses", "data", "lora",
+            "trainable_params")  # fmt: skip
     out_report = {k: report[k] for k in keep}
     out_report["final_loss"] = float(sum(report["losses"][-10:]) / len(report["losses"][-10:]))
     out_report["training_memory_bytes"] = report["peak_memory_bytes"] - report["memory_before_training_bytes"]
+    out_report["command"] = ["edgerope", *cmd[3:]]
     return out_report
 
 
@@ -228,10 +273,20 @@ def _gguf_for(
     ckpt = work / slug
     kind = f"PoSE inside the {original} window" if variant.tune == "pose" else f"full length, {target} tokens"
     step(f"{variant.name}: edgerope finetune --rope {variant.rope} ({kind})")
-    ft = _finetune_process(base, ckpt, data[variant.tune], variant, s, target, original)
+    ft = _finetune_process(base, ckpt, data[_data_key(variant)], variant, s, target, original)
     out = work / f"{slug}.gguf"
-    convert(ckpt, out, outtype=s.weights, force=True)
+    if variant.lora:
+        from edgerope.convert.lora import convert_merged
+
+        convert_merged(ckpt, out, outtype=s.weights, force=True)
+    else:
+        convert(ckpt, out, outtype=s.weights, force=True)
     return out, {**ft, "checkpoint": str(ckpt)}
+
+
+def _data_key(v: Variant) -> str:
+    """Which data file a fine-tuned variant reads: the demo's JSONL (per tune kind) or the one text file."""
+    return str(v.tune) if v.data == "jsonl" else "text"
 
 
 def _write_data(work: Path, base: Path, s: Settings, variants: Sequence[Variant]) -> dict[str, Path]:
@@ -240,8 +295,13 @@ def _write_data(work: Path, base: Path, s: Settings, variants: Sequence[Variant]
 
     original = ModelConfig.load(base).max_position_embeddings
     out: dict[str, Path] = {}
+    if any(v.tune is not None and v.data != "jsonl" for v in variants):
+        from edgerope.train.synthetic import corpus_text
+
+        out["text"] = work / TEXT_FILE  # what a user has: one plain-text file (never the held-out topics)
+        out["text"].write_text(corpus_text(), encoding="utf-8")
     for v in variants:
-        if v.tune is None or v.tune in out:
+        if v.tune is None or v.data != "jsonl" or v.tune in out:
             continue
         if v.tune == "full":
             target = target_context(original, v.factor)
@@ -346,6 +406,9 @@ def _variant_result(
         perplexity_detail=ev.get("perplexity_detail", {}),
         finetune=ft,
         seconds=time.perf_counter() - tv,
+        data=DATA[v.data] if v.tune else None,
+        independent=ev.get("independent", {}),
+        independent_by_length=ev.get("independent_by_length", {}),
     )
 
 
@@ -369,15 +432,21 @@ def _lengths(report: ExtensionReport) -> list[int]:
 
 
 def format_table(report: ExtensionReport) -> str:
-    """The results as a text table: passkey accuracy per length, perplexity per length, fine-tuning cost."""
+    """The results as a text table: passkey accuracy per length (EVAL.md's format, and the independent format when
+    measured), perplexity per length, fine-tuning cost; then which data each fine-tuned variant used."""
     lengths = _lengths(report)
+    ind = sorted({n for r in report.results for n in r.independent_by_length})
     ppl = sorted({n for r in report.results for n in r.perplexity})
-    head = f"{'variant':<24}{'ctx':>6}" + "".join(f"{'pk@' + str(n):>9}" for n in lengths)
+    head = f"{'variant':<26}{'ctx':>6}" + "".join(f"{'pk@' + str(n):>9}" for n in lengths)
+    head += "".join(f"{'ipk@' + str(n):>9}" for n in ind)
     head += "".join(f"{'ppl@' + str(n):>10}" for n in ppl) + f"{'train tok/s':>13}{'train MiB':>11}{'train s':>9}"
     rows = [head]
     for r in report.results:
         cells = "".join(
             f"{100 * r.passkey_by_length[n]:>8.0f}%" if n in r.passkey_by_length else f"{'-':>9}" for n in lengths
+        )
+        cells += "".join(
+            f"{100 * r.independent_by_length[n]:>8.0f}%" if n in r.independent_by_length else f"{'-':>9}" for n in ind
         )
         cells += "".join(f"{r.perplexity[n]:>10.2f}" if n in r.perplexity else f"{'-':>10}" for n in ppl)
         ft = r.finetune
@@ -385,16 +454,27 @@ def format_table(report: ExtensionReport) -> str:
             cells += f"{ft['tokens_per_s']:>13.0f}{ft['training_memory_bytes'] / 2**20:>11.0f}{ft['seconds']:>9.1f}"
         else:
             cells += f"{'-':>13}{'-':>11}{'-':>9}"
-        rows.append(f"{r.name:<24}{r.context_length:>6}{cells}")
+        rows.append(f"{r.name:<26}{r.context_length:>6}{cells}")
     trials = report.settings["trials"] * len(report.settings["depths"])
     depths = ", ".join(f"{d:g}" for d in report.settings["depths"])
     n_max = max(ppl) if ppl else 0
+    fmt = " in EVAL.md's format" if ind else ""
     rows.append(
-        f"\npk@N: passkey accuracy, prompt and answer within N tokens ({trials} trials per length, key at depths "
-        f"{depths}).\nppl@N: perplexity of the first {n_max} tokens of held-out documentation (never trained on), "
+        f"\npk@N: passkey accuracy{fmt}, prompt and answer within N tokens ({trials} trials per length, key at depths "
+        f"{depths})."
+        + (
+            "\nipk@N: the same in the independent format (its own intro, filler, needle, question and key range; no "
+            "training data holds it)."
+            if ind
+            else ""
+        )
+        + f"\nppl@N: perplexity of the first {n_max} tokens of held-out documentation (never trained on), "
         f"read through a window of N tokens (ppl@{n_max}: one pass).\nGGUF {report.settings['weights']} weights, "
         f"KV cache {report.settings['kv']}, llama.cpp.  train MiB: memory growth while fine-tuning (peak RSS)."
     )
+    recipes = {r.name: r.data for r in report.results if r.data}
+    if ind or set(recipes.values()) - {DATA["jsonl"]}:
+        rows.append("fine-tuning data:\n" + "\n".join(f"  {n}: {d}" for n, d in recipes.items()))
     return "\n".join(rows)
 
 

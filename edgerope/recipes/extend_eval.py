@@ -5,6 +5,10 @@ What it does, through ``edgerope.evaluation.protocols``:
 * ``evaluate_gguf``: the passkey grid per length x depth (a prompt "at length L" leaves room for the answer
   inside L), multi-key accuracy, and the perplexity of the same held-out documentation tokens read through a
   context window of each length (sliding, stride half the window; the longest is one pass);
+* ``independent_passkey_grid``: a passkey test in a wording and filler of its own (``INDEPENDENT_*``), never in
+  any training data: edgerope's training samples (``edgerope.train``) cannot import this module, the layer
+  below never sees it, and a test checks that no generated sample holds its phrases.  It tells whether a
+  fine-tune learned to retrieve or only learned EVAL.md's template;
 * ``passkey_agreement``: the same passkey grid in PyTorch and in llama.cpp, the fraction of equal answers;
 * ``kv_comparison``: passkey accuracy and next-token KL divergence per KV cache type against a reference type.
 
@@ -28,6 +32,21 @@ if TYPE_CHECKING:
 
 ANSWER_ROOM = 16  # a passkey prompt "at length L" has L - ANSWER_ROOM tokens, so prompt + answer fit in L
 
+# The independent passkey format: every part differs from EVAL.md's (intro, filler, needle, question, key range),
+# joined by spaces, not newlines, and the filler is whole sentences of a text about a village, drawn at random.
+INDEPENDENT_INTRO = "Below is a long passage. Somewhere inside it is a number you will be asked to recall at the end."
+INDEPENDENT_SENTENCES = (
+    "The old mill stands beside the river.", "Children play in the square after school.",
+    "A baker sells warm bread every morning.", "Fishing boats return to the harbour at dusk.",
+    "The library closes early on Sundays.", "Snow covers the hills in the winter months.",
+    "A narrow road winds up to the chapel.", "Farmers bring apples and cheese to the market.",
+    "The clock on the town hall runs a little slow.", "Swallows nest under the bridge each spring.",
+    "An old dog sleeps in the sun by the door.", "The teacher reads a story to the class.",
+)  # fmt: skip
+INDEPENDENT_NEEDLE = "Remember this: the access code is {k}."
+INDEPENDENT_QUESTION = "Now recall the number given in the passage. The access code is"
+INDEPENDENT_KEYS = (10000, 99999)  # five digits (EVAL.md's range is 1..50000)
+
 
 def _heldout_ids(b: protocols.Backend, n: int) -> list[list[int]]:
     """The first ``n`` tokens of each held-out documentation topic that has ``n`` (perplexity and KL text)."""
@@ -44,6 +63,61 @@ def _passkey(b: protocols.Backend, s: Settings, lengths: Sequence[int]) -> proto
     return grid
 
 
+def independent_passkey_text(key: int, *, depth: float, n_chars: int, seed: Sequence[int]) -> str:
+    """The independent format's prompt: intro, up to ``n_chars`` of whole filler sentences (drawn with ``seed``)
+    with the needle between two of them at ``depth``, the question; joined by spaces."""
+    rng = np.random.default_rng(list(seed))
+    sentences: list[str] = []
+    size = 0
+    while True:
+        s = INDEPENDENT_SENTENCES[int(rng.integers(len(INDEPENDENT_SENTENCES)))]
+        if size + len(s) + 1 > n_chars:
+            break
+        sentences.append(s)
+        size += len(s) + 1
+    cut = round(depth * len(sentences))
+    parts = [INDEPENDENT_INTRO, *sentences[:cut], INDEPENDENT_NEEDLE.format(k=key), *sentences[cut:]]
+    return " ".join([*parts, INDEPENDENT_QUESTION])
+
+
+def _fit_independent(tokenize: protocols.TokenizeFn, length: int, build: Any) -> list[int]:
+    """The tokens of the longest ``build(n_chars)`` within ``length`` tokens (binary search on n_chars)."""
+    lo, hi, best = 0, 8 * length, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        ids = tokenize(build(mid))
+        if len(ids) <= length:
+            best, lo = ids, mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        raise ConfigError(f"the independent passkey prompt does not fit {length} tokens", fix="use longer lengths")
+    return best
+
+
+def independent_passkey_grid(
+    b: protocols.Backend, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int
+) -> protocols.GridResult:
+    """Passkey accuracy per (length, depth) in the independent format: prompts of L - ANSWER_ROOM tokens,
+    reported under L; keys and filler from the RNG seeded [seed, L, depth index, trial]; greedy, 10 tokens,
+    scored as EVAL.md scores (the first integer of the output)."""
+    cells = []
+    for length in lengths:
+        for j, depth in enumerate(depths):
+            cell = protocols.Cell(int(length), float(depth), [seed, int(length), j])
+            for t in range(trials):
+                s = [seed, int(length), j, t]
+                key = int(np.random.default_rng(s).integers(INDEPENDENT_KEYS[0], INDEPENDENT_KEYS[1], endpoint=True))
+                ids = _fit_independent(
+                    b.tokenize,
+                    length - ANSWER_ROOM,
+                    lambda n, key=key, s=s, d=depth: independent_passkey_text(key, depth=d, n_chars=n, seed=s),
+                )
+                cell.record(b.generate(ids, protocols.MAX_NEW_TOKENS), key, key=key, n_tokens=len(ids))
+            cells.append(cell)
+    return protocols.GridResult("passkey-independent", seed, trials, cells)
+
+
 def evaluate_gguf(gguf: Path, s: Settings, *, lengths: Sequence[int] | None = None) -> dict[str, Any]:
     """Passkey grid, multi-key and held-out perplexity of one GGUF in llama.cpp (``s.kv`` cache)."""
     from edgerope.evaluation.report import model_context
@@ -55,6 +129,9 @@ def evaluate_gguf(gguf: Path, s: Settings, *, lengths: Sequence[int] | None = No
     with protocols.llama_backend(gguf, allow_extrapolation=longest > ctx, **options) as b:
         grid = _passkey(b, s, lengths)
         out: dict[str, Any] = {"context_length": ctx, "passkey": grid.to_dict(), "passkey_by_length": grid.by_length()}
+        if s.independent:
+            ind = independent_passkey_grid(b, lengths, s.depths, s.trials, s.eval_seed)
+            out["independent"], out["independent_by_length"] = ind.to_dict(), ind.by_length()
         if s.multikey_trials:
             mk = protocols.multikey_grid(
                 b.generate, b.tokenize, [n - ANSWER_ROOM for n in lengths], s.multikey_trials, s.eval_seed

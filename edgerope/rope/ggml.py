@@ -1,14 +1,9 @@
 """The rope function llama.cpp computes, and how each edgerope variant is stored in GGUF.
 
-Two directions, one module, so that they can check each other:
-
-* ``LlamaCppRope.from_gguf`` resolves GGUF rope keys (and runtime overrides)
-  the way llama.cpp's loader and context do (docs/llama_cpp.md §1-§3) into
-  the per-pair angles and the cos/sin magnitude the ggml kernel will use;
-* ``plan_gguf_rope`` maps a ``edgerope.rope.scaling`` variant to GGUF keys and
-  frequency-factor tensors, then *verifies* that llama.cpp's function of that
-  plan equals the variant's function (inverse frequencies and attention factor
-  to 1e-9 relative) and raises ``UnsupportedRopeError`` when it cannot.
+``LlamaCppRope.from_gguf`` resolves GGUF rope keys (and runtime overrides) the way llama.cpp's loader and
+context do (docs/llama_cpp.md §1-§3) into the per-pair angles and the cos/sin magnitude the ggml kernel will
+use.  The other direction, a variant's GGUF form checked against this function, is
+``edgerope.rope.gguf_plan``.
 
 Nothing here touches files or llama_cpp; GGUF I/O lives in ``edgerope.gguf.reader``.
 """
@@ -17,13 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from gguf import GGUFValueType, Keys
+from gguf import Keys
 
-from edgerope.errors import GGUFError, UnsupportedRopeError
+from edgerope.errors import GGUFError
 from edgerope.rope import scaling
 
 # Architectures whose loader reads the optional YaRN keys (docs/llama_cpp.md §1).
@@ -61,7 +56,19 @@ ROPE_FREQS = "rope_freqs.weight"
 ROPE_FACTORS_LONG = "rope_factors_long.weight"
 ROPE_FACTORS_SHORT = "rope_factors_short.weight"
 ROPE_TENSORS = (ROPE_FREQS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT)
-_U32, _F32, _STR, _BOOL = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING, GGUFValueType.BOOL
+# The frequency-factor tensors each arch's loader creates and its graph hands to ggml_rope_ext
+# (src/models/<arch>.cpp); elsewhere (qwen2, qwen3, gemma3, smollm3, ...) a factor tensor is an unused tensor
+# and the load fails ("wrong number of tensors"), so llama3 / longrope cannot be carried there.
+ARCH_ROPE_FACTOR_TENSORS: dict[str, tuple[str, ...]] = {
+    "llama": ROPE_TENSORS,
+    "phi3": (ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT),
+}
+# Arches whose sliding-window layers rope with a base of their own and no scaling: ``get_rope_freq_base/scale``
+# return ``rope.freq_base_swa`` (default 10000) and freq_scale_swa = 1 for them (docs/llama_cpp.md §12.2); the
+# YaRN ext_factor and the attention factor of the context still apply to them.
+SWA_ROPE_ARCHS = frozenset({"gemma3"})
+DEFAULT_SWA_FREQ_BASE = 10000.0
+LAYER_KINDS = ("full", "sliding")
 
 
 def key(template: str, arch: str) -> str:
@@ -131,14 +138,18 @@ class LlamaCppRope:
         n_ctx: int | None = None,
         n_seq_max: int = 1,
         runtime: Mapping[str, float] | None = None,
+        layer: str = "full",
     ) -> LlamaCppRope:
         """Resolve the rope function from GGUF metadata ``kv`` (key -> python value) like llama.cpp does.
 
         ``tensors`` holds any frequency-factor tensors present (name -> values);
         ``n_ctx`` is the context a runtime would allocate (LongRoPE switches on it);
         ``runtime`` holds llama_context_params rope overrides (llama-cpp-python names,
-        C sentinels: <0 / 0 mean "from model").
+        C sentinels: <0 / 0 mean "from model"); ``layer`` is ``"full"`` or, on ``SWA_ROPE_ARCHS`` with a
+        sliding window, ``"sliding"``: the sliding-window layers' own base, never scaled.
         """
+        if layer not in LAYER_KINDS:
+            raise ValueError(f"layer must be one of {LAYER_KINDS}, got {layer!r}")
         tensors = tensors or {}
         rt = dict(runtime or {})
         model = _ModelRope.read(arch, kv)
@@ -152,6 +163,8 @@ class LlamaCppRope:
         beta_fast, beta_slow = _yarn_betas(arch, kv, rt)
         n_ctx_orig = int(rt["yarn_orig_ctx"]) if rt.get("yarn_orig_ctx") else model.n_ctx_orig
         ff = _freq_factors(arch, model, tensors, n_ctx=n_ctx, n_seq_max=n_seq_max, n_ctx_orig=n_ctx_orig)
+        if layer == "sliding":
+            base, scale = _sliding_base(arch, kv), 1.0
         return cls(
             freq_base=float(base),
             freq_scale=float(scale),
@@ -204,6 +217,20 @@ class _ModelRope:
             n_ctx_orig=_get(kv, arch, Keys.Rope.SCALING_ORIG_CTX_LEN) or ctx_train,
             attn_factor=_get(kv, arch, Keys.Rope.SCALING_ATTN_FACTOR, 1.0),
         )
+
+
+def has_sliding_rope(arch: str, kv: Mapping[str, Any]) -> bool:
+    """Whether llama.cpp builds ``arch`` with sliding-window layers that rope on a base of their own."""
+    return arch in SWA_ROPE_ARCHS and bool(_get(kv, arch, Keys.Attention.SLIDING_WINDOW, 0))
+
+
+def _sliding_base(arch: str, kv: Mapping[str, Any]) -> float:
+    if not has_sliding_rope(arch, kv):
+        raise GGUFError(
+            f"arch {arch!r} has no sliding-window layers with a rope of their own in this file",
+            fix=f"only {', '.join(sorted(SWA_ROPE_ARCHS))} with {key(Keys.Attention.SLIDING_WINDOW, arch)} > 0 has them",
+        )
+    return float(_get(kv, arch, Keys.Rope.FREQ_BASE_SWA, DEFAULT_SWA_FREQ_BASE))
 
 
 def _ext_factor(arch: str, kv: Mapping[str, Any], rt: Mapping[str, float], *, rtype: str) -> float:
@@ -269,182 +296,3 @@ def _freq_factors(
         n_ctx_seq = math.ceil(ctx / 256) * 256 // max(1, n_seq_max)
         return tensors.get(ROPE_FACTORS_LONG if n_ctx_seq > n_ctx_orig else ROPE_FACTORS_SHORT)
     return None
-
-
-@dataclass
-class GGUFRopePlan:
-    """What to write for one rope variant: metadata, F32 frequency-factor tensors, and runtime needs.
-
-    ``kv`` maps full key names to (value, GGUFValueType); ``remove`` lists rope
-    keys that must not be present; ``runtime`` holds llama_context_params that
-    a runtime must pass for the function to match (empty when the file alone
-    suffices); ``notes`` are caveats a user should read.
-    """
-
-    arch: str
-    kv: dict[str, tuple[Any, GGUFValueType]] = field(default_factory=dict)
-    tensors: dict[str, np.ndarray] = field(default_factory=dict)
-    remove: set[str] = field(default_factory=set)
-    runtime: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def kv_values(self) -> dict[str, Any]:
-        return {k: v for k, (v, _) in self.kv.items()}
-
-
-def rope_key_names(arch: str) -> set[str]:
-    """Every rope-scaling key name edgerope may write or remove for ``arch``."""
-    return {key(getattr(Keys.Rope, n), arch) for n in dir(Keys.Rope) if n.startswith("SCALING_")} | {
-        f"{arch}.rope.scale_linear"
-    }
-
-
-def bake_dynamic(rope: scaling.DynamicNtk, *, seq_len: int, dim: int) -> scaling.Default:
-    """Freeze dynamic NTK at one length: the fixed base Hugging Face uses for a forward of exactly ``seq_len``."""
-    return scaling.Default(theta=scaling.dynamic_theta(rope, dim, seq_len))
-
-
-def plan_gguf_rope(
-    rope: scaling.RopeScaling,
-    *,
-    arch: str,
-    head_dim: int,
-    context_length: int,
-    finetuned: bool | None = None,
-    allow_runtime_rope: bool = False,
-) -> GGUFRopePlan:
-    """Map ``rope`` to GGUF keys/tensors for ``arch`` and verify llama.cpp computes the same function.
-
-    Raises ``UnsupportedRopeError`` for what GGUF cannot express (dynamic NTK,
-    YaRN with non-default betas unless ``allow_runtime_rope``, untruncated
-    YaRN ramps that differ).
-    """
-    plan = GGUFRopePlan(arch=arch)
-    plan.remove = rope_key_names(arch) | set()
-    kv = plan.kv
-    kv[key(Keys.LLM.CONTEXT_LENGTH, arch)] = (int(context_length), _U32)
-    kv[key(Keys.Rope.DIMENSION_COUNT, arch)] = (int(head_dim), _U32)
-    kv[key(Keys.Rope.FREQ_BASE, arch)] = (float(rope.theta), _F32)
-    _plan_variant(plan, rope, head_dim=head_dim, allow_runtime_rope=allow_runtime_rope)
-    if finetuned is not None and not isinstance(rope, (scaling.Default, scaling.NtkAware)):
-        kv[key(Keys.Rope.SCALING_FINETUNED, arch)] = (bool(finetuned), _BOOL)
-    plan.remove -= set(kv)
-    verify_plan(rope, plan, head_dim=head_dim)
-    return plan
-
-
-def _plan_variant(plan: GGUFRopePlan, rope: scaling.RopeScaling, *, head_dim: int, allow_runtime_rope: bool) -> None:
-    """Add what ``rope``'s variant needs beyond context length, rope dimension and base to ``plan``."""
-    arch, kv = plan.arch, plan.kv
-    where = f"rope scaling {rope.name}"
-    match rope:
-        case scaling.Default():
-            pass  # no type key: docs/llama_cpp.md pitfall 6 ("none" would discard a runtime rope_freq_scale)
-        case scaling.NtkAware():
-            kv[key(Keys.Rope.FREQ_BASE, arch)] = (scaling.ntk_theta(rope.theta, rope.alpha, head_dim), _F32)
-        case scaling.Linear():
-            kv[key(Keys.Rope.SCALING_TYPE, arch)] = ("linear", _STR)
-            kv[key(Keys.Rope.SCALING_FACTOR, arch)] = (float(rope.factor), _F32)
-        case scaling.DynamicNtk():
-            raise UnsupportedRopeError(
-                "dynamic NTK rope scaling has no GGUF representation: Hugging Face recomputes the base for every "
-                "forward from its length, llama.cpp uses one fixed function (llama.cpp's converter silently "
-                "writes unscaled RoPE here)",
-                where=where,
-                fix="fine-tune or convert with YaRN instead (rope_type 'yarn'), or bake one fixed length with "
-                "--bake-dynamic N (exact only for prompts of N tokens)",
-            )
-        case scaling.Yarn():
-            _plan_yarn(plan, rope, where=where, allow_runtime_rope=allow_runtime_rope)
-        case scaling.Llama3():
-            plan.tensors[ROPE_FREQS] = scaling.llama3_freq_factors(rope, head_dim).astype(np.float32)
-            # no scaling type or factor: docs/llama_cpp.md pitfall 7 (a factor would add a global 1/F on top)
-        case scaling.LongRope():
-            _plan_longrope(plan, rope)
-        case _:
-            raise TypeError(f"not a rope scaling variant: {rope!r}")
-
-
-def _plan_yarn(plan: GGUFRopePlan, rope: scaling.Yarn, *, where: str, allow_runtime_rope: bool) -> None:
-    """YaRN: type, factor, original context, an attention factor when it differs from llama.cpp's own, betas."""
-    arch, kv = plan.arch, plan.kv
-    if rope.factor <= 1:
-        raise UnsupportedRopeError(f"YaRN factor must be > 1, got {rope.factor:g}", where=where)
-    kv[key(Keys.Rope.SCALING_TYPE, arch)] = ("yarn", _STR)
-    kv[key(Keys.Rope.SCALING_FACTOR, arch)] = (float(rope.factor), _F32)
-    kv[key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = (int(rope.original_max_position_embeddings), _U32)
-    target = scaling.attention_factor(rope)
-    if arch in ARCHS_READING_YARN_LOG_MUL:
-        raise UnsupportedRopeError(f"YaRN export for arch {arch!r} is not supported", where=where)
-    default = scaling.yarn_mscale(rope.factor)
-    if not math.isclose(target, default, rel_tol=1e-12):
-        kv[key(Keys.Rope.SCALING_ATTN_FACTOR, arch)] = (target / default, _F32)
-    if (rope.beta_fast, rope.beta_slow) != (scaling.YARN_BETA_FAST, scaling.YARN_BETA_SLOW):
-        _plan_yarn_betas(plan, rope, where=where, allow_runtime_rope=allow_runtime_rope)
-
-
-def _plan_yarn_betas(plan: GGUFRopePlan, rope: scaling.Yarn, *, where: str, allow_runtime_rope: bool) -> None:
-    """Non-default YaRN betas: GGUF keys where the arch reads them, else runtime overrides if allowed, else an error."""
-    arch, kv = plan.arch, plan.kv
-    if arch in ARCHS_READING_YARN_BETAS:
-        kv[key(Keys.Rope.SCALING_YARN_BETA_FAST, arch)] = (float(rope.beta_fast), _F32)
-        kv[key(Keys.Rope.SCALING_YARN_BETA_SLOW, arch)] = (float(rope.beta_slow), _F32)
-    elif allow_runtime_rope:
-        kv[key(Keys.Rope.SCALING_YARN_BETA_FAST, arch)] = (float(rope.beta_fast), _F32)
-        kv[key(Keys.Rope.SCALING_YARN_BETA_SLOW, arch)] = (float(rope.beta_slow), _F32)
-        plan.runtime = {"yarn_beta_fast": rope.beta_fast, "yarn_beta_slow": rope.beta_slow}
-        plan.notes.append(
-            f"llama.cpp ignores yarn_beta_* keys on arch {arch!r}: pass yarn_beta_fast={rope.beta_fast:g}, "
-            f"yarn_beta_slow={rope.beta_slow:g} at run time (edgerope's runtime does this itself)"
-        )
-    else:
-        raise UnsupportedRopeError(
-            f"YaRN beta_fast={rope.beta_fast:g}, beta_slow={rope.beta_slow:g} cannot be stored for arch "
-            f"{arch!r}: llama.cpp ignores the yarn_beta_* keys there and would use 32/1",
-            where=where,
-            fix="pass --allow-runtime-rope to record them for runtimes that apply them "
-            "(edgerope's runtime does; plain llama.cpp needs --yarn-beta-fast/--yarn-beta-slow)",
-        )
-
-
-def _plan_longrope(plan: GGUFRopePlan, rope: scaling.LongRope) -> None:
-    """LongRoPE: type, original context, attention factor, and both factor sets as tensors."""
-    arch, kv = plan.arch, plan.kv
-    kv[key(Keys.Rope.SCALING_TYPE, arch)] = ("longrope", _STR)
-    kv[key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = (int(rope.original_max_position_embeddings), _U32)
-    kv[key(Keys.Rope.SCALING_ATTN_FACTOR, arch)] = (float(scaling.attention_factor(rope)), _F32)
-    for name, values in ((ROPE_FACTORS_LONG, rope.long_factor), (ROPE_FACTORS_SHORT, rope.short_factor)):
-        plan.tensors[name] = np.asarray(values, dtype=np.float32)
-    plan.notes.append(
-        "llama.cpp picks the LongRoPE factor set from the allocated context, not the prompt length: "
-        f"with n_ctx > {rope.original_max_position_embeddings} short prompts use the long factors "
-        "(Hugging Face uses the short ones); edgerope's runtime warns about this"
-    )
-
-
-def verify_plan(rope: scaling.RopeScaling, plan: GGUFRopePlan, *, head_dim: int) -> None:
-    """Raise ``UnsupportedRopeError`` unless llama.cpp's function of ``plan`` equals ``rope``'s function."""
-    cases: list[tuple[int | None, int | None]] = [(None, None)]  # (n_ctx for llama.cpp, seq_len for HF)
-    if isinstance(rope, scaling.LongRope):
-        orig = rope.original_max_position_embeddings
-        cases = [(orig, orig), (orig + 256, orig + 1)] if orig % 256 == 0 else [(orig + 256, orig + 1)]
-    tensors = {k: v.astype(np.float64) for k, v in plan.tensors.items()}
-    for n_ctx, seq_len in cases:
-        ours = LlamaCppRope.from_gguf(plan.arch, plan.kv_values(), tensors=tensors, n_ctx=n_ctx, runtime=plan.runtime)
-        want = scaling.inv_freq(rope, head_dim, seq_len=seq_len)
-        got = ours.inv_freq(head_dim)
-        # float32 storage of factors and keys limits agreement to ~1e-7 relative
-        err = float(np.max(np.abs(got - want) / np.abs(want)))
-        mag_err = abs(ours.magnitude - scaling.attention_factor(rope)) / scaling.attention_factor(rope)
-        if err > 1e-6 or mag_err > 1e-6:
-            raise UnsupportedRopeError(
-                f"llama.cpp would compute a different rope function for {scaling.describe(rope)} "
-                f"(max relative frequency error {err:.2e}, magnitude error {mag_err:.2e})",
-                where=f"GGUF arch {plan.arch}",
-                fix="this rope configuration cannot be represented in GGUF; use default YaRN parameters",
-            )
-
-
-def with_runtime(plan: GGUFRopePlan, **runtime: float) -> GGUFRopePlan:
-    """A copy of ``plan`` with extra runtime overrides (for tests and set-rope)."""
-    return replace(plan, runtime={**plan.runtime, **runtime})

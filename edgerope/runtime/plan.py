@@ -20,8 +20,9 @@ Sliding-window layers are planned with full-length caches: that is what llama.cp
 edgerope's runtime, which keeps the C API's default ``swa_full`` (llama-cli and llama-server turn it off and
 allocate less; noted).  phi3's loader reads ``sliding_window`` and then disables it: no note there.
 
-What it does not do: GPU offload splits, the smaller sliding-window caches of ``swa_full`` off, recurrent
-state, multiple sequences; it loads nothing and never calls llama.cpp.
+What it does not do: GPU memory (``edgerope.runtime.gpu_plan`` plans it from the same pieces), the smaller
+sliding-window caches of ``swa_full`` off, recurrent state, multiple sequences; it loads nothing and never calls
+llama.cpp.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from typing import Any
 
 from gguf import Keys
 
-from edgerope.errors import RuntimeConfigError
-from edgerope.gguf.hparams import ModelHparams, model_hparams
+from edgerope.errors import GGUFError, RuntimeConfigError
+from edgerope.gguf.hparams import MAX_CTX, MAX_DIM, ModelHparams, model_hparams
 from edgerope.gguf.kv import ARCHS_DISABLING_SWA, KV_PAD, SWA_NOTE, kv_bytes, kv_type, padded_ctx
 from edgerope.gguf.reader import GGUFFile, using_gguf
 from edgerope.rope.ggml import key
@@ -112,14 +113,26 @@ class MemoryPlan:
 # sizes
 
 
-def _max_int(value: Any) -> int:
-    return max(int(v) for v in value) if isinstance(value, list) else int(value or 0)
+def _count(value: Any, name: str, high: int, where: str) -> int:
+    """A count from the header (the largest of a per-layer array), as an int in 0..high, else ``GGUFError``."""
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= high for v in values):
+        shown = (
+            value
+            if not isinstance(value, list)
+            else f"[{', '.join(map(repr, value[:4]))}{', ...' if len(value) > 4 else ''}]"
+        )
+        raise GGUFError(f"{name} is {shown}, not a count in 0..{high:,}", where=where, fix="re-convert the model")
+    return max(values, default=0)
 
 
-def model_shape(hp: ModelHparams, kv: dict[str, Any]) -> ModelShape:
+def model_shape(hp: ModelHparams, kv: dict[str, Any], *, where: str = "") -> ModelShape:
     arch = hp.architecture
-    n_ff = _max_int(kv.get(key(Keys.LLM.FEED_FORWARD_LENGTH, arch), 0)) or 4 * hp.n_embd
-    swa = None if arch in ARCHS_DISABLING_SWA else kv.get(key(Keys.Attention.SLIDING_WINDOW, arch))
+    ffn_key, swa_key = key(Keys.LLM.FEED_FORWARD_LENGTH, arch), key(Keys.Attention.SLIDING_WINDOW, arch)
+    n_ff = _count(kv.get(ffn_key, 0), ffn_key, MAX_DIM, where) or 4 * hp.n_embd
+    swa = (
+        None if arch in ARCHS_DISABLING_SWA or kv.get(swa_key) is None else _count(kv[swa_key], swa_key, MAX_CTX, where)
+    )
     return ModelShape(
         n_embd=hp.n_embd,
         n_ff=n_ff,
@@ -146,20 +159,16 @@ def kv_cache_bytes(hp: ModelHparams, n_ctx: int, *, type_k: str, type_v: str) ->
     )
 
 
-def compute_buffer_bytes(shape: ModelShape, n_ctx: int, *, n_ubatch: int, flash_attn: bool) -> int:
-    """ggml-alloc's peak for llama.cpp's worst-case graph (CPU), in bytes.
+def compute_phases(shape: ModelShape, n_ctx: int, *, n_ubatch: int, flash_attn: bool) -> tuple[int, int, int]:
+    """ggml-alloc's peak in each phase of llama.cpp's worst-case graph: (attention, feed-forward, output) bytes.
 
-    T = min(n_ctx_padded, n_ubatch) tokens, all outputs; n_kv = n_ctx_padded.  The peak is the largest of
-    three phases of the llama-family graph (f32 activations, 4 bytes):
+    T = min(n_ctx_padded, n_ubatch) tokens, all outputs; n_kv = n_ctx_padded (f32 activations, 4 bytes):
 
     * attention: the KQ mask (n_kv x T, f32; f16 with flash attention) plus, without flash attention,
       the scores KQ (n_kv x T x n_head; softmax runs in place) and ~7 x n_embd per token of q/k/v/residual;
     * feed-forward / residual stream: the mask (alive until the last layer) plus max(4 n_ff + n_embd, 9 n_embd) + 8
       floats per token;
     * output: the logits (n_vocab x T) plus (2 n_embd + 8) floats per token (3 n_embd without flash attention).
-
-    Calibrated on the CPU backend against llama.cpp's "compute buffer size" for three shapes, n_ctx
-    256..4096, n_ubatch 64/512, flash attention on/off: within 0% .. +9% (never under).
     """
     n_kv = padded_ctx(n_ctx)
     t = min(n_kv, n_ubatch)
@@ -167,7 +176,16 @@ def compute_buffer_bytes(shape: ModelShape, n_ctx: int, *, n_ubatch: int, flash_
     attn = mask + (0 if flash_attn else 4 * n_kv * t * shape.n_head + 4 * t * 7 * shape.n_embd)
     ffn = mask + 4 * t * (max(4 * shape.n_ff + shape.n_embd, 9 * shape.n_embd) + 8)
     out = 4 * t * (shape.n_vocab + 2 * shape.n_embd + 8 + (0 if flash_attn else shape.n_embd))
-    return max(attn, ffn, out)
+    return attn, ffn, out
+
+
+def compute_buffer_bytes(shape: ModelShape, n_ctx: int, *, n_ubatch: int, flash_attn: bool) -> int:
+    """ggml-alloc's peak for llama.cpp's worst-case graph (CPU), in bytes: the largest of ``compute_phases``.
+
+    Calibrated on the CPU backend against llama.cpp's "compute buffer size" for three shapes, n_ctx
+    256..4096, n_ubatch 64/512, flash attention on/off: within 0% .. +9% (never under).
+    """
+    return max(compute_phases(shape, n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn))
 
 
 def work_buffer_bytes(shape: ModelShape, n_ctx: int, *, n_ubatch: int, flash_attn: bool, type_v: str) -> int:
@@ -209,7 +227,7 @@ def _read(src: str | Path | GGUFFile, repacked_bytes: int) -> _Model:
         kv = f.kv()
         weights = f.file_size - f.data_offset
         path = str(f.path)
-    return _Model(path, hp, model_shape(hp, kv), weights, repacked_bytes)
+    return _Model(path, hp, model_shape(hp, kv, where=path), weights, repacked_bytes)
 
 
 def _total(m: _Model, n_ctx: int, *, type_k: str, type_v: str, flash_attn: bool, n_batch: int, n_ubatch: int) -> int:

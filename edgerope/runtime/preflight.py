@@ -7,8 +7,12 @@ runtime parameters and the rope function llama.cpp will compute -- or refuses wi
 make llama.cpp abort the process or silently compute something else (docs/llama_cpp.md §2 and §7,
 docs/llama_cpp.md pitfalls 3, 4, 8, 13, 15-19).
 
-What it does not do: load anything.  The only native call is asking the llama.cpp build whether it can
-offload to a GPU (``backend`` auto/gpu).
+With GPU offload (``edgerope.runtime.gpu_plan``, from the devices llama.cpp reports) it decides the layers
+offloaded and the context from each device's free memory, and checks the cache types against what CUDA's
+flash attention can run (``edgerope.runtime.gpu_devices``).
+
+What it does not do: load anything.  The only native calls are queries of the llama.cpp build: can it offload,
+which devices with how much free memory, which CPU layouts it offers.
 """
 
 from __future__ import annotations
@@ -24,24 +28,35 @@ from gguf import Keys
 from edgerope.errors import RuntimeConfigError
 from edgerope.gguf.checks import check_runnable
 from edgerope.gguf.hparams import ModelHparams, model_hparams
-from edgerope.gguf.kv import KVType, kv_bytes, kv_type, padded_ctx
+from edgerope.gguf.kv import KV_PAD, KVType, kv_bytes, kv_type, padded_ctx
 from edgerope.gguf.reader import GGUFFile, using_gguf
 from edgerope.rope.ggml import ARCHS_READING_YARN_BETAS, ROPE_FACTORS_LONG, LlamaCppRope, key
 from edgerope.runtime.cpu_repack import CpuBackend, CpuRepack, WeightLayout, plan_layout
+from edgerope.runtime.gpu_devices import GpuDevice, check_flash_attention, offload_devices
+from edgerope.runtime.gpu_plan import (
+    GpuPlan,
+    OffloadModel,
+    OffloadRequest,
+    evaluate_offload,
+    offload_fix,
+    offload_refusal,
+    plan_offload,
+)
 from edgerope.runtime.native import (
     ContextParams,
     FlashAttn,
     RopeOverrides,
+    backend_devices,
     cpu_backend,
     default_threads,
     supports_gpu_offload,
 )
-from edgerope.runtime.plan import MemoryPlan, plan_memory
-from edgerope.system.memory import format_bytes
+from edgerope.runtime.plan import BUDGET_SAFETY, MemoryPlan, model_shape, plan_memory
+from edgerope.system.memory import available_memory, format_bytes, parse_size
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_CTX = 4096  # default n_ctx cap only when memory is not planned (GPU offload)
+DEFAULT_MAX_CTX = 4096  # default n_ctx cap only when memory cannot be planned (no memory query on this platform)
 SUGGEST_CACHE_TYPES = ("q8_0", "q4_0")  # a refusal for memory also says how far these caches reach
 DEFAULT_N_BATCH = 512
 Backend = Literal["auto", "cpu", "gpu"]
@@ -69,8 +84,9 @@ class RuntimePlan:
     rope_description: str
     notes: tuple[str, ...] = ()
     n_ctx_source: str = "requested"  # how n_ctx was chosen, in words
-    memory_plan: MemoryPlan | None = None  # None when not planned (GPU offload)
+    memory_plan: MemoryPlan | None = None  # the CPU memory plan; None with GPU offload (gpu_plan) or not planned
     weight_layout: WeightLayout | None = None  # the CPU weight-layout (repack) decision; None: llama.cpp's default
+    gpu_plan: GpuPlan | None = None  # layers per device, VRAM per device, CPU memory (GPU offload only)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -147,16 +163,11 @@ def _plan_context(
     fa: FlashAttn,
     n_batch: int,
     memory_budget: int | str | None,
-    gpu: bool,
     repacked_bytes: int = 0,
 ) -> tuple[int, str, MemoryPlan | None]:
-    """(n_ctx, how it was chosen, the memory plan); refuses a context whose planned memory exceeds the budget."""
+    """(n_ctx, how it was chosen, the CPU memory plan); refuses a context whose planned memory exceeds the
+    budget."""
     where = str(path.path if isinstance(path, GGUFFile) else path)
-    if gpu:  # edgerope.runtime.plan models the CPU backend only
-        if n_ctx is not None:
-            return n_ctx, "requested (memory not planned: GPU offload)", None
-        n = min(hp.n_ctx_train, DEFAULT_MAX_CTX)
-        return n, f"context_length {hp.n_ctx_train} capped at {DEFAULT_MAX_CTX} (memory not planned: GPU offload)", None
     opts = dict(
         type_k=tk.name,
         type_v=tv.name,
@@ -255,18 +266,76 @@ def _caches(hp: ModelHparams, type_k: str, type_v: str, flash_attn: str | bool, 
     return _Caches(tk, tv, fa, tuple(notes))
 
 
-def _gpu(backend: str) -> bool:
-    """Whether the layers go to a GPU: ``backend`` checked against what this llama.cpp build can do."""
+def _offload_devices(backend: str, n_gpu_layers: int | None) -> tuple[GpuDevice, ...]:
+    """The GPUs the layers go to (none: the CPU), ``backend`` checked against what this llama.cpp build has."""
     if backend not in BACKENDS:
         raise RuntimeConfigError(f"unknown backend {backend!r}", fix=f"use one of: {', '.join(BACKENDS)}")
-    gpu = supports_gpu_offload() if backend != "cpu" else False
-    if backend == "gpu" and not gpu:
+    if n_gpu_layers is not None and (not isinstance(n_gpu_layers, int) or n_gpu_layers < -1):
+        raise RuntimeConfigError(f"n_gpu_layers must be -1 (all) or a count >= 0, got {n_gpu_layers!r}")
+    if backend == "cpu" or n_gpu_layers == 0:
+        return ()
+    devices = offload_devices(backend_devices()) if supports_gpu_offload() else ()
+    if backend == "gpu" and not devices:
         raise RuntimeConfigError(
-            "backend 'gpu' was requested, but this llama.cpp build has no GPU support",
+            "backend 'gpu' was requested, but this llama.cpp build has no GPU support (or sees no GPU)",
             fix="reinstall llama-cpp-python with a GPU backend (e.g. CMAKE_ARGS='-DGGML_CUDA=on'), or use "
             "backend='cpu'",
         )
-    return gpu
+    return devices
+
+
+def _host_budget(memory_budget: int | str | None) -> int | None:
+    if memory_budget is not None:
+        return parse_size(memory_budget)
+    try:
+        return int(available_memory() * (1 - BUDGET_SAFETY))
+    except RuntimeConfigError:  # no memory query on this platform: the CPU side is not checked
+        return None
+
+
+def _plan_gpu(
+    f: GGUFFile,
+    hp: ModelHparams,
+    devices: tuple[GpuDevice, ...],
+    caches: _Caches,
+    *,
+    n_ctx: int | None,
+    n_gpu_layers: int | None,
+    n_batch: int,
+    memory_budget: int | str | None,
+    gpu_memory_budget: int | str | None,
+    backend: str,
+) -> tuple[GpuPlan | None, tuple[str, ...]]:
+    """The GPU offload (layers, context, VRAM per device), or (None, notes) when ``backend`` is auto and not
+    one layer fits the GPUs; refuses what CUDA's flash attention cannot run and what does not fit."""
+    where = str(f.path)
+    tk, tv = caches.type_k.name, caches.type_v.name
+    flash = check_flash_attention(
+        devices, type_k=tk, type_v=tv, head_dim_k=hp.head_dim_k, head_dim_v=hp.head_dim_v, flash=caches.flash_attn.value
+    )
+    if flash.refusal:
+        raise RuntimeConfigError(flash.refusal, where=where, fix=flash.fix)
+    for w in flash.warnings:
+        logger.warning("%s", w)
+    fa = flash.flash_attn if flash.flash_attn is not None else caches.flash_attn is FlashAttn.ON
+    model = OffloadModel(hp, model_shape(hp, f.kv(), where=where), tuple(f.tensors))
+    req = OffloadRequest(
+        type_k=tk, type_v=tv, flash_attn=fa, n_batch=n_batch, n_ubatch=n_batch,
+        gpu_budget=parse_size(gpu_memory_budget) if gpu_memory_budget is not None else None,
+        host_budget=_host_budget(memory_budget),
+    )  # fmt: skip
+    plan = plan_offload(model, devices, req, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
+    if plan.n_gpu_layers == 0:  # not one layer fits the GPUs (or none was asked for)
+        if backend == "auto" and n_gpu_layers is None:
+            why = f"not one layer fits the GPU memory of {', '.join(d.describe() for d in devices)}"
+            return None, (f"running on the CPU: {why}",)
+        plan = evaluate_offload(model, devices, req, n_ctx=n_ctx or KV_PAD, n_gpu_layers=1)  # the smallest offload
+    if not plan.fits or plan.n_gpu_layers == 0:
+        raise RuntimeConfigError(offload_refusal(plan, n_ctx), where=where, fix=offload_fix(model, devices, req, plan))
+    notes = [*flash.warnings, plan.summary()]
+    if not plan.full_offload:
+        notes.append(f"{plan.n_layer + 1 - plan.n_gpu_layers} of {plan.n_layer + 1} layers run on the CPU")
+    return plan, tuple(notes)
 
 
 def _rope_overrides(
@@ -315,6 +384,8 @@ def plan_runtime(
     allow_extrapolation: bool = False,
     memory_budget: int | str | None = None,
     cpu_repack: str | CpuRepack | None = None,
+    n_gpu_layers: int | None = None,
+    gpu_memory_budget: int | str | None = None,
 ) -> RuntimePlan:
     """Check a run request against the GGUF and decide every llama.cpp setting (what ``Runtime.open`` loads).
 
@@ -323,17 +394,25 @@ def plan_runtime(
     (``edgerope.runtime.plan``, for these cache types and flash attention) fits ``memory_budget`` (bytes or
     "8GiB"; default: MemAvailable less 10%), capped at the model's context_length (the rope-extended length);
     ``RuntimePlan.n_ctx_source`` says which limit chose it.  A requested ``n_ctx`` whose planned memory exceeds
-    the budget is refused with the planner's suggestion.  With GPU offload memory is not planned (the default
-    is context_length capped at 4096, noted).  Beyond context_length only with ``allow_extrapolation``.
+    the budget is refused with the planner's suggestion.  Beyond context_length only with ``allow_extrapolation``.
     ``type_k``/``type_v`` are cache type names (``edgerope.gguf.kv``).  ``flash_attn`` is "auto" (on for a
-    quantized V cache, off for an f32 cache, else llama.cpp's choice), "on" or "off".  ``backend`` "auto"
-    offloads every layer when the build can.  ``rope_overrides`` takes llama_context_params rope fields
+    quantized V cache, off for an f32 cache, else llama.cpp's choice), "on" or "off".
+
+    GPU: ``backend`` "auto" offloads when the build has a GPU and at least one layer fits it (else the CPU,
+    noted), "gpu" insists (refusing what does not fit), "cpu" never offloads.  ``n_gpu_layers`` (-1: all; None:
+    every layer when the context fits that way, else as many as fit) and the context are planned from each
+    device's free memory less 1 GiB, or ``gpu_memory_budget`` per device (``edgerope.runtime.gpu_plan``: weights,
+    KV cache and compute buffer per device; ``RuntimePlan.gpu_plan``); ``memory_budget`` is then the CPU side's.
+    Cache types CUDA's flash attention cannot run are refused, slow pairs warned (``gpu_devices``).
+
+    ``rope_overrides`` takes llama_context_params rope fields
     (``RopeOverrides``); unset ones come from the GGUF.  ``cpu_repack`` is the CPU weight-layout policy
     (``edgerope.runtime.cpu_repack``: "auto" avoids the buffer types known to crash, "on" is llama.cpp's
     default, "off" turns repacking off; None: ``$EDGEROPE_CPU_REPACK``, else "auto").
 
-    Raises ``GGUFError``/``RuntimeConfigError`` before anything native: every refusal comes before the
-    first native call (asking the build whether it can offload, and what CPU layouts it offers).
+    Raises ``GGUFError``/``RuntimeConfigError`` before anything is loaded: the file's refusals come before any
+    native call; the GPU ones follow the only native calls made here, queries of the build (can it offload,
+    which devices with how much free memory, which CPU layouts).
     """
     repack = CpuRepack.parse(cpu_repack)
     with using_gguf(src) as f:
@@ -343,14 +422,25 @@ def plan_runtime(
         kv, freq_factors, weights = f.kv(), f.freq_factors(), list(f.tensors)
         _check_numbers(hp, n_ctx, n_batch, n_threads, extrapolate=allow_extrapolation, where=where)
         caches = _caches(hp, type_k, type_v, flash_attn, where=where)
-        gpu = _gpu(backend)
+        devices = _offload_devices(backend, n_gpu_layers)
+        gpu_plan, gpu_notes = None, ()
+        if devices:
+            gpu_plan, gpu_notes = _plan_gpu(
+                f, hp, devices, caches, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_batch=n_batch,
+                memory_budget=memory_budget, gpu_memory_budget=gpu_memory_budget, backend=backend,
+            )  # fmt: skip
+        gpu = gpu_plan is not None
         # memory: planned first without repacked weight copies, so a request that cannot fit is refused before
         # any native call; the default context is the largest that fits
         plan_args = dict(
             n_ctx=n_ctx, tk=caches.type_k, tv=caches.type_v, fa=caches.flash_attn, n_batch=n_batch,
-            memory_budget=memory_budget, gpu=gpu,
+            memory_budget=memory_budget,
         )  # fmt: skip
-        n_ctx_planned, n_ctx_source, mem = _plan_context(f, hp, **plan_args)  # type: ignore[arg-type]
+        mem = None
+        if gpu_plan is not None:
+            n_ctx_planned, n_ctx_source = gpu_plan.n_ctx, gpu_plan.n_ctx_source
+        else:
+            n_ctx_planned, n_ctx_source, mem = _plan_context(f, hp, **plan_args)  # type: ignore[arg-type]
         rope, rope_notes = _rope_overrides(arch, kv, rope_overrides)
         fn = LlamaCppRope.from_gguf(arch, kv, tensors=freq_factors, n_ctx=n_ctx_planned, runtime=rope.explicit())
         # the CPU weight layout, from what llama.cpp reports about this CPU; repacked copies are allocated beside
@@ -367,7 +457,12 @@ def plan_runtime(
     stype = kv.get(key(Keys.Rope.SCALING_TYPE, arch), "linear")
     if arch == "phi3" and ROPE_FACTORS_LONG in freq_factors:  # phi3's loader takes long/short factors whatever the type
         stype = "longrope"
-    notes = [*caches.notes, *rope_notes, *(n for n in (mem.notes if mem else ()) if not n.startswith("n_ctx "))]
+    notes = [
+        *caches.notes,
+        *rope_notes,
+        *gpu_notes,
+        *(n for n in (mem.notes if mem else ()) if not n.startswith("n_ctx ")),
+    ]
     longrope = _longrope_note(stype, n_ctx_planned, fn)
     return RuntimePlan(
         path=Path(where),
@@ -380,7 +475,7 @@ def plan_runtime(
         type_v=caches.type_v,
         flash_attn=caches.flash_attn,
         backend=backend,
-        n_gpu_layers=-1 if gpu else 0,
+        n_gpu_layers=gpu_plan.n_gpu_layers if gpu_plan is not None else 0,
         rope=rope,
         rope_function=fn,
         rope_description=_describe(fn, stype, hp),
@@ -388,4 +483,5 @@ def plan_runtime(
         n_ctx_source=n_ctx_source,
         memory_plan=mem,
         weight_layout=layout,
+        gpu_plan=gpu_plan,
     )

@@ -50,7 +50,16 @@ from typing import Any, Literal
 import numpy as np
 
 from edgerope.errors import RuntimeConfigError
-from edgerope.runtime.native import NativeContext, NativeModel, NativeSampler, note_activity, supports_gpu_offload
+from edgerope.runtime.lora import AdapterPlan, check_adapter
+from edgerope.runtime.native import (
+    NativeContext,
+    NativeLoraAdapter,
+    NativeModel,
+    NativeSampler,
+    note_activity,
+    set_lora_adapters,
+    supports_gpu_offload,
+)
 from edgerope.runtime.preflight import (  # re-exported: the preflight half of this module's API
     BACKENDS,
     DEFAULT_MAX_CTX,
@@ -108,6 +117,7 @@ class RuntimeInfo:
     memory_budget_bytes: int | None = None
     notes: tuple[str, ...] = ()
     cpu_repack: dict[str, Any] = field(default_factory=dict)  # the weight-layout decision (edgerope.runtime.cpu_repack)
+    lora: tuple[dict[str, Any], ...] = ()  # LoRA adapters applied (edgerope.runtime.lora.AdapterPlan.to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,11 +161,12 @@ class Sampling:
 class Runtime:
     """An open GGUF in llama.cpp: ``with Runtime.open(path) as rt: rt.logits(rt.tokenize("..."))``."""
 
-    def __init__(self, plan: RuntimePlan) -> None:
+    def __init__(self, plan: RuntimePlan, adapters: Sequence[AdapterPlan] = ()) -> None:
         self.plan = plan
         self._model: NativeModel | None = None
         self._ctx: NativeContext | None = None
         self._sampler: NativeSampler | None = None
+        self._adapters: list[NativeLoraAdapter] = []
         layout = plan.weight_layout
         note_activity(
             "loading and running a model",
@@ -175,6 +186,9 @@ class Runtime:
             )
             self._ctx = NativeContext(self._model, plan.context_params())
             self._sampler = NativeSampler.greedy()
+            self._adapters = [NativeLoraAdapter(self._model, a.path) for a in adapters]
+            if adapters:
+                set_lora_adapters(self._ctx, [(h, a.scale) for h, a in zip(self._adapters, adapters, strict=True)])
         except BaseException:
             self.close()
             raise
@@ -204,18 +218,29 @@ class Runtime:
             memory_budget_bytes=plan.memory_plan.budget_bytes if plan.memory_plan else None,
             notes=plan.notes,
             cpu_repack=plan.weight_layout.to_dict() if plan.weight_layout else {},
+            lora=tuple(a.to_dict() for a in adapters),
         )
         logger.info("opened %s: %s", plan.path, plan.rope_description)
 
     @classmethod
-    def open(cls, path: str | Path, **request: Any) -> Runtime:
+    def open(
+        cls, path: str | Path, *, lora: str | Path | None = None, lora_scale: float = 1.0, **request: Any
+    ) -> Runtime:
         """Check the request against the GGUF with ``plan_runtime(path, **request)`` (its keyword arguments and
-        defaults), then load the model and create the context.
+        defaults), then load the model and create the context.  ``lora``: a llama.cpp LoRA adapter GGUF for
+        this model, applied at ``lora_scale`` (checked first by ``edgerope.runtime.lora.check_adapter``).
 
         Raises ``GGUFError``/``RuntimeConfigError`` (and ``TypeError`` for an unknown argument) before loading
         anything native.
         """
-        return cls(plan_runtime(path, **request))
+        plan = plan_runtime(path, **request)
+        if lora is None:
+            return cls(plan)
+        adapter = check_adapter(
+            lora, base=plan.path, base_rope=plan.rope_function, n_rot=plan.hparams.n_rot, n_ctx=plan.n_ctx,
+            scale=lora_scale,
+        )  # fmt: skip
+        return cls(plan, (adapter,))
 
     # lifetime
     @property
@@ -223,11 +248,12 @@ class Runtime:
         return self._model is None
 
     def close(self) -> None:
-        """Free the sampler, context and model.  Safe to call twice."""
-        for handle in (self._sampler, self._ctx, self._model):
+        """Free the sampler, context, LoRA adapters and model.  Safe to call twice."""
+        for handle in (self._sampler, self._ctx, *self._adapters, self._model):
             if handle is not None:
                 handle.close()
         self._sampler = self._ctx = self._model = None
+        self._adapters = []
 
     def __enter__(self) -> Runtime:
         return self

@@ -10,7 +10,12 @@ What it does:
 * ``partial_path`` names the hidden temp file, in the output's folder, that
   is written, verified and then renamed over the output; ``atomic_output`` does
   that around a block (the one way every output is written: GGUFs, checkpoints,
-  cache entries, plots, reports);
+  cache entries, plots, reports).  The first time a process names one in a
+  folder, the leftovers of killed runs there are removed (``clean_stale_partials``:
+  only temp files whose process is gone);
+* ``special_file_kind`` tells a FIFO, device or socket from a regular file
+  without opening it (opening a FIFO blocks; reading ``/dev/zero`` never ends),
+  so inputs can be refused by type;
 * ``copy_range`` copies file bytes in the kernel where the platform can.
 
 What it does not do: write, verify or rename anything (``edgerope.convert.export``,
@@ -22,8 +27,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
+import stat
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -81,14 +89,100 @@ def track_temp(path: Path) -> Path:
 
 
 PARTIAL_SUFFIX = ".partial"
+# .<name>.<pid>.<8 hex>[.<tag>].partial, as partial_path writes them (the tag has no dot)
+_PARTIAL_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d{1,10})\.[0-9a-f]{8}(?:\.[^./]+)?\.partial$")
+_CLEANED: set[str] = set()  # folders swept by this process
+_CLEANED_LOCK = threading.Lock()
 
 
 def partial_path(out: Path, tag: str = "") -> Path:
     """The one way edgerope names a temporary output: hidden, beside ``out`` (same file system, so the final
     rename is atomic), ``.<name>.<pid>.<random>[.<tag>].partial`` (unique per process and call; the pid lets a
-    later run tell a dead run's leftovers), and noted for the crash guard (``track_temp``)."""
+    later run tell a dead run's leftovers), and noted for the crash guard (``track_temp``).  The first call for
+    a folder removes what killed runs left there (``clean_stale_partials``)."""
+    if "." in tag or "/" in tag:
+        raise ValueError(f"a partial_path tag is one word without dots, got {tag!r}")
+    _clean_once(out.parent)
     token = secrets.token_hex(4)
     return track_temp(out.with_name(f".{out.name}.{os.getpid()}.{token}{'.' + tag if tag else ''}{PARTIAL_SUFFIX}"))
+
+
+def pid_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` exists on this machine (True for one of another user); None when this platform
+    cannot tell without side effects (Windows without psutil: ``os.kill`` there terminates the process)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return bool(psutil.pid_exists(pid))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return None
+    return True
+
+
+def clean_stale_partials(folder: Path) -> list[Path]:
+    """Remove the temp outputs (``partial_path`` names, files or folders) in ``folder`` whose process is no
+    longer running: what a run killed by SIGKILL, a power cut or the OOM killer left behind.  Returns what was
+    removed.  Temp files of running processes, this one's, and names that are not edgerope's are kept; so is
+    everything when liveness cannot be told.  Caveat: the pid is this machine's, so on a folder shared with
+    another machine or PID namespace a live writer there looks dead."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _PARTIAL_NAME.match(entry.name)
+        if m is None:
+            continue
+        pid = int(m.group("pid"))
+        if pid == os.getpid() or pid_alive(pid) is not False:
+            continue
+        path = Path(entry.path)
+        try:
+            remove_path(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _clean_once(folder: Path) -> None:
+    key = os.path.abspath(folder)
+    with _CLEANED_LOCK:
+        if key in _CLEANED:
+            return
+        _CLEANED.add(key)
+    clean_stale_partials(folder)
+
+
+def special_file_kind(path: Path) -> str | None:
+    """What ``path`` is when it exists and is neither a regular file nor a folder ("a FIFO (named pipe)", "a
+    character device", ...), else None; decided by ``stat`` (symlinks followed), never by opening it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, words in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return words
+    return "not a regular file"
 
 
 def remove_path(path: Path) -> None:

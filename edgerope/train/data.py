@@ -14,6 +14,10 @@ What it does:
   package), with BOS/EOS ids from ``config.json`` when it names them.
 * ``split_documents`` holds out a deterministic fraction of documents;
   ``tokenize_documents`` gives each document ``[BOS] + ids + [EOS]``;
+  ``split_heldout`` holds out whole documents when there are enough of them
+  (at least one whole document's worth of the fraction), else chunks of one
+  row cut from the token stream -- so one long text file gets a held-out
+  loss too; ``HoldoutInfo`` says which it did;
   ``pack`` concatenates them (document order shuffled by a seed) and cuts
   fixed-length rows, so document boundaries stay marked by EOS/BOS.
 * ``pose_position_ids`` / ``PoseSampler``: PoSE position ids for a training
@@ -29,8 +33,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,10 +47,11 @@ JSONL_SUFFIX = ".jsonl"
 
 @dataclass(frozen=True)
 class Document:
-    """One training document and where it came from (``path`` or ``path:line``)."""
+    """One training document and where it came from (``path`` or ``path:line``; ``file``: the file it is in)."""
 
     text: str
     source: str
+    file: str = ""
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -78,11 +84,11 @@ def _read_jsonl(path: Path, text_field: str) -> list[Document]:
             raise DataError(
                 f"line {n} has no {text_field!r} field",
                 where=where,
-                fix=f"give every line a {text_field!r} string, or choose the field with text_field",
+                fix=f"give every line a {text_field!r} string, or name the field with --text-field (text_field=)",
             )
         if not isinstance(obj[text_field], str):
             raise DataError(f"line {n}: {text_field!r} is {type(obj[text_field]).__name__}, not a string", where=where)
-        docs.append(Document(obj[text_field], where))
+        docs.append(Document(obj[text_field], where, str(path)))
     return docs
 
 
@@ -95,11 +101,11 @@ def _load_path(path: Path, text_field: str) -> list[Document]:
     if suffix == JSONL_SUFFIX:
         return _read_jsonl(path, text_field)
     if suffix in TEXT_SUFFIXES:
-        return [Document(_read_text(path), str(path))]
+        return [Document(_read_text(path), str(path), str(path))]
     raise DataError(
         f"unknown data file type {path.suffix or '(no suffix)'!r}",
         where=str(path),
-        fix=f"use text files ({', '.join(TEXT_SUFFIXES)}) or JSONL ({JSONL_SUFFIX})",
+        fix=f"use text files ({', '.join(TEXT_SUFFIXES)}) or JSONL ({JSONL_SUFFIX}) with --data, or rename the file",
     )
 
 
@@ -126,13 +132,14 @@ def load_documents(paths: str | Path | Iterable[str | Path], *, text_field: str 
         elif p.is_file():
             docs.extend(_load_path(p, text_field))
         else:
-            raise DataError("no such file or folder", where=str(p))
+            raise DataError("no such file or folder", where=str(p), fix="check the --data path (data=)")
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise DataError(
             "no training text found",
             where=", ".join(str(i) for i in items) or "(no paths)",
-            fix=f"give non-empty text files ({', '.join(TEXT_SUFFIXES)}) or JSONL with a {text_field!r} field",
+            fix=f"give --data non-empty text files ({', '.join(TEXT_SUFFIXES)}), folders of them, or JSONL with a "
+            f"{text_field!r} field (--text-field names another)",
         )
     return docs
 
@@ -227,12 +234,12 @@ def split_documents(
     The order inside each part follows the input.  Raises ``DataError`` when nothing would remain to train on.
     """
     if not 0.0 <= holdout < 1.0:
-        raise ConfigError(f"holdout must be in [0, 1), got {holdout}")
+        raise ConfigError(f"holdout must be in [0, 1), got {holdout}", fix="use --holdout 0.05 (holdout=), or 0")
     n_hold = 0 if holdout == 0 else max(1, round(len(docs) * holdout))
     if n_hold >= len(docs):
         raise DataError(
             f"{len(docs)} document(s) cannot be split with holdout {holdout}: nothing would remain to train on",
-            fix="add documents or set holdout to 0",
+            fix="add documents, or lower --holdout (holdout=; 0 holds nothing out)",
         )
     held = set(np.random.default_rng(seed).permutation(len(docs))[:n_hold].tolist())
     return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
@@ -257,7 +264,7 @@ def pack(token_docs: Sequence[np.ndarray], *, seq_len: int, seed: int | None = 0
     if total < seq_len:
         raise DataError(
             f"the data has {total} tokens, fewer than one sequence of {seq_len}",
-            fix="add more text or lower the sequence length",
+            fix="add more text, or lower the row length with --seq-len (seq_len=)",
         )
     order = np.arange(len(token_docs)) if seed is None else np.random.default_rng(seed).permutation(len(token_docs))
     flat = np.concatenate([np.asarray(token_docs[i], dtype=np.int32) for i in order])  # (total,)
@@ -312,14 +319,98 @@ def epoch_order(n_rows: int, *, seed: int, epoch: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class HoldoutInfo:
+    """How the held-out text was chosen: ``by`` "documents", "chunks" (rows cut from the token stream) or "none"."""
+
+    by: str
+    documents: int  # whole documents held out (by documents)
+    chunks: int  # rows of ``chunk_tokens`` held out (by chunks)
+    chunk_tokens: int
+    tokens: int  # held-out tokens
+    total_tokens: int  # tokens of all documents, before the split
+
+    @property
+    def fraction(self) -> float:
+        return self.tokens / self.total_tokens if self.total_tokens else 0.0
+
+    def describe(self) -> str:
+        """One line for a run summary."""
+        if self.by == "none":
+            return "none (--holdout 0)"
+        what = f"{self.documents} whole document(s)" if self.by == "documents" else (
+            f"{self.chunks} chunk(s) of {self.chunk_tokens} tokens cut from the text"
+        )  # fmt: skip
+        return f"{what}: {self.tokens} of {self.total_tokens} tokens ({100 * self.fraction:.1f}%)"
+
+
+def split_heldout(
+    token_docs: Sequence[np.ndarray], *, holdout: float, chunk: int, seed: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray], HoldoutInfo]:
+    """(training pieces, held-out pieces, what was done) for tokenized documents.
+
+    Whole documents when there are enough of them: ``holdout x documents >= 1`` and the held-out documents fill
+    at least one row of ``chunk`` tokens (``split_documents``' seeded choice).  Otherwise -- one long file, a few
+    documents -- chunks: the documents' tokens joined in order and cut into rows of ``chunk``, a seeded
+    ``holdout`` fraction of those rows (at least one) held out, and the text between them kept for training as
+    separate pieces.  Raises ``DataError`` when not even one row can be held out with a row left to train on.
+    """
+    total = int(sum(len(t) for t in token_docs))
+    if holdout == 0:
+        return list(token_docs), [], HoldoutInfo("none", 0, 0, chunk, 0, total)
+    docs = [Document("", str(i)) for i in range(len(token_docs))]  # split_documents' choice, by index
+    if len(token_docs) * holdout >= 1:
+        train_idx, held_idx = split_documents(docs, holdout=holdout, seed=seed)
+        held = [token_docs[int(d.source)] for d in held_idx]
+        if sum(len(t) for t in held) >= chunk:
+            info = HoldoutInfo("documents", len(held), 0, chunk, int(sum(len(t) for t in held)), total)
+            return [token_docs[int(d.source)] for d in train_idx], held, info
+    flat = np.concatenate([np.asarray(t, dtype=np.int32) for t in token_docs]) if token_docs else np.zeros(0, np.int32)
+    n_chunks = total // chunk
+    n_hold = max(1, round(n_chunks * holdout))
+    if n_chunks < 2 or n_hold >= n_chunks:
+        raise DataError(
+            f"the data has {total} tokens: too few to hold out {n_hold} row(s) of {chunk} tokens "
+            f"(holdout {holdout}) and train on the rest",
+            fix="add text, lower --holdout (holdout=; 0 holds nothing out), or lower --seq-len (seq_len=)",
+        )
+    chosen = np.sort(np.random.default_rng(seed).choice(n_chunks, size=n_hold, replace=False))
+    train: list[np.ndarray] = []
+    prev = 0
+    for c in chosen:
+        if c * chunk > prev:
+            train.append(flat[prev : c * chunk])
+        prev = (c + 1) * chunk
+    if prev < total:
+        train.append(flat[prev:])
+    held = [flat[c * chunk : (c + 1) * chunk] for c in chosen]
+    return train, held, HoldoutInfo("chunks", 0, n_hold, chunk, n_hold * chunk, total)
+
+
+@dataclass(frozen=True)
 class PackedData:
-    """Packed training rows, held-out documents (and rows when they fill one), with counts."""
+    """Packed training rows, held-out pieces (and rows when they fill one), with counts."""
 
     train: np.ndarray  # (N, seq_len) int32
     heldout: np.ndarray  # (M, seq_len) int32, M may be 0
     heldout_docs: list[np.ndarray]
     n_documents: int
     n_train_tokens: int
+    holdout: HoldoutInfo
+    sources: int  # files the documents came from
+    train_pieces: list[np.ndarray]  # the training text, tokenized (documents or the pieces between held-out chunks)
+
+    def summary(self) -> dict[str, Any]:
+        """What the run reads, for its report (JSON-able)."""
+        return {
+            "files": self.sources,
+            "documents": self.n_documents,
+            "tokens": self.holdout.total_tokens,
+            "train_rows": int(self.train.shape[0]),
+            "train_tokens": self.n_train_tokens,
+            "heldout": {**asdict(self.holdout), "fraction": self.holdout.fraction},
+            "heldout_rows": int(self.heldout.shape[0]),
+            "heldout_text": self.holdout.describe(),
+        }
 
 
 def build_dataset(
@@ -332,16 +423,27 @@ def build_dataset(
     text_field: str = "text",
     whole: bool = False,
 ) -> PackedData:
-    """Load, split, tokenize and pack ``paths`` with the tokenizer of the checkpoint ``model_dir``
-    (``whole=True``: training rows by ``pack_whole``, documents kept whole, padding marked ``PAD``)."""
+    """Load, tokenize, split (``split_heldout``) and pack ``paths`` with the tokenizer of the checkpoint
+    ``model_dir`` into rows of ``seq_len`` (``whole=True``: training rows by ``pack_whole``, documents kept whole,
+    padding marked ``PAD``)."""
+    if not 0.0 <= holdout < 1.0:
+        raise ConfigError(f"holdout must be in [0, 1), got {holdout}", fix="use --holdout 0.05 (holdout=), or 0")
     docs = load_documents(paths, text_field=text_field)
-    train_docs, held_docs = split_documents(docs, holdout=holdout, seed=seed)
     tok = load_tokenizer(model_dir)
-    train_tok, held_tok = tokenize_documents(train_docs, tok), tokenize_documents(held_docs, tok)
+    token_docs = tokenize_documents(docs, tok)
+    total = sum(len(t) for t in token_docs)
+    if total < seq_len:
+        raise DataError(
+            f"the data has {total} tokens, fewer than one sequence of {seq_len}",
+            where=", ".join(sorted({d.file or d.source for d in docs}))[:300],
+            fix="add more text, or lower the row length with --seq-len (seq_len=)",
+        )
+    train_tok, held_tok, info = split_heldout(token_docs, holdout=holdout, chunk=seq_len, seed=seed)
     train = pack_whole(train_tok, seq_len=seq_len, seed=seed) if whole else pack(train_tok, seq_len=seq_len, seed=seed)
     held_total = sum(len(t) for t in held_tok)
     heldout = pack(held_tok, seq_len=seq_len, seed=None) if held_total >= seq_len else np.zeros((0, seq_len), np.int32)
-    return PackedData(train, heldout, held_tok, len(docs), int(train.size))
+    sources = len({d.file or d.source for d in docs})
+    return PackedData(train, heldout, held_tok, len(docs), int((train != PAD).sum()), info, sources, train_tok)
 
 
 # ---------------------------------------------------------------------------------------------------- PoSE

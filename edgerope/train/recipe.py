@@ -5,7 +5,7 @@ What it does:
 * ``original_context_of`` / ``scaled_rope``: the scaled rope variant (built
   with ``edgerope.rope.scaling``) for a checkpoint, a type and a factor or target,
   refusing inconsistent requests;
-* ``estimate_memory`` (params + grads + AdamW + activations), ``available_memory``
+* ``estimate_memory`` (params + grads + AdamW + activations; full or LoRA), ``available_memory``
   and ``peak_memory`` (measured after a run);
 * ``default_lr`` (YaRN's 2e-5 scaled to the model size) and ``lr_multiplier``
   (linear warmup, cosine or linear decay);
@@ -39,6 +39,7 @@ from edgerope.system.memory import process_peak_rss, process_rss
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "linear")
 YARN_LR, YARN_PARAMS = 2e-5, 6.7e9  # YaRN's recipe: lr 2e-5 for Llama 2 7B
+LORA_LR_X = 5.0  # LoRA's default lr over full fine-tuning's (bench/bench_lora.py measured it on the tiny model)
 
 
 # ---------------------------------------------------------------------------------------------------- rope
@@ -96,19 +97,31 @@ def scaled_rope(
 
 
 def estimate_memory(
-    cfg: ModelConfig, *, batch_size: int, seq_len: int, grad_checkpointing: bool, bytes_per_act: int = 4
+    cfg: ModelConfig,
+    *,
+    batch_size: int,
+    seq_len: int,
+    grad_checkpointing: bool,
+    bytes_per_act: int = 4,
+    lora_params: int | None = None,
+    lora_rank: int = 0,
 ) -> int:
-    """Bytes one training step needs: fp32 weights, grads and AdamW's two moments (16 B/param) plus activations.
+    """Bytes one training step needs: weights, gradients, AdamW's two moments, activations, logits.
 
+    Full fine-tuning: fp32 weights, grads and AdamW's two moments, 16 B/param.  LoRA (``lora_params`` trainable
+    parameters of rank ``lora_rank``): the frozen fp32 weights (4 B/param) plus 16 B per adapter parameter, and
+    each adapted projection keeps its rank-r intermediate (B x T x r per target, 7 per layer at most) -- the
+    activations of the frozen layers stay, since the gradient flows through them to earlier adapters.
     Activations per layer ~ B x T x (12 d + 4 i) values (norms, q/k/v, attention output, MLP), plus
     the B x H x T x T attention weights when the attention kernel materialises them, plus the logits
     (B x T x V, float32, three copies: logits, log-softmax, grad).  With gradient checkpointing only each
     layer's input is kept, plus one layer's activations during its recompute.  An estimate, not a bound.
     """
     n = cfg.n_params
-    states = 16 * n
+    states = 16 * n if lora_params is None else 4 * n + 16 * lora_params
     B, T, d, i = batch_size, seq_len, cfg.hidden_size, cfg.intermediate_size
-    per_layer = B * T * (12 * d + 4 * i) * bytes_per_act + 2 * B * cfg.num_attention_heads * T * T * bytes_per_act
+    per_layer = B * T * (12 * d + 4 * i + 7 * lora_rank) * bytes_per_act
+    per_layer += 2 * B * cfg.num_attention_heads * T * T * bytes_per_act
     layers = cfg.num_hidden_layers
     acts = (layers * B * T * d * bytes_per_act + per_layer) if grad_checkpointing else layers * per_layer
     logits = 3 * B * T * cfg.vocab_size * 4
@@ -144,9 +157,11 @@ def peak_memory(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------------- recipe
 
 
-def default_lr(n_params: int) -> float:
-    """YaRN's 2e-5 for 7B, scaled by sqrt(7B / n_params) and capped at 1e-3 for small models."""
-    return float(min(1e-3, max(YARN_LR, YARN_LR * math.sqrt(YARN_PARAMS / n_params))))
+def default_lr(n_params: int, *, lora: bool = False) -> float:
+    """YaRN's 2e-5 for 7B, scaled by sqrt(7B / n_params) and capped at 1e-3 for small models; LoRA: ``LORA_LR_X``
+    times that (the adapter starts at zero and moves only a low-rank part), capped at 1e-2."""
+    full = min(1e-3, max(YARN_LR, YARN_LR * math.sqrt(YARN_PARAMS / n_params)))
+    return float(min(1e-2, LORA_LR_X * full) if lora else full)
 
 
 def lr_multiplier(step: int, *, steps: int, warmup: int, schedule: str, min_ratio: float = 0.1) -> float:

@@ -372,13 +372,13 @@ def test_verification_catches_a_file_that_differs_from_the_plan(make_tiny):
     from edgerope.convert.stream import TensorJob
     from edgerope.errors import OutputError
     from edgerope.models.config import ModelConfig
-    from edgerope.rope import ggml as ggml_rope
+    from edgerope.rope import gguf_plan
 
     rope_parameters, max_pos, _, _ = ROPE_CASES["llama3"]
     hf = make_tiny(rope_parameters=rope_parameters, max_position_embeddings=max_pos)
     out = convert(hf, hf / "out.gguf", outtype="f32").path
     cfg = ModelConfig.load(hf)
-    plan = ggml_rope.plan_gguf_rope(
+    plan = gguf_plan.plan_gguf_rope(
         cfg.rope, arch="llama", head_dim=cfg.head_dim, context_length=extended_context(cfg, cfg.rope)
     )
     with SafetensorsCheckpoint(hf) as ckpt:

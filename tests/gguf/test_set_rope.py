@@ -27,7 +27,7 @@ from edgerope.errors import EdgeropeError, GGUFError, OutputError, RopeConfigErr
 from edgerope.gguf.inspect import inspect_gguf
 from edgerope.gguf.reader import open_gguf
 from edgerope.gguf.set_rope import _copy_verified, _Raw, _verify, set_rope
-from edgerope.rope.ggml import plan_gguf_rope
+from edgerope.rope.gguf_plan import plan_gguf_rope
 from edgerope.rope.scaling import Linear
 
 U32, F32, STR, BOOL = VT.UINT32, VT.FLOAT32, VT.STRING, VT.BOOL
@@ -446,3 +446,91 @@ def test_copy_compare_catches_a_shifted_or_corrupted_copy(tmp_path, monkeypatch,
     if full:
         with pytest.raises(OutputError, match="differ"):
             run(one_flip)
+
+
+# --------------------------------------------------------------------------- per family (tests/helpers/families.py)
+
+
+def _family_parity(cell_id, tmp_path, tiny_tokenizer_dir, *, rope_type, factor=4.0, over=None, **options):
+    """Convert a family cell at its original context, set-rope it to ``rope_type`` x ``factor``, and compare
+    llama.cpp at 4x with edgerope's PyTorch model of the same weights at the same rope (both rope functions of
+    Gemma 3 included).  Returns (the report, rel L2, rel L2 of the unscaled file, the GGUF keys)."""
+    torch = pytest.importorskip("torch")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from helpers.families import BY_ID, L0, T
+
+    from edgerope.convert.export import convert
+    from edgerope.models.base import CausalLM
+    from edgerope.rope.scaling import Linear, Yarn
+
+    hf = BY_ID[cell_id].make(tmp_path / cell_id, tiny_tokenizer_dir, max_position_embeddings=L0, **(over or {}))
+    plain = convert(hf, tmp_path / "plain.gguf", outtype="f32").path
+    report = set_rope(plain, tmp_path / "scaled.gguf", rope_type=rope_type, factor=factor, **options)
+    model = CausalLM.from_pretrained(hf).eval()
+    cfg = model.config
+    theta = cfg.rope.theta
+    want = (
+        Yarn(theta, factor, L0, attention_factor=options.get("attn_factor"))
+        if rope_type == "yarn"
+        else Linear(theta, factor)
+    )
+    model.set_config(cfg.replace(rope=want, max_position_embeddings=T))
+    tokens = [2] + np.random.default_rng(0).integers(3, 1000, size=T - 1).tolist()
+    with torch.no_grad():
+        ref = model(torch.tensor([tokens]))[0].numpy()
+
+    def run(path):
+        llm = llama_cpp.Llama(str(path), n_ctx=T, n_batch=T, n_ubatch=T, logits_all=True, type_k=0, type_v=0,
+                              verbose=False)  # fmt: skip
+        llm.eval(tokens)
+        out = np.asarray(llm.scores[:T])
+        llm.close()
+        return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+    return report, run(tmp_path / "scaled.gguf"), run(plain), read(tmp_path / "scaled.gguf")[0]
+
+
+@pytest.mark.llama
+def test_gemma3_set_rope_changes_the_global_rope_only(tmp_path, tiny_tokenizer_dir):
+    """Gemma 3 has two rope functions; set-rope changes the full-attention layers' (rope.freq_base, scaling)
+    and says so; the sliding-window layers keep rope.freq_base_swa, unscaled (llama.cpp never scales them)."""
+    report, err, before, kv = _family_parity("gemma3-default", tmp_path, tiny_tokenizer_dir, rope_type="linear")
+    assert err < 1e-3 < before, (err, before)  # GeGLU tolerance (docs/llama_cpp.md §11.5)
+    assert kv["gemma3.rope.scaling.type"] == "linear" and kv["gemma3.rope.freq_base_swa"] == 1e4
+    assert kv["gemma3.rope.freq_base"] == 1e6
+    note = next(n for n in report.notes if "two rope functions" in n)
+    assert "full-attention (global) layers" in note and "5 sliding-window layers keep plain rope at base 10000" in note
+    with pytest.raises(UnsupportedRopeError, match="sliding-window layers"):  # its factor would reach them too
+        set_rope(tmp_path / "plain.gguf", tmp_path / "y.gguf", rope_type="yarn", factor=4, attn_factor=1.3)
+    assert not (tmp_path / "y.gguf").exists()
+
+
+@pytest.mark.llama
+def test_qwen3_set_rope_uses_key_length(tmp_path, tiny_tokenizer_dir):
+    """Qwen3's head_dim (attention.key_length 48) is not hidden/heads (32): the rope must be planned at 48."""
+    report, err, before, kv = _family_parity("qwen3-default", tmp_path, tiny_tokenizer_dir, rope_type="yarn")
+    assert err < 1e-4 < before, (err, before)
+    assert kv["qwen3.rope.dimension_count"] == kv["qwen3.attention.key_length"] == 48
+    report, err, _, kv = _family_parity("qwen3-default", tmp_path / "a", tiny_tokenizer_dir, rope_type="yarn",
+                                        attn_factor=1.3)  # fmt: skip
+    assert err < 1e-4 and kv["qwen3.rope.scaling.attn_factor"] == pytest.approx(1.3 / (1 + 0.1 * math.log(4)))
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("cell_id", ["phi3-default", "smollm3-default", "llama3-default-tied"])
+def test_set_rope_per_family(cell_id, tmp_path, tiny_tokenizer_dir):
+    report, err, before, kv = _family_parity(cell_id, tmp_path, tiny_tokenizer_dir, rope_type="yarn")
+    assert err < 1e-4 < before, (err, before)
+    if cell_id == "smollm3-default":
+        assert any("NoPE" in n for n in report.notes)
+
+
+@pytest.mark.llama
+def test_phi4_partial_rotary_set_rope(tmp_path, tiny_tokenizer_dir):
+    """Phi-4-mini rotates 24 of 32 channels: set-rope plans YaRN over rope.dimension_count, not the head."""
+    partial = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}}
+    report, err, before, kv = _family_parity(
+        "phi3-default", tmp_path, tiny_tokenizer_dir, rope_type="yarn", over=partial
+    )
+    assert err < 1e-4 < before, (err, before)
+    assert kv["phi3.rope.dimension_count"] == 24 and any("rotates 24 channels" in n for n in report.notes)

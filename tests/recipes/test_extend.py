@@ -99,6 +99,8 @@ def test_table_has_a_row_per_variant(demo_run: tuple[dict, Path, str]) -> None:
         ({"name": "x", "rope": "none", "tune": "full"}, "no scaling"),
         ({"name": "x", "rope": "yarn", "factor": 1.0}, "factor > 1"),
         ({"name": "x", "rope": "yarn", "factor": 8, "tune": "lora"}, "unknown fine-tune"),
+        ({"name": "x", "rope": "yarn", "factor": 8, "tune": "full", "data": "poems"}, "unknown data recipe"),
+        ({"name": "x", "rope": "yarn", "factor": 8, "lora": True}, "LoRA needs a fine-tune"),
     ],
 )
 def test_bad_variants_are_refused(kwargs: dict, match: str) -> None:
@@ -137,3 +139,29 @@ def test_kv_comparison_ranks_cache_types_by_disturbance(demo_run: tuple[dict, Pa
     assert 0 < kv["q8_0"]["kl_mean"] < kv["q4_0"]["kl_mean"]
     assert kv["q8_0"]["top1_agreement"] >= kv["q4_0"]["top1_agreement"]
     assert all(set(v["passkey_by_length"]) == {512} for v in kv.values())
+
+
+def test_text_recipe_lora_and_the_independent_format(tmp_path: Path) -> None:
+    """README's command in the experiment: one .txt file, the default retrieval mix, LoRA merged when converted;
+    both passkey formats measured, and the report says which data each fine-tune used."""
+    from edgerope.models.builtin import tiny_model
+    from edgerope.recipes.extend import DATA, run_extension
+    from edgerope.recipes.extend_eval import INDEPENDENT_NEEDLE, independent_passkey_text
+
+    s = Settings(lengths=(256, 512), depths=(0.5,), trials=2, ppl_lengths=(), ft_steps=2, independent=True)
+    variants = [Variant("lora text", "yarn", 2, "full", data="text", lora=True)]
+    rep = run_extension(tiny_model(), tmp_path, variants=variants, settings=s)
+    r = rep.results[0]
+    ft = r.finetune
+    assert r.data == DATA["text"] and ft["lora"]["rank"] == 16 and ft["data"]["files"] == 1
+    assert ft["data"]["heldout"]["by"] == "chunks" and ft["data"]["rows"]["retrieval"] == 1
+    assert "--lora" in ft["command"] and "--retrieval-mix" not in ft["command"]
+    assert (tmp_path / "lora_text" / "adapter_model.safetensors").is_file()
+    kv = open_gguf(r.gguf).kv()
+    assert kv["llama.context_length"] == 512 and kv["llama.rope.scaling.finetuned"] is True
+    assert set(r.independent_by_length) == {256, 512} and r.independent["task"] == "passkey-independent"
+    assert all(c["trials"] == 2 for c in r.independent["cells"])
+    table = format_table(rep)
+    assert "ipk@512" in table and "lora text: " + DATA["text"] in table
+    text = independent_passkey_text(12345, depth=0.5, n_chars=400, seed=[0])
+    assert INDEPENDENT_NEEDLE.format(k=12345) in text and "\n" not in text and len(text) <= 400 + 250

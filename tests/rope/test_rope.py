@@ -23,8 +23,8 @@ from edgerope.rope.ggml import (
     ROPE_FACTORS_SHORT,
     ROPE_FREQS,
     LlamaCppRope,
-    plan_gguf_rope,
 )
+from edgerope.rope.gguf_plan import plan_gguf_rope
 from edgerope.rope.hf import parse_hf_rope, to_hf_rope
 from edgerope.rope.scaling import (
     Default,

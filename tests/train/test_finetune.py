@@ -198,7 +198,19 @@ def test_lr_schedule_warmup_then_decay():
 def test_cli_json(make_tiny, corpus, tmp_path):
     ck = make_tiny()
     args = ["finetune", str(ck), "--rope", "yarn", "--factor", "2", "--data", str(corpus), "-o", str(tmp_path / "o")]
-    args += ["--steps", "2", "--batch-size", "1", "--seq-len", "32", "--device", "cpu", "--json"]
+    args += [
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--seq-len",
+        "32",
+        "--device",
+        "cpu",
+        "--json",
+        "--retrieval-mix",
+        "0",
+    ]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
@@ -218,14 +230,15 @@ import json, sys
 from edgerope.train.finetune import finetune
 ck, data, out, bs = sys.argv[1:5]
 r = finetune(ck, out, rope="yarn", factor=2, data=[data], steps=3, batch_size=int(bs), grad_accum=2,
-             seq_len=64, lr=3e-3, seed=0, device="cpu", pose=True, save_every=2)
+             seq_len=128, lr=3e-3, seed=0, device="cpu", pose=True, save_every=2, retrieval_mix=0.5)
 if r.world_size == 1 or __import__("os").environ["RANK"] == "0":
     open(out + ".json", "w").write(json.dumps(r.to_dict()))
 """
 
 
 def test_ddp_two_processes_match_one(make_tiny, corpus, tmp_path):
-    """Two ranks x batch 2 x accumulation 2 against one process with the same global batch of 8 rows.
+    """Two ranks x batch 2 x accumulation 2 against one process with the same global batch of 8 rows (PoSE, half
+    of them retrieval rows: each rank takes its slice of the same interleaved stream).
 
     The tolerance is this CPU's float noise for this training, measured, not a number fitted to one machine:
     a second single-process run starts from weights moved by one ulp each (what one rounding difference
@@ -267,7 +280,7 @@ def test_ddp_two_processes_match_one(make_tiny, corpus, tmp_path):
 def test_cli_summary_and_stale_temp_checkpoint_ignored(make_tiny, corpus, tmp_path):
     ck, out = make_tiny(), tmp_path / "o"
     args = ["finetune", str(ck), "--factor", "2", "--data", str(corpus), "-o", str(out), "--steps", "3"]
-    args += ["--batch-size", "1", "--seq-len", "32", "--device", "cpu", "--save-every", "2"]
+    args += ["--batch-size", "1", "--seq-len", "32", "--device", "cpu", "--save-every", "2", "--retrieval-mix", "0"]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert "yarn x2 from 256" in r.output and "output:" in r.output
@@ -290,3 +303,145 @@ def test_whole_documents_trains_without_learning_the_padding(make_tiny, corpus, 
     rep = finetune(ck, tmp_path / "w", data=[corpus], **small(steps=8, lr=1e-2), whole_documents=True)
     assert rep.settings["whole_documents"] is True
     assert np.isfinite(rep.losses).all() and np.mean(rep.losses[-3:]) < np.mean(rep.losses[:3])
+
+
+# ---------------------------------------------------------------------------------------------------- issue 14
+
+
+@pytest.fixture(scope="module")
+def one_file(tmp_path_factory) -> Path:
+    """What a user has: one long plain-text file (CPython's documentation topics, ~120 KB)."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("one_file") / "docs.txt"
+    path.write_text("\n\n".join(topics[k] for k in sorted(topics)[:40]), encoding="utf-8")
+    return path
+
+
+def test_one_text_file_fine_tunes_with_the_default_data_recipe(make_tiny, one_file, tmp_path):
+    """One file: held out by chunks (not refused for having one document), the retrieval mix on by default."""
+    rep = finetune(make_tiny(), tmp_path / "o", data=[one_file], rope="yarn", factor=2, steps=4, seq_len=128,
+                   lr=3e-3, device="cpu")  # fmt: skip
+    d = rep.data
+    assert d["files"] == 1 and d["documents"] == 1
+    assert d["heldout"]["by"] == "chunks" and d["heldout"]["chunks"] >= 1 and d["heldout_rows"] >= 1
+    assert 0.03 < d["heldout"]["fraction"] < 0.07  # --holdout 0.05 of the file's tokens
+    assert d["retrieval_mix"]["fraction"] == 0.5 and d["rows"] == {"text": 2, "retrieval": 2}
+    assert sum(d["retrieval_rows_by_first_sample"].values()) == 2
+    assert rep.heldout_losses and np.isfinite(rep.losses).all()
+
+
+def test_data_problems_name_the_flag_to_change(make_tiny, tmp_path):
+    ck = make_tiny()
+    small_file = tmp_path / "small.md"
+    small_file.write_text("A short markdown note. " * 8)  # about 110 tokens: one row of 65, not two
+    with pytest.raises(DataError) as e:
+        finetune(ck, tmp_path / "o", data=[small_file], **small())
+    assert "--holdout" in e.value.message and "--seq-len" in e.value.message
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(json.dumps({"body": "text"}) + "\n")
+    with pytest.raises(DataError, match="--text-field"):
+        finetune(ck, tmp_path / "o", data=[jsonl], **small())
+    jsonl.write_text("".join(json.dumps({"body": f"line {i} " * 30}) + "\n" for i in range(40)))
+    rep = finetune(ck, tmp_path / "o", data=[jsonl], **small(steps=1), text_field="body")
+    assert rep.data["documents"] == 40 and rep.data["heldout"]["by"] == "documents"
+    with pytest.raises(ConfigError, match="--retrieval-mix 0"):
+        finetune(ck, tmp_path / "o2", data=[jsonl], **small(retrieval_mix=0.5))  # 64-token rows
+
+
+def test_resume_with_the_retrieval_mix_is_bit_exact(make_tiny, one_file, tmp_path):
+    ck = make_tiny()
+    kw = dict(data=[one_file], rope="yarn", factor=2, steps=5, seq_len=128, lr=3e-3, device="cpu", save_every=2)
+    straight = finetune(ck, tmp_path / "a", **kw, retrieval_mix=0.6)
+    with pytest.raises(Interrupted):
+        finetune(ck, tmp_path / "b", **kw, retrieval_mix=0.6, progress=stop_at(3))
+    resumed = finetune(ck, tmp_path / "b", **kw, retrieval_mix=0.6, resume=True)
+    assert resumed.resumed_from_step == 2 and resumed.losses == straight.losses
+    a, b = (LlamaModel.from_pretrained(tmp_path / p).state_dict() for p in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TrainingError, match="retrieval_mix"):
+        finetune(ck, tmp_path / "b", **kw, retrieval_mix=0.3, resume=True)
+
+
+def test_row_mean_loss_weighs_rows_not_tokens():
+    from edgerope.train.loop import row_mean_loss
+
+    logits = torch.randn(3, 6, 11)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[0, :5] = -100  # one answer token
+    labels[2] = -100  # no target at all: left out
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none")
+    ce = ce.view(3, 6)
+    want = (ce[0, 5] + ce[1].mean()) / 2
+    assert torch.allclose(row_mean_loss(logits, labels), want)
+
+
+def test_lora_trains_adapters_only_and_resumes_exactly(make_tiny, corpus, tmp_path):
+    from edgerope.train.lora import LoraSettings, lora_params
+
+    ck = make_tiny()
+    lora = LoraSettings(rank=4)
+    seen = []
+    rep = finetune(ck, tmp_path / "o", data=[corpus], **small(steps=12, lr=3e-2), lora=lora, progress=seen.append)
+    cfg = ModelConfig.load(ck)
+    assert rep.trainable_params == lora_params(cfg, lora) == rep.lora["trainable_params"] < cfg.n_params / 4
+    assert np.mean(rep.losses[-3:]) < np.mean(rep.losses[:3]) - 0.1, rep.losses
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file() and not (tmp_path / "o" / "config.json").exists()
+    kw = dict(data=[corpus], **small(steps=5, lr=3e-2, save_every=2), lora=lora)
+    straight = finetune(ck, tmp_path / "a", **kw)
+    with pytest.raises(Interrupted):
+        finetune(ck, tmp_path / "b", **kw, progress=stop_at(3))
+    assert (tmp_path / "b" / "checkpoints" / "step-0000002" / "adapter_model.safetensors").is_file()
+    resumed = finetune(ck, tmp_path / "b", **kw, resume=True)
+    assert resumed.resumed_from_step == 2 and resumed.losses == straight.losses
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(tmp_path / p / "adapter_model.safetensors") for p in ("a", "b"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_memory_refusal_suggests_lora_when_it_would_fit(make_tiny, corpus, tmp_path):
+    from edgerope.train.lora import LoraSettings, lora_params
+
+    ck = make_tiny()
+    cfg = ModelConfig.load(ck).replace(max_position_embeddings=512)
+    full = estimate_memory(cfg, batch_size=2, seq_len=64, grad_checkpointing=False)
+    lo = estimate_memory(cfg, batch_size=2, seq_len=64, grad_checkpointing=False,
+                         lora_params=lora_params(cfg, LoraSettings()), lora_rank=16)  # fmt: skip
+    assert lo < full
+    with pytest.raises(TrainingError, match="--lora") as e:
+        finetune(ck, tmp_path / "o", data=[corpus], **small(memory_limit=(lo + full) // 2))
+    assert "every weight trained" in e.value.message
+    with pytest.raises(TrainingError) as e:  # too little even for LoRA: not suggested
+        finetune(ck, tmp_path / "o", data=[corpus], **small(memory_limit=lo // 2))
+    assert "--lora" not in e.value.message
+    rep = finetune(ck, tmp_path / "o", data=[corpus], **small(steps=1, memory_limit=(lo + full) // 2),
+                   lora=LoraSettings())  # fmt: skip
+    assert rep.memory_estimate_bytes == lo
+
+
+@pytest.mark.llama
+def test_gguf_option_writes_the_model_ready_to_run(make_tiny, corpus, tmp_path):
+    """--gguf q8_0: the fine-tuned GGUF beside the checkpoint, rope metadata included (LoRA: merged)."""
+    from edgerope.runtime.runtime import Runtime
+    from edgerope.train.lora import LoraSettings
+
+    ck = make_tiny()
+    for name, lora in (("full", None), ("lora", LoraSettings(rank=4))):
+        rep = finetune(ck, tmp_path / name, data=[corpus], **small(steps=2), lora=lora, gguf="q8_0")
+        path = tmp_path / name / "model.q8_0.gguf"
+        assert rep.gguf["path"] == str(path) and rep.gguf["merged_lora"] == (lora is not None)
+        kv = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+        assert kv["llama.rope.scaling.type"] == "yarn" and kv["llama.context_length"] == 512
+        assert kv["llama.rope.scaling.finetuned"] is True and kv["general.file_type"] == 7
+        with Runtime.open(path, n_ctx=512) as rt:
+            assert rt.info.n_ctx_train == 512
+    with pytest.raises(ConfigError, match="--gguf"):
+        finetune(ck, tmp_path / "x", data=[corpus], **small(), gguf="q3_weird")
+    r = CliRunner().invoke(
+        cli,
+        ["finetune", str(ck), "--factor", "2", "--data", str(corpus), "-o", str(tmp_path / "cli"), "--steps", "1",
+         "--seq-len", "32", "--retrieval-mix", "0", "--device", "cpu", "--gguf", "f16"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert f"edgerope ask {tmp_path / 'cli' / 'model.f16.gguf'}" in r.output

@@ -25,8 +25,10 @@ input), pick defaults, or print.  Rope overrides default to llama.cpp's C
 (docs/llama_cpp.md §2, pitfalls 3 and 4).
 
 Modules: ``_lib`` (loading the bindings, the log router, CPU backend queries, the activity record for the
-crash guard), ``params`` (``FlashAttn``, ``RopeOverrides``, ``ContextParams``), ``handles`` (``NativeModel``,
-``NativeContext``, ``NativeSampler``) and ``quantization`` (``quantize``, ``QUANT_TYPES``).  Import the
+crash guard), ``devices`` (``backend_devices``: llama.cpp's device list with memory and backend features),
+``params`` (``FlashAttn``, ``RopeOverrides``, ``ContextParams``), ``handles`` (``NativeModel``,
+``NativeContext``, ``NativeSampler``), ``adapter`` (``NativeLoraAdapter``, ``set_lora_adapters``) and ``quantization``
+(``quantize``, ``QUANT_TYPES``).  Import the
 public names from this package.
 """
 
@@ -45,6 +47,8 @@ from edgerope.runtime.native._lib import (
     supports_gpu_offload,
     system_info,
 )
+from edgerope.runtime.native.adapter import NativeLoraAdapter, set_lora_adapters
+from edgerope.runtime.native.devices import backend_devices
 from edgerope.runtime.native.handles import NativeContext, NativeModel, NativeSampler
 from edgerope.runtime.native.params import ContextParams, FlashAttn, RopeOverrides
 from edgerope.runtime.native.quantization import QUANT_NEEDS_IMATRIX, QUANT_TYPES, ftype_id, quantize
@@ -57,9 +61,11 @@ __all__ = [
     "ContextParams",
     "FlashAttn",
     "NativeContext",
+    "NativeLoraAdapter",
     "NativeModel",
     "NativeSampler",
     "RopeOverrides",
+    "backend_devices",
     "bindings_version",
     "cpu_backend",
     "default_threads",
@@ -68,6 +74,7 @@ __all__ = [
     "native_error_lines",
     "note_activity",
     "quantize",
+    "set_lora_adapters",
     "supports_gpu_offload",
     "system_info",
 ]

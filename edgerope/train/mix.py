@@ -1,0 +1,355 @@
+"""The long-context data recipe of ``edgerope finetune``: retrieval samples built from the user's own text.
+
+A run with ``retrieval_mix`` f > 0 trains on two kinds of rows, interleaved by a seeded schedule: a share f
+are *retrieval rows* made here, the rest are rows of the user's text packed as always.  A retrieval row holds
+samples (BOS ... EOS) back to back: the first of ``MIN_SAMPLE`` tokens up to the whole row (uniform), so the
+distance between a fact and the question about it covers every length up to the row, the next ones filling
+what is left (log-uniform lengths: many short ones).  The loss of a retrieval row counts the answers and their
+EOS only (``answers_only``; the row's mean, so a row of a few answers weighs as much as a row of text): the
+text rows teach the user's text, the retrieval rows teach finding things in it.  The kinds (``KIND_WEIGHTS``,
+normalized, drawn per sample):
+
+* ``passkey`` (4): a number stated once inside a span of the user's text, asked for at the end.  A quarter use
+  EVAL.md's Landmark template word for word (its intro, filler, needle and question; what ``edgerope eval``
+  measures); the rest phrase the fact and the question with one of ``NEEDLES`` / ``QUESTIONS`` (optionally
+  after one of ``INTROS``) about a name: one of ``NAMES`` ("secret number", ...) or, mostly, two words of the
+  user's text ("the method attribute"), so the model learns to find the fact a question names, not a phrase;
+* ``multikey`` (1): several facts of one form ("The value of key K is V.", "The {name} for Anna is V.", ...),
+  one of them asked for: the others are distractors;
+* ``qa`` (2): ``edgerope ask``'s plain prompt (``edgerope.prompts.DOC_TEMPLATE`` / ``QUESTION_TEMPLATE``): a
+  document of the user's text holding one fact, a question about it, the answer;
+* ``recall`` (2): the same prompt over the user's text alone: a few words quoted from the document, the question
+  asks for the words that follow them, the answer is those words.
+
+Every filler (but the Landmark template's) is a span of the user's *training* text, never of the held-out
+text.  Rows are made on demand from ``(seed, row index)``, so a run holds none in memory and a resumed run
+sees the same rows.
+
+What it does not do: tokenize other than through the ``TextTokenizer`` given, build rows for pretraining
+(``edgerope.train.synthetic.RowBuilder``), evaluate (any evaluation wording lives outside the training layer).
+No torch import.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgerope.errors import ConfigError, DataError
+from edgerope.prompts import (
+    DOC_TEMPLATE,
+    INTRO,
+    KEY_RANGE,
+    MULTI_NEEDLE,
+    MULTI_QUESTION,
+    NEEDLE,
+    QUESTION,
+    QUESTION_TEMPLATE,
+    filler_text,
+)
+from edgerope.train.data import TextTokenizer
+
+DEFAULT_RETRIEVAL_MIX = 0.5  # finetune's default share of retrieval rows (README, Quality: the numbers behind it)
+KINDS = ("passkey", "multikey", "qa", "recall")
+KIND_WEIGHTS = {"passkey": 4.0, "multikey": 1.0, "qa": 2.0, "recall": 2.0}
+LANDMARK_SHARE = 0.25  # passkey samples in EVAL.md's exact template (Landmark filler included)
+MIN_SAMPLE = 128  # tokens: the shortest sample (a row holds at least this many)
+MIN_ROW = MIN_SAMPLE
+NUMBER_RANGE = (1, 99999)
+NAMED_SHARE = 0.3  # facts named from NAMES; the rest by two words of the user's text
+MIN_WORDS = 50  # distinct words needed to name facts from the user's text  # the numbers of the varied wordings (the Landmark ones use KEY_RANGE)
+
+NAMES = (
+    "pass key", "secret number", "magic number", "lucky number", "hidden number", "special number", "secret key",
+    "ticket number", "serial number", "reference number", "room number", "PIN", "password", "order number",
+    "account number", "lock combination", "winning number", "ID number", "house number", "phone extension",
+)  # fmt: skip
+INTROS = (
+    "",
+    "Read the following text carefully. It contains a {name} that you will be asked for.",
+    "A {name} is hidden in the text below. Find it and remember it.",
+    "The text below mentions a {name}. Pay attention to it.",
+)
+NEEDLES = (
+    "The {name} is {k}.",
+    "The {name} is {k}. Remember it. {k} is the {name}.",
+    "Keep in mind that the {name} is {k}.",
+    "Please note: the {name} is {k}.",
+    "{k} is the {name}.",
+    "Important: the {name} is {k}. Do not forget it.",
+    "For the record, the {name} is {k}.",
+)
+QUESTIONS = (
+    "What is the {name}? The {name} is",
+    "Which number is the {name}? The {name} is",
+    "Tell me the {name}. The {name} is",
+    "What was the {name} given above? The {name} is",
+    "Recall the {name}. The {name} is",
+)
+PEOPLE = ("Anna", "Ben", "Carla", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira", "Liam")
+MULTI_FORMS = (  # (fact, question) with {k}: the key, {v}: the value, {name}
+    (MULTI_NEEDLE, MULTI_QUESTION),
+    ("The {name} for {k} is {v}.", "What is the {name} for {k}? The {name} for {k} is"),
+    ("Item {k} has the {name} {v}.", "Which {name} does item {k} have? Item {k} has the {name}"),
+)
+
+
+@dataclass(frozen=True)
+class RetrievalMix:
+    """How much of a run is retrieval rows (``fraction`` of the rows) and which kinds (relative ``weights``)."""
+
+    fraction: float = DEFAULT_RETRIEVAL_MIX
+    weights: tuple[tuple[str, float], ...] = tuple(KIND_WEIGHTS.items())
+    answers_only: bool = True  # the loss of a retrieval row counts its answers only (False: every sample token)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError(
+                f"the retrieval mix must be a fraction in [0, 1], got {self.fraction}",
+                fix="use --retrieval-mix 0.5 (retrieval_mix=), or 0 for the plain text alone",
+            )
+        w = dict(self.weights)
+        if unknown := sorted(set(w) - set(KINDS)):
+            raise ConfigError(f"unknown retrieval sample kinds {unknown}", fix=f"use {', '.join(KINDS)}")
+        if any(v < 0 for v in w.values()) or sum(w.values()) <= 0:
+            raise ConfigError(f"retrieval kind weights must be >= 0 and not all 0, got {w}")
+
+    def probabilities(self) -> np.ndarray:
+        w = dict(self.weights)
+        p = np.array([w.get(k, 0.0) for k in KINDS], dtype=np.float64)
+        return p / p.sum()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fraction": self.fraction,
+            "kinds": dict(zip(KINDS, self.probabilities().round(4).tolist(), strict=True)),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------- samples
+
+
+def _number(rng: np.random.Generator, landmark: bool = False) -> int:
+    lo, hi = KEY_RANGE if landmark else NUMBER_RANGE
+    return int(rng.integers(lo, hi, endpoint=True))
+
+
+def _pick(rng: np.random.Generator, items: Sequence[Any]) -> Any:
+    return items[int(rng.integers(len(items)))]
+
+
+def _word_cut(text: str, at: int) -> int:
+    """The first whitespace at or after ``at`` (a fact never lands inside a word of the user's text)."""
+    m = re.compile(r"\s").search(text, at)
+    return m.start() if m else len(text)
+
+
+def _with_fact(filler: str, fact: str, rng: np.random.Generator) -> str:
+    cut = _word_cut(filler, int(rng.integers(0, len(filler) + 1)))
+    return " ".join(part for part in (filler[:cut].rstrip(), fact, filler[cut:].lstrip()) if part)
+
+
+Sample = tuple[str, str]  # (prompt, answer): the model reads both; with the answers-only loss it learns the answer
+
+
+def passkey_sample(rng: np.random.Generator, filler: str, name: str = "pass key") -> Sample:
+    """A passkey sample: EVAL.md's template (a ``LANDMARK_SHARE`` of them, with the Landmark filler of
+    ``len(filler)`` characters) or a varied wording around the user's ``filler``."""
+    if rng.random() < LANDMARK_SHARE:
+        k = _number(rng, landmark=True)
+        text = filler_text(len(filler))
+        cut = int(rng.integers(0, len(text) + 1))
+        return "\n".join([INTRO, text[:cut], NEEDLE.format(k=k), text[cut:], QUESTION]), f" {k}."
+    k = _number(rng)
+    intro = _pick(rng, INTROS).format(name=name)
+    body = _with_fact(filler, _pick(rng, NEEDLES).format(name=name, k=k), rng)
+    sep = "\n" if rng.random() < 0.5 else " "
+    return sep.join(p for p in (intro, body, _pick(rng, QUESTIONS).format(name=name)) if p), f" {k}."
+
+
+def multikey_sample(rng: np.random.Generator, filler: str, name: str = "value") -> Sample:
+    """2-4 facts of one form at random places in ``filler``, one asked for, with its answer."""
+    form = int(rng.integers(len(MULTI_FORMS)))
+    fact, question = MULTI_FORMS[form]
+    n = int(rng.integers(2, 5))
+    if form == 0:  # EVAL.md's multi-key form: keys and values from its range
+        keys = rng.choice(np.arange(KEY_RANGE[0], KEY_RANGE[1] + 1), size=n, replace=False).tolist()
+    elif form == 1 and rng.random() < 0.5:
+        keys = rng.choice(PEOPLE, size=n, replace=False).tolist()
+    else:
+        keys = rng.choice(np.arange(1, 1000), size=n, replace=False).tolist()
+    values = [_number(rng, landmark=form == 0) for _ in range(n)]
+    cuts = sorted(_word_cut(filler, int(c)) for c in rng.integers(0, len(filler) + 1, size=n))
+    parts, prev = [], 0
+    for k, v, c in zip(keys, values, cuts, strict=True):
+        parts += [filler[prev:c].strip(), fact.format(k=k, v=v, name=name)]
+        prev = c
+    asked = int(rng.integers(n))
+    parts += [filler[prev:].strip(), question.format(k=keys[asked], name=name)]
+    return "\n".join(p for p in parts if p), f" {values[asked]}."
+
+
+def qa_sample(rng: np.random.Generator, filler: str, name: str = "pass key") -> Sample:
+    """``edgerope ask``'s plain prompt: the user's text with one fact in it, a question about it, the answer."""
+    k = _number(rng)
+    document = _with_fact(filler, _pick(rng, NEEDLES).format(name=name, k=k), rng)
+    question = _pick(rng, (f"What is the {name}?", f"What does the document say the {name} is?"))
+    return DOC_TEMPLATE.format(document=document) + QUESTION_TEMPLATE.format(question=question), f" {k}."
+
+
+def recall_sample(
+    rng: np.random.Generator, filler: str, name: str = "", *, quote: int = 4, answer: int = 4
+) -> Sample | None:
+    """``edgerope ask``'s plain prompt over the user's text alone: which words follow a quoted phrase.
+
+    The phrase is ``quote`` consecutive words of ``filler`` on one line, at least 12 characters, that occur
+    nowhere else in it (so the answer is unique); the answer is the ``answer`` words after it.  None when no
+    such phrase turns up in 8 draws.
+    """
+    spans = [m.span() for m in re.finditer(r"\S+", filler)]  # (start, end) of each word
+    if len(spans) < quote + answer + 1:
+        return None
+    for _ in range(8):
+        i = int(rng.integers(quote, len(spans) - answer + 1))
+        phrase = filler[spans[i - quote][0] : spans[i - 1][1]]
+        if "\n" in phrase or len(phrase) < 12 or filler.count(phrase) != 1:
+            continue
+        question = f'Which words come right after "{phrase}" in the document?'
+        words = " ".join(filler[a:b] for a, b in spans[i : i + answer])
+        return DOC_TEMPLATE.format(document=filler) + QUESTION_TEMPLATE.format(question=question), " " + words
+    return None
+
+
+SAMPLERS = {"passkey": passkey_sample, "multikey": multikey_sample, "qa": qa_sample, "recall": recall_sample}
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+
+
+def check_row_length(seq_len: int) -> None:
+    """Refuse rows too short for a retrieval sample (``ConfigError`` naming the flags to change)."""
+    if seq_len < MIN_ROW:
+        raise ConfigError(
+            f"retrieval samples need rows of at least {MIN_ROW} tokens, the run's rows have {seq_len}",
+            fix="raise --seq-len (seq_len=), or train on the text alone with --retrieval-mix 0 (retrieval_mix=0)",
+        )
+
+
+class RetrievalRows:
+    """Retrieval rows of ``seq_len`` tokens made on demand from the user's training text.
+
+    ``pieces`` are the tokenized training text (documents, or the pieces between held-out chunks); fillers are
+    spans of them, decoded.  ``row(i)`` is a function of ``(seed, i)`` alone; ``kinds`` holds the kind of each
+    of the first ``n_rows`` rows (drawn up front, so a report can count them without making any).
+    """
+
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        pieces: Sequence[np.ndarray],
+        *,
+        seq_len: int,
+        n_rows: int,
+        mix: RetrievalMix,
+        seed: int,
+    ) -> None:
+        check_row_length(seq_len)
+        self.tok, self.seq_len, self.seed = tokenizer, seq_len, seed
+        self.stream = np.concatenate([np.asarray(p, dtype=np.int32) for p in pieces]) if pieces else np.zeros(0)
+        special = {t for t in (tokenizer.bos_id, tokenizer.eos_id) if t is not None}
+        self.stream = self.stream[~np.isin(self.stream, list(special))] if special else self.stream  # (N,)
+        if len(self.stream) < MIN_ROW:
+            raise DataError(
+                f"the training text has {len(self.stream)} tokens, too few to build retrieval samples from",
+                fix="add text, or train without them: --retrieval-mix 0 (retrieval_mix=0)",
+            )
+        self.head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        self.tail = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        p = mix.probabilities()
+        self.kinds = np.random.default_rng([seed, 0x6D6978]).choice(len(KINDS), size=n_rows, p=p)  # (n_rows,)
+        self.probabilities, self.answers_only = p, mix.answers_only
+        self.words = self._words(np.random.default_rng([seed, 0x776F7264]))
+
+    def _words(self, rng: np.random.Generator) -> list[str]:
+        """Lower-case words of 3-12 letters from up to 64 spans of the training text (names for the facts)."""
+        found: set[str] = set()
+        for _ in range(64):
+            span = self.tok.decode(self._span(rng, min(512, len(self.stream))).tolist())
+            words = span.split()[1:-1]  # the first and last may be cut
+            found.update(w for w in words if re.fullmatch(r"[a-z]{3,12}", w))
+        return sorted(found)
+
+    def name(self, rng: np.random.Generator) -> str:
+        """What a fact is about: one of ``NAMES`` (a ``NAMED_SHARE``), else two words of the user's text ("the
+        method attribute"), so the question must be matched to its fact, not to a few learned names."""
+        if rng.random() < NAMED_SHARE or len(self.words) < MIN_WORDS:
+            return str(_pick(rng, NAMES))
+        return f"{_pick(rng, self.words)} {_pick(rng, self.words)}"
+
+    def counts(self) -> dict[str, int]:
+        """Rows of each kind (the kind of a row's first sample) among the first ``n_rows``."""
+        return {k: int((self.kinds == i).sum()) for i, k in enumerate(KINDS)}
+
+    def _span(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` consecutive tokens of the training text (its whole length, repeated, when shorter)."""
+        if n >= len(self.stream):
+            reps = n // len(self.stream) + 1
+            return np.tile(self.stream, reps)[:n]
+        start = int(rng.integers(0, len(self.stream) - n + 1))
+        return self.stream[start : start + n]
+
+    def _sample_ids(self, rng: np.random.Generator, kind: str, want: int) -> tuple[list[int], int]:
+        """(ids, answer start) of a ``kind`` sample of at most ``want`` tokens, BOS and EOS included, its filler
+        shrunk until it fits; the answer is ids[answer start:] (its text and the EOS)."""
+        overhead = 48 if kind in ("passkey", "multikey") else 64
+        n_fill = max(8, want - overhead)
+        for _ in range(12):
+            filler = self.tok.decode(self._span(rng, n_fill).tolist())
+            name = self.name(rng)
+            sample = SAMPLERS[kind](rng, filler, name)
+            if sample is None:  # recall: no unique phrase in this span; a passkey sample instead
+                sample = passkey_sample(rng, filler, name)
+            prompt, answer = sample
+            ids = self.head + self.tok.encode(prompt + answer) + self.tail
+            if len(ids) <= want:
+                lead = self.head + self.tok.encode(prompt)
+                start = next((j for j, (a, b) in enumerate(zip(ids, lead, strict=False)) if a != b), len(lead))
+                return ids, start  # the first token that differs from the prompt's own tokens begins the answer
+            n_fill = max(1, n_fill - (len(ids) - want) - 4)
+        raise ConfigError(f"cannot fit a {kind} sample into {want} tokens", fix="raise --seq-len (seq_len=)")
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row ``i``: (ids (seq_len,) int32, target (seq_len,) bool).  Samples back to back: the first
+        ``MIN_SAMPLE`` tokens to the whole row (uniform), each next one ``MIN_SAMPLE`` to what is left
+        (log-uniform), then the user's text in the rest; ``target`` marks the tokens a loss counts: the answers
+        and their EOS (``answers_only``), or every sample token."""
+        rng = np.random.default_rng([self.seed, int(i)])
+        first = KINDS[int(self.kinds[i % len(self.kinds)])] if len(self.kinds) else "passkey"
+        p = self.probabilities
+        ids: list[int] = []
+        target: list[bool] = []
+        kind = first
+        while self.seq_len - len(ids) >= MIN_SAMPLE:
+            room = self.seq_len - len(ids)
+            if ids:  # the others fill the rest: log-uniform, so short ones are many
+                want = int(round(np.exp(rng.uniform(np.log(MIN_SAMPLE), np.log(room)))))
+            else:  # the first: uniform up to the whole row, so half the rows ask across half the row or more
+                want = int(rng.integers(MIN_SAMPLE, room + 1))
+            sample, start = self._sample_ids(rng, kind, min(room, max(MIN_SAMPLE, want)))
+            ids += sample
+            target += [not self.answers_only or j >= start for j in range(len(sample))]
+            kind = KINDS[int(rng.choice(len(KINDS), p=p))]
+        rest = self.seq_len - len(ids)
+        ids += self._span(rng, rest).tolist()
+        target += [False] * rest
+        return np.asarray(ids, dtype=np.int32), np.asarray(target, dtype=bool)
+
+    def sample_text(self, i: int) -> str:
+        """The text of row ``i``'s first sample (what the model reads and the answer), for reports and tests."""
+        row = self.row(i)[0].tolist()
+        end = row.index(self.tail[0]) if self.tail and self.tail[0] in row else len(row)
+        return self.tok.decode(row[:end])

@@ -1,0 +1,169 @@
+"""Every family's PyTorch model against transformers 5.24 (fp32, eager attention), per rope variant, both config forms.
+
+The cells (tests/helpers/families.py) are tiny random checkpoints written by
+``edgerope.models.tiny_random``; transformers loads the same folder with ``AutoModelForCausalLM`` (its own
+class for the family), once as written (the 5.x ``rope_parameters`` form) and once rewritten into the 4.x
+form (``rope_scaling`` + ``rope_theta``, Gemma 3's ``rope_local_base_freq``, Phi-3's top-level
+``partial_rotary_factor``).  Logits must agree to 1e-5 of their largest magnitude at every one of 4x the
+original context's positions, and a wrong rope must move them far more than that.  Fine-tuning
+(``edgerope.train.finetune``) runs on each family with its own rope extension, and the result still reads
+back as the family.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers.families import CELLS, L0, Cell, T, to_v4
+from helpers.training import small
+
+from edgerope.errors import ConfigError
+from edgerope.models.base import CausalLM
+from edgerope.models.config import ModelConfig
+from edgerope.rope.scaling import Default, Linear, Yarn
+
+transformers = pytest.importorskip("transformers")
+
+REL_TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def quiet_transformers():
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    yield
+    transformers.logging.set_verbosity(level)
+
+
+def hf_model(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+def tokens(n: int = T, batch: int = 1) -> torch.Tensor:
+    return torch.randint(3, 1000, (batch, n), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return (out if isinstance(out, torch.Tensor) else out.logits).float()
+
+
+def rel_max(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+def rel_l2(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return float((got - ref).norm() / ref.norm())
+
+
+def write_v4(path) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(to_v4(cfg)))
+
+
+HF_CELLS = [c for c in CELLS if c.hf]
+
+
+@pytest.mark.parametrize("form", ["v5", "v4"])
+@pytest.mark.parametrize("cell", HF_CELLS, ids=[c.id for c in HF_CELLS])
+def test_logits_match_transformers(cell: Cell, form: str, tmp_path, tiny_tokenizer_dir):
+    path = cell.make(tmp_path / cell.id, tiny_tokenizer_dir)
+    if form == "v4":
+        if cell.id == "gemma3-local-linear":
+            pytest.skip("transformers 4.x had no scaled rope for Gemma 3's sliding layers")
+        write_v4(path)
+        assert "rope_parameters" not in json.loads((path / "config.json").read_text())
+    ours = CausalLM.from_pretrained(path).eval()
+    assert type(ours).model_types == (cell.model_type,) or cell.model_type == "llama"
+    hf = hf_model(path)
+    assert type(hf).__name__ == ours.config.architecture
+    ids = tokens()
+    ref, got = logits(hf, ids), logits(ours, ids)
+    assert got.shape == ref.shape == (1, T, ours.config.vocab_size)
+    err, l2 = rel_max(ref, got), rel_l2(ref, got)
+    print(f"PARITY {cell.id} {form} relmax {err:.2e} relL2 {l2:.2e}")
+    assert l2 <= REL_TOL and err <= 10 * REL_TOL, (
+        f"{cell.id} ({form}): rel L2 {l2:.2e}, max |d| / max |logit| {err:.2e}"
+    )
+
+    # the tolerance means something: the same weights without the family's rope are far off
+    wrong = {"rope": Default(theta=3.0e3)} if not isinstance(ours.config.rope, Default) else {"rope": Linear(1e4, 4.0)}
+    ours.set_config(ours.config.replace(**wrong, rope_local=Default(theta=777.0) if ours.config.rope_local else None))
+    assert rel_max(ref, logits(ours, ids)) > 100 * REL_TOL
+
+
+def test_transformers_refuses_phi3_yarn_which_edgerope_computes(tmp_path, tiny_tokenizer_dir):
+    """transformers 5.24 renames Phi-3's rope_type yarn to longrope and then misses the factor lists; edgerope's
+    model computes YaRN on the rotating 75% of each head (llama.cpp agrees: tests/convert/test_families.py)."""
+    cell = next(c for c in CELLS if c.id == "phi4-yarn")
+    path = cell.make(tmp_path / "p", tiny_tokenizer_dir)
+    with pytest.raises(KeyError, match="long_factor"):
+        hf_model(path)
+    ours = CausalLM.from_pretrained(path)
+    assert ours.config.rope == Yarn(theta=1e4, factor=4.0, original_max_position_embeddings=L0)
+    assert ours.config.rotary_dim == 24 and ours.rotary.head_dim == 24
+
+
+def test_family_modules_mirror_hf_names(tmp_path, tiny_tokenizer_dir):
+    """LoRA targets and strict loading rely on HF's module names, fused ones included."""
+    names = {}
+    for cid in ("qwen3-default", "gemma3-default", "phi3-default", "smollm3-default"):
+        model = CausalLM.from_pretrained(next(c for c in CELLS if c.id == cid).make(tmp_path / cid, tiny_tokenizer_dir))
+        names[cid] = {n.split("layers.0.")[1] for n, _ in model.named_modules() if "layers.0." in n}
+    assert {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"} <= names["qwen3-default"]
+    assert {"self_attn.q_norm", "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj"} <= names["qwen3-default"]
+    assert {"pre_feedforward_layernorm", "post_feedforward_layernorm", "self_attn.q_norm"} <= names["gemma3-default"]
+    assert {"self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj", "self_attn.o_proj"} <= names["phi3-default"]
+    assert {"self_attn.q_proj", "mlp.down_proj"} <= names["smollm3-default"]
+
+
+def test_a_family_class_refuses_another_familys_config(tmp_path, tiny_tokenizer_dir):
+    from edgerope.models.llama import LlamaModel
+    from edgerope.models.qwen3 import Qwen3Model
+
+    path = next(c for c in CELLS if c.id == "gemma3-default").make(tmp_path / "g", tiny_tokenizer_dir)
+    with pytest.raises(ConfigError, match="Qwen3Model cannot build a 'gemma3_text' model"):
+        Qwen3Model.from_pretrained(path)
+    assert type(LlamaModel.from_pretrained(path)).__name__ == "Gemma3Model"  # the Llama-only entry point dispatches
+    model = CausalLM.from_pretrained(path)
+    with pytest.raises(ConfigError, match="rope, the context length and provenance only"):
+        model.set_config(model.config.replace(hidden_size=256))
+
+
+# --------------------------------------------------------------------------- fine-tuning with the family's rope
+
+FINETUNE = {
+    "llama3-default-tied": ("yarn", {}),
+    "qwen3-default": ("yarn", {}),
+    "gemma3-default": ("linear", {}),  # Gemma 3's own extension: linear on the global layers only
+    "phi3-default": ("yarn", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}}),
+    "smollm3-default": ("yarn", {}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("cid", list(FINETUNE))
+def test_finetune_runs_on_each_family(cid, corpus, tmp_path, tiny_tokenizer_dir):
+    from edgerope.train.finetune import finetune
+
+    rope, over = FINETUNE[cid]
+    cell = next(c for c in CELLS if c.id == cid)
+    src = cell.make(tmp_path / "src", tiny_tokenizer_dir, max_position_embeddings=L0, **over)
+    before = ModelConfig.load(src)
+    rep = finetune(src, tmp_path / "out", data=[corpus], **small(rope=rope, factor=4, steps=3, seq_len=2 * L0))
+    assert len(rep.losses) == 3 and all(loss == loss for loss in rep.losses)
+    after = ModelConfig.load(tmp_path / "out")
+    assert after.model_type == before.model_type and after.rope_finetuned is True
+    assert after.max_position_embeddings == 4 * L0
+    want = Linear(before.rope.theta, 4.0) if rope == "linear" else Yarn(before.rope.theta, 4.0, L0)
+    assert after.rope == want
+    assert after.rope_local == before.rope_local  # Gemma 3's sliding layers keep their rope
+    assert after.partial_rotary_factor == before.partial_rotary_factor
+    assert after.no_rope_layers == before.no_rope_layers
+    model = CausalLM.from_pretrained(tmp_path / "out")
+    src_model = CausalLM.from_pretrained(src)
+    assert any(not torch.equal(v, src_model.state_dict()[k]) for k, v in model.state_dict().items())

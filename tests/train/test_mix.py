@@ -1,0 +1,181 @@
+"""The retrieval mix of finetune: each kind's sample answers its own question, rows are exact and reproducible,
+fillers come from the training text only, and the independent evaluation format never appears in training.
+
+References: answers are recomputed from the sample text with regular expressions written here, not with the
+generator's own code; held-out text is marked with unique tokens and searched for in the generated rows.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from edgerope import prompts
+from edgerope.errors import ConfigError, DataError
+from edgerope.train.data import Document, load_tokenizer, split_heldout, tokenize_documents
+from edgerope.train.mix import (
+    KINDS,
+    MIN_ROW,
+    NAMES,
+    RetrievalMix,
+    RetrievalRows,
+    multikey_sample,
+    passkey_sample,
+    qa_sample,
+    recall_sample,
+)
+
+TEXT = (
+    "The parser reads each line of the file and builds a tree of nodes. Every node keeps its children in order, "
+    "and the printer walks the tree to write the program back. Errors carry the line number where they were found. "
+)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir):
+    return load_tokenizer(tiny_tokenizer_dir)
+
+
+def test_passkey_samples_end_with_the_number_their_fact_states() -> None:
+    rng = np.random.default_rng(0)
+    landmark = 0
+    for _ in range(200):
+        name = "secret number"
+        prompt, ans = passkey_sample(rng, TEXT * 3, name)
+        text = prompt + ans
+        answer = int(re.fullmatch(r" (\d+)\.", ans).group(1))
+        if text.startswith(prompts.INTRO):  # EVAL.md's template, word for word, with its own filler
+            landmark += 1
+            assert prompts.NEEDLE.format(k=answer) in text and text.endswith(f"{prompts.QUESTION} {answer}.")
+            assert prompts.FILLER[:40] in text and "parser" not in text
+            continue
+        assert f"{name} is {answer}" in text or f"{answer} is the {name}" in text
+        assert text.count(str(answer)) >= 2  # stated once (or twice in the Landmark-like needle), then answered
+        assert "parser reads" in text  # the filler is the given text
+    assert 30 <= landmark <= 70  # LANDMARK_SHARE of 200
+
+
+def test_multikey_asks_one_of_several_facts() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        body, answer = multikey_sample(rng, TEXT * 3, "room number")
+        answer = int(re.fullmatch(r" (\d+)\.", answer).group(1))
+        last = body.splitlines()[-1]  # the question
+        facts = [ln for ln in body.splitlines()[:-1] if re.search(r"\d+\D*$", ln) and ln not in TEXT]
+        assert len(facts) >= 2
+        # the fact about the asked key holds the answer
+        key = re.search(r"(?:key|for|item|Item) (\w+)", last).group(1)
+        holding = [f for f in facts if re.search(rf"\b{re.escape(key)}\b", f)]
+        assert holding and all(f.rstrip(".").endswith(str(answer)) for f in holding), (body, key)
+
+
+def test_qa_and_recall_use_the_ask_prompt() -> None:
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        qa = "".join(qa_sample(rng, TEXT * 3, "ticket number"))
+        assert qa.startswith(prompts.DOC_TEMPLATE.split("{document}")[0])
+        k = int(re.search(r"Answer: (\d+)\.$", qa).group(1))
+        assert f"ticket number is {k}" in qa or f"{k} is the ticket number" in qa
+        rec = recall_sample(rng, TEXT * 2 + "A closing line holds words never repeated anywhere.", "")
+        if rec is None:
+            continue
+        rec = "".join(rec)
+        doc = rec.split("Document:\n", 1)[1].split("\nQuestion:", 1)[0]
+        quote = re.search(r'after "(.+)" in the document\?', rec).group(1)
+        answer = rec.rsplit("Answer: ", 1)[1]
+        assert doc.count(quote) == 1  # unique, so the answer is defined
+        after = doc.split(quote, 1)[1].split()
+        assert answer.split() == after[: len(answer.split())]
+    assert recall_sample(rng, "too short", "") is None
+
+
+def test_rows_are_exact_reproducible_and_mixed(tok) -> None:
+    pieces = tokenize_documents([Document(TEXT * 60, "t")], tok)
+    rr = RetrievalRows(tok, pieces, seq_len=300, n_rows=60, mix=RetrievalMix(0.5), seed=3)
+    made = [rr.row(i) for i in range(60)]
+    rows, targets = [r for r, _ in made], [t for _, t in made]
+    assert all(r.shape == t.shape == (300,) and r.dtype == np.int32 and t.dtype == bool for r, t in made)
+    assert all(r[0] == tok.bos_id for r in rows)  # each row starts with a sample
+    for r, t in made:  # targets: each sample's answer and its EOS, nothing else
+        eos = np.flatnonzero(r == tok.eos_id)
+        assert len(eos) >= 1 and t[eos].all() and t.sum() < 0.2 * len(r)
+        runs = np.split(np.flatnonzero(t), np.flatnonzero(np.diff(np.flatnonzero(t)) > 1) + 1)
+        for run in runs:  # each run of targets: one answer of a few words, then its sample's EOS
+            assert r[run[-1]] == tok.eos_id and 1 <= len(tok.decode(r[run[:-1]].tolist()).split()) <= 6
+    again = RetrievalRows(tok, pieces, seq_len=300, n_rows=60, mix=RetrievalMix(0.5), seed=3).row(7)
+    np.testing.assert_array_equal(rows[7], again[0])
+    np.testing.assert_array_equal(targets[7], again[1])
+    other = RetrievalRows(tok, pieces, seq_len=300, n_rows=60, mix=RetrievalMix(0.5), seed=4).row(7)
+    assert not np.array_equal(rows[7], other[0])
+    every = RetrievalRows(tok, pieces, seq_len=300, n_rows=60, mix=RetrievalMix(0.5, answers_only=False), seed=3)
+    ids, all_targets = every.row(7)
+    np.testing.assert_array_equal(ids, rows[7])  # the same row; every sample token a target
+    assert all_targets.sum() > 3 * targets[7].sum() and (all_targets | ~targets[7]).all()
+    counts = rr.counts()
+    assert sum(counts.values()) == 60 and set(counts) == set(KINDS) and counts["passkey"] > counts["multikey"]
+    lengths = [list(r).index(tok.eos_id) + 1 for r in rows]  # first samples' lengths: spread over the row
+    assert min(lengths) < 200 and max(lengths) > 250
+    assert np.mean([(r == tok.bos_id).sum() for r in rows]) > 1.3  # rows hold several samples
+    assert {rr.name(np.random.default_rng(i)) for i in range(50)} <= set(NAMES)  # too few words of its own
+
+
+def test_facts_are_named_by_words_of_the_users_text(tok) -> None:
+    from edgerope.train.synthetic import corpus_text
+
+    text = corpus_text()[:100_000]
+    rr = RetrievalRows(
+        tok, tokenize_documents([Document(text, "t")], tok), seq_len=300, n_rows=4, mix=RetrievalMix(), seed=0
+    )
+    names = [rr.name(np.random.default_rng(i)) for i in range(300)]
+    own = [n for n in names if n not in NAMES]
+    assert 150 < len(own) < 270  # 1 - NAMED_SHARE of them
+    assert all(len(n.split()) == 2 and all(re.search(rf"\b{w}\b", text) for w in n.split()) for n in own)
+    assert len(set(own)) > 0.9 * len(own)  # hardly ever the same name twice
+
+
+def test_fillers_never_come_from_held_out_text(tok) -> None:
+    marked = " ".join(f"Line {i} says marker{i:04d} here." for i in range(3000))
+    token_docs = tokenize_documents([Document(marked, "one.txt")], tok)
+    train, held, info = split_heldout(token_docs, holdout=0.1, chunk=257, seed=0)
+    assert info.by == "chunks" and held
+    held_marks = {m for h in held for m in re.findall(r"marker\d{4}", tok.decode(h.tolist()))}
+    rr = RetrievalRows(tok, train, seq_len=257, n_rows=300, mix=RetrievalMix(1.0), seed=0)
+    seen = {m for i in range(300) for m in re.findall(r"marker\d{4}", tok.decode(rr.row(i)[0].tolist()))}
+    assert len(held_marks) > 100 and len(seen) > 1000
+    # a marker cut at a held-out chunk's edge may show up whole in a training piece; no other one may
+    edges = {m for h in held for m in re.findall(r"marker\d{4}", tok.decode(h[:12].tolist() + h[-12:].tolist()))}
+    assert not (seen & (held_marks - edges))
+
+
+def test_the_independent_evaluation_format_is_never_generated(tok) -> None:
+    from edgerope.recipes.extend_eval import (
+        INDEPENDENT_INTRO,
+        INDEPENDENT_NEEDLE,
+        INDEPENDENT_QUESTION,
+        INDEPENDENT_SENTENCES,
+    )
+    from edgerope.train.synthetic import corpus_text
+
+    pieces = tokenize_documents([Document(corpus_text()[:200_000], "pydoc")], tok)
+    rr = RetrievalRows(tok, pieces, seq_len=1025, n_rows=400, mix=RetrievalMix(1.0), seed=0)
+    banned = [INDEPENDENT_INTRO, INDEPENDENT_NEEDLE.split("{k}")[0], INDEPENDENT_QUESTION, "access code"]
+    banned += list(INDEPENDENT_SENTENCES)
+    for i in range(400):
+        text = rr.sample_text(i)
+        assert not any(b in text for b in banned), i
+
+
+def test_bad_mixes_are_refused(tok) -> None:
+    with pytest.raises(ConfigError, match="--retrieval-mix"):
+        RetrievalMix(1.5)
+    with pytest.raises(ConfigError, match="unknown retrieval sample kinds"):
+        RetrievalMix(0.5, (("passkey", 1.0), ("poems", 1.0)))
+    pieces = tokenize_documents([Document(TEXT * 10, "t")], tok)
+    with pytest.raises(ConfigError, match=f"(?s)at least {MIN_ROW} tokens.*--retrieval-mix 0"):
+        RetrievalRows(tok, pieces, seq_len=64, n_rows=4, mix=RetrievalMix(), seed=0)
+    with pytest.raises(DataError, match="--retrieval-mix 0"):
+        RetrievalRows(
+            tok, tokenize_documents([Document("tiny", "t")], tok), seq_len=200, n_rows=4, mix=RetrievalMix(), seed=0
+        )
