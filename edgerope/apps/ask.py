@@ -328,6 +328,48 @@ def _answer(
     return _Answered(tokens, stream.text, reason, first[0] if first else t_end, t_end)
 
 
+def _answer_record(
+    rt: Runtime,
+    gen: Any,
+    doc: list[int],
+    prompt: _Prompt,
+    loaded: Any,
+    truncation: Truncation | None,
+    *,
+    t0: float,
+    t1: float,
+) -> Answer:
+    """The ``Answer``: the generation, the prompt's sizes, the cache and runtime facts, timings from ``t0`` (prefill
+    start) and ``t1`` (prefill end)."""
+    t_first, t2 = gen.t_first, gen.t_end
+    n_after = max(len(gen.tokens) - 1, 0)
+    timings = Timings(
+        prefill_s=t1 - t0,
+        question_s=t_first - t1,
+        time_to_first_token_s=t_first - t0,
+        decode_tokens_per_s=n_after / (t2 - t_first) if n_after and t2 > t_first else 0.0,
+    )
+    plan = rt.plan
+    return Answer(
+        text=gen.text,
+        tokens=gen.tokens,
+        prompt_tokens=len(doc) + len(prompt.question),
+        document_tokens=len(doc),
+        question_tokens=len(prompt.question),
+        cached=loaded.cached,
+        stop_reason=gen.stop_reason,
+        timings=timings,
+        n_ctx=plan.n_ctx,
+        type_k=plan.type_k.name,
+        type_v=plan.type_v.name,
+        prompt_format=prompt.format,
+        cache_file=loaded.cache_file,
+        truncation=truncation,
+        n_ctx_source=rt.info.n_ctx_source,
+        cpu_repack=rt.info.cpu_repack,
+    )
+
+
 def ask(
     model_path: str | os.PathLike[str],
     document_text: str,
@@ -383,33 +425,7 @@ def ask(
         gen = _answer(
             rt, prompt.question, min(max_tokens, room), stops=prompt.stops, on_token=on_token, on_text=on_text
         )
-        t_first, t2 = gen.t_first, gen.t_end
-        n_after = max(len(gen.tokens) - 1, 0)
-        timings = Timings(
-            prefill_s=t1 - t0,
-            question_s=t_first - t1,
-            time_to_first_token_s=t_first - t0,
-            decode_tokens_per_s=n_after / (t2 - t_first) if n_after and t2 > t_first else 0.0,
-        )
-        plan = rt.plan
-        return Answer(
-            text=gen.text,
-            tokens=gen.tokens,
-            prompt_tokens=len(doc) + len(prompt.question),
-            document_tokens=len(doc),
-            question_tokens=len(prompt.question),
-            cached=loaded.cached,
-            stop_reason=gen.stop_reason,
-            timings=timings,
-            n_ctx=plan.n_ctx,
-            type_k=plan.type_k.name,
-            type_v=plan.type_v.name,
-            prompt_format=prompt.format,
-            cache_file=loaded.cache_file,
-            truncation=truncation,
-            n_ctx_source=rt.info.n_ctx_source,
-            cpu_repack=rt.info.cpu_repack,
-        )
+        return _answer_record(rt, gen, doc, prompt, loaded, truncation, t0=t0, t1=t1)
     finally:
         if owned:
             rt.close()

@@ -19,6 +19,7 @@ from pathlib import Path
 from edgerope.errors import DocumentError
 from edgerope.gguf.reader import GGUFFile
 from edgerope.runtime.tokenizing import VocabFacts
+from edgerope.system.files import file_kind
 
 MAX_DOCUMENT_BYTES = 256 << 20  # no document is read beyond this, whatever the model
 
@@ -36,7 +37,7 @@ def read_document(path: str | os.PathLike[str], *, max_bytes: int = MAX_DOCUMENT
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise DocumentError(
-                f"the document is not a regular file ({_file_kind(st.st_mode)})",
+                f"the document is not a regular file ({file_kind(st.st_mode)})",
                 where=str(p),
                 fix="give a text or markdown file; save piped text to a file first",
             )
@@ -57,19 +58,6 @@ def read_document(path: str | os.PathLike[str], *, max_bytes: int = MAX_DOCUMENT
     if len(data) > max_bytes:  # it grew while being read
         raise DocumentError(f"the document has more than {max_bytes} bytes", where=str(p), fix="use a shorter document")
     return check_document(data, where=str(p))
-
-
-def _file_kind(mode: int) -> str:
-    for test, words in (
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return words
-    return "a special file"
 
 
 def document_byte_limit(f: GGUFFile, *, n_ctx: int | None, truncate: bool) -> int:

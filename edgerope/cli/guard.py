@@ -152,7 +152,7 @@ def _signal_name(sig: int) -> str:
         "SIGSEGV": "segmentation fault",
         "SIGABRT": "abort, e.g. a failed GGML_ASSERT",
         "SIGBUS": "bus error",
-        "SIGILL": "illegal instruction: a build for another CPU?",
+        "SIGILL": "illegal instruction: llama.cpp's AMX kernels on some builds, or a build for another CPU",
         "SIGFPE": "arithmetic fault",
         "SIGKILL": "killed, often by the out-of-memory killer",
     }

@@ -34,7 +34,7 @@ from gguf import GGUFValueType, GGUFWriter, Keys
 from edgerope.errors import OutputError, UnsupportedRopeError
 from edgerope.gguf.hparams import model_hparams
 from edgerope.gguf.reader import GGUFFile, TensorInfo, open_gguf
-from edgerope.gguf.set_rope_variant import build_variant, check_yarn_betas, family_notes, sliding_rope
+from edgerope.gguf.set_rope_variant import RopeOptions, build_variant, check_yarn_betas, family_notes, sliding_rope
 from edgerope.gguf.verify import open_written, rope_function_problem
 from edgerope.gguf.writer import FastArrayWriter
 from edgerope.rope.ggml import ROPE_TENSORS, key
@@ -231,10 +231,12 @@ def set_rope(
     src = Path(in_path)
     f = open_gguf(src)
     try:  # closed before the rename below, and on every error
+        options = RopeOptions(
+            rope_type, factor, original_context, context_length, freq_base, attn_factor, beta_fast, beta_slow
+        )
         return _rewrite(
-            f, src, out_path, rope_type=rope_type, factor=factor, original_context=original_context,
-            context_length=context_length, freq_base=freq_base, attn_factor=attn_factor, beta_fast=beta_fast,
-            beta_slow=beta_slow, in_place=in_place, force=force, full_verify=full_verify, progress=progress, t0=t0,
+            f, src, out_path, options, in_place=in_place, force=force, full_verify=full_verify, progress=progress,
+            t0=t0,
         )  # fmt: skip
     finally:
         f.close()
@@ -244,15 +246,8 @@ def _rewrite(
     f: GGUFFile,
     src: Path,
     out_path: str | os.PathLike[str] | None,
+    options: RopeOptions,
     *,
-    rope_type: str,
-    factor: float | None,
-    original_context: int | None,
-    context_length: int | None,
-    freq_base: float | None,
-    attn_factor: float | None,
-    beta_fast: float | None,
-    beta_slow: float | None,
     in_place: bool,
     force: bool,
     full_verify: bool,
@@ -263,17 +258,7 @@ def _rewrite(
     dest = _check_paths(src, out_path, in_place=in_place, force=force, need_bytes=f.file_size + (1 << 20))
     n_rot = _rotary_dims(f)
     stale_tensors = _stale_rope_tensors(f)
-    rope, ctx = build_variant(
-        f,
-        rope_type=rope_type,
-        factor=factor,
-        original_context=original_context,
-        context_length=context_length,
-        freq_base=freq_base,
-        attn_factor=attn_factor,
-        beta_fast=beta_fast,
-        beta_slow=beta_slow,
-    )
+    rope, ctx = build_variant(f, options)
     check_yarn_betas(f, rope)
     plan = plan_gguf_rope(rope, arch=f.architecture, head_dim=n_rot, context_length=ctx, sliding_rope=sliding_rope(f))
     if plan.tensors:  # only llama3/longrope produce tensors, and set-rope does not build those

@@ -15,6 +15,7 @@ What it does not do: decide rope math (``edgerope.rope.scaling``), map the varia
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from gguf import Keys
 
@@ -42,19 +43,25 @@ from edgerope.rope.scaling import (
 )
 
 
-def build_variant(
-    f: GGUFFile,
-    *,
-    rope_type: str,
-    factor: float | None,
-    original_context: int | None,
-    context_length: int | None,
-    freq_base: float | None,
-    attn_factor: float | None,
-    beta_fast: float | None,
-    beta_slow: float | None,
-) -> tuple[RopeScaling, int]:
+@dataclass(frozen=True)
+class RopeOptions:
+    """What ``set-rope`` was asked to write (``set_rope``'s rope arguments; None: the file's or the default)."""
+
+    rope_type: str
+    factor: float | None = None
+    original_context: int | None = None
+    context_length: int | None = None
+    freq_base: float | None = None
+    attn_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+
+
+def build_variant(f: GGUFFile, options: RopeOptions) -> tuple[RopeScaling, int]:
     """The variant the options ask for on ``f`` and the context length to record (defaults: see ``set_rope``)."""
+    rope_type, factor, original_context = options.rope_type, options.factor, options.original_context
+    context_length, freq_base, attn_factor = options.context_length, options.freq_base, options.attn_factor
+    beta_fast, beta_slow = options.beta_fast, options.beta_slow
     where = f"set-rope --type {rope_type}"
     _check_type_options(rope_type, attn_factor=attn_factor, beta_fast=beta_fast, beta_slow=beta_slow, where=where)
     theta = float(freq_base) if freq_base is not None else float(f.arch_get(Keys.Rope.FREQ_BASE, DEFAULT_THETA))

@@ -47,7 +47,8 @@ REPACK_BUFT = "CPU_REPACK"
 POLICY_ENV = "EDGEROPE_CPU_REPACK"  # the process default when a caller passes no policy (the CLI's --cpu-repack)
 # Extra buffer types that crash the llama.cpp this project pins (llama-cpp-python >=0.3.36,<0.4), with why.
 CRASHING_BUFTS: Mapping[str, str] = {
-    "AMX": "llama.cpp's AMX weight repacking crashes (SIGSEGV in ggml_backend_amx_mul_mat) on Q8_0/Q4_K weights",
+    "AMX": "llama.cpp's AMX weight repacking crashes (SIGSEGV in ggml_backend_amx_mul_mat, or SIGILL in its AMX "
+    "kernels) on Q4_0/Q8_0/Q4_K weights",
 }
 # Weights llama.cpp multiplies with GGML_OP_MUL_MAT (2-D) or MUL_MAT_ID (3-D experts), by name without "blk.N.".
 MATMUL_WEIGHTS = frozenset(

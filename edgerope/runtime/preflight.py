@@ -370,6 +370,44 @@ def _longrope_note(stype: str, n_ctx: int, fn: LlamaCppRope) -> str | None:
     return msg
 
 
+@dataclass(frozen=True)
+class _Memory:
+    n_ctx: int
+    source: str  # how n_ctx was chosen, in words
+    plan: MemoryPlan | None  # the CPU memory plan (None with GPU offload: ``gpu_plan`` plans it)
+    layout: WeightLayout
+
+
+def _memory_and_layout(
+    f: GGUFFile,
+    hp: ModelHparams,
+    caches: _Caches,
+    *,
+    n_ctx: int | None,
+    n_batch: int,
+    memory_budget: int | str | None,
+    gpu_plan: GpuPlan | None,
+    weights: list[Any],
+    repack: CpuRepack,
+) -> _Memory:
+    """The context and the CPU memory plan, then the CPU weight layout (from what llama.cpp reports about this CPU:
+    the first native query).  Memory is planned first without repacked weight copies, so a request that cannot fit
+    is refused before any native call, then again with them (they are allocated beside the mapped file)."""
+    plan_args = dict(
+        n_ctx=n_ctx, tk=caches.type_k, tv=caches.type_v, fa=caches.flash_attn, n_batch=n_batch,
+        memory_budget=memory_budget,
+    )  # fmt: skip
+    mem = None
+    if gpu_plan is not None:
+        n, source = gpu_plan.n_ctx, gpu_plan.n_ctx_source
+    else:
+        n, source, mem = _plan_context(f, hp, **plan_args)  # type: ignore[arg-type]
+    layout = plan_layout(repack, CpuBackend(*cpu_backend()), weights, gpu_offload=gpu_plan is not None)
+    if layout.repacked_bytes and mem is not None:
+        n, source, mem = _plan_context(f, hp, **plan_args, repacked_bytes=layout.repacked_bytes)  # type: ignore[arg-type]
+    return _Memory(n, source, mem, layout)
+
+
 def plan_runtime(
     src: str | Path | GGUFFile,
     *,
@@ -414,6 +452,8 @@ def plan_runtime(
     native call; the GPU ones follow the only native calls made here, queries of the build (can it offload,
     which devices with how much free memory, which CPU layouts).
     """
+    # Long because the docstring documents every request field; the body is one named step per line, in the order
+    # that keeps every refusal ahead of the first native call.
     repack = CpuRepack.parse(cpu_repack)
     with using_gguf(src) as f:
         where = str(f.path)
@@ -429,31 +469,15 @@ def plan_runtime(
                 f, hp, devices, caches, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_batch=n_batch,
                 memory_budget=memory_budget, gpu_memory_budget=gpu_memory_budget, backend=backend,
             )  # fmt: skip
-        gpu = gpu_plan is not None
-        # memory: planned first without repacked weight copies, so a request that cannot fit is refused before
-        # any native call; the default context is the largest that fits
-        plan_args = dict(
-            n_ctx=n_ctx, tk=caches.type_k, tv=caches.type_v, fa=caches.flash_attn, n_batch=n_batch,
-            memory_budget=memory_budget,
-        )  # fmt: skip
-        mem = None
-        if gpu_plan is not None:
-            n_ctx_planned, n_ctx_source = gpu_plan.n_ctx, gpu_plan.n_ctx_source
-        else:
-            n_ctx_planned, n_ctx_source, mem = _plan_context(f, hp, **plan_args)  # type: ignore[arg-type]
+        # refusals of the rope (unknown overrides, a scaling type llama.cpp lacks) before the native queries below
         rope, rope_notes = _rope_overrides(arch, kv, rope_overrides)
+        LlamaCppRope.from_gguf(arch, kv, tensors=freq_factors, n_ctx=n_ctx, runtime=rope.explicit())
+        memory = _memory_and_layout(
+            f, hp, caches, n_ctx=n_ctx, n_batch=n_batch, memory_budget=memory_budget, gpu_plan=gpu_plan,
+            weights=weights, repack=repack,
+        )  # fmt: skip
+        n_ctx_planned, n_ctx_source, mem, layout = memory.n_ctx, memory.source, memory.plan, memory.layout
         fn = LlamaCppRope.from_gguf(arch, kv, tensors=freq_factors, n_ctx=n_ctx_planned, runtime=rope.explicit())
-        # the CPU weight layout, from what llama.cpp reports about this CPU; repacked copies are allocated beside
-        # the mapped file, so memory is planned again with them
-        layout = plan_layout(repack, CpuBackend(*cpu_backend()), weights, gpu_offload=gpu)
-        if layout.repacked_bytes and mem is not None:
-            n_ctx_planned, n_ctx_source, mem = _plan_context(
-                f,
-                hp,
-                **plan_args,
-                repacked_bytes=layout.repacked_bytes,  # type: ignore[arg-type]
-            )
-            fn = LlamaCppRope.from_gguf(arch, kv, tensors=freq_factors, n_ctx=n_ctx_planned, runtime=rope.explicit())
     stype = kv.get(key(Keys.Rope.SCALING_TYPE, arch), "linear")
     if arch == "phi3" and ROPE_FACTORS_LONG in freq_factors:  # phi3's loader takes long/short factors whatever the type
         stype = "longrope"

@@ -165,6 +165,21 @@ def _clean_once(folder: Path) -> None:
     clean_stale_partials(folder)
 
 
+def file_kind(mode: int) -> str:
+    """What a ``stat`` mode says a path is, in words ("a regular file", "a folder", "a FIFO (named pipe)", ...)."""
+    for test, words in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return words
+    return "a special file"
+
+
 def special_file_kind(path: Path) -> str | None:
     """What ``path`` is when it exists and is neither a regular file nor a folder ("a FIFO (named pipe)", "a
     character device", ...), else None; decided by ``stat`` (symlinks followed), never by opening it."""
@@ -174,15 +189,7 @@ def special_file_kind(path: Path) -> str | None:
         return None
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return None
-    for test, words in (
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return words
-    return "not a regular file"
+    return file_kind(mode)
 
 
 def remove_path(path: Path) -> None:

@@ -208,17 +208,19 @@ def _cpu_extra_bufts() -> dict[str, int]:
     return out
 
 
-def _cpu_features() -> dict[str, str]:
-    """``ggml_backend_get_features`` of the CPU backend: what the build was compiled with and found."""
+class _Feature(ctypes.Structure):
+    """``struct ggml_backend_feature``: a name/value pair of a backend's build and hardware features."""
 
-    class _Feature(ctypes.Structure):
-        _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
+    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
 
+
+def _text(raw: bytes | None) -> str:
+    return (raw or b"").decode("utf-8", "replace")
+
+
+def registry_features(reg: int) -> dict[str, str]:
+    """``ggml_backend_get_features`` of one backend registry (NULL-terminated name/value pairs), {} if absent."""
     vp = ctypes.c_void_p
-    dev = _ggml_fn("ggml_backend_dev_by_type", vp, [ctypes.c_int])(0)
-    if not dev:
-        return {}
-    reg = _ggml_fn("ggml_backend_dev_backend_reg", vp, [vp])(dev)
     addr = _ggml_fn("ggml_backend_reg_get_proc_address", vp, [vp, ctypes.c_char_p])(reg, b"ggml_backend_get_features")
     if not addr:
         return {}
@@ -226,9 +228,18 @@ def _cpu_features() -> dict[str, str]:
     out: dict[str, str] = {}
     i = 0
     while feats and feats[i].name:
-        out[feats[i].name.decode()] = (feats[i].value or b"").decode()
+        out[_text(feats[i].name)] = _text(feats[i].value)
         i += 1
     return out
+
+
+def _cpu_features() -> dict[str, str]:
+    """``ggml_backend_get_features`` of the CPU backend: what the build was compiled with and found."""
+    vp = ctypes.c_void_p
+    dev = _ggml_fn("ggml_backend_dev_by_type", vp, [ctypes.c_int])(0)
+    if not dev:
+        return {}
+    return registry_features(_ggml_fn("ggml_backend_dev_backend_reg", vp, [vp])(dev))
 
 
 _CPU_BACKEND: tuple[tuple[str, ...], dict[str, str]] | None = None

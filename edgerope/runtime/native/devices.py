@@ -16,33 +16,10 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from edgerope.runtime.native._lib import _ggml_fn, logger
+from edgerope.runtime.native._lib import _ggml_fn, _text, logger, registry_features
 
 # enum ggml_backend_dev_type (ggml-backend.h)
 DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
-
-
-class _Feature(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
-
-
-def _text(raw: bytes | None) -> str:
-    return (raw or b"").decode("utf-8", "replace")
-
-
-def _registry_features(reg: int) -> dict[str, str]:
-    """``ggml_backend_get_features`` of one backend registry (NULL-terminated name/value pairs), {} if absent."""
-    vp = ctypes.c_void_p
-    addr = _ggml_fn("ggml_backend_reg_get_proc_address", vp, [vp, ctypes.c_char_p])(reg, b"ggml_backend_get_features")
-    if not addr:
-        return {}
-    feats = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), vp)(addr)(reg)
-    out: dict[str, str] = {}
-    i = 0
-    while feats and feats[i].name:
-        out[_text(feats[i].name)] = _text(feats[i].value)
-        i += 1
-    return out
 
 
 def backend_devices() -> list[dict[str, Any]]:
@@ -69,7 +46,7 @@ def backend_devices() -> list[dict[str, Any]]:
         memory(dev, ctypes.byref(free), ctypes.byref(total))
         reg = reg_of(dev)
         if reg not in features:
-            features[reg] = _registry_features(reg) if reg else {}
+            features[reg] = registry_features(reg) if reg else {}
         out.append(
             {
                 "index": i,
