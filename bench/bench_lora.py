@@ -8,9 +8,9 @@
    12 heads, MLP 2048, the tiny model's 1000-token vocabulary; rows of 512 tokens, so that a step takes
    seconds on 2 cores: memory and speed per token, not quality).  LoRA: rank 16, alpha 32, the seven projections.
 2. Quality.  The built-in model fine-tuned with README's command (CPython's documentation as one .txt file,
-   finetune's default retrieval mix, YaRN x8, 300 steps of 2048 tokens) with every weight and with ``--lora``
+   finetune's default retrieval mix, YaRN x8, 1200 steps of 2048 tokens) with every weight and with ``--lora``
    (merged when converted), each a Q8_0 GGUF evaluated in llama.cpp with a q8_0 KV cache on EVAL.md's passkey
-   format and on the independent format (``edgerope.recipes.extend_eval``), 10 trials x 5 depths per length.
+   format and on the independent format (``edgerope.recipes.extend_eval``), 6 trials x 5 depths per length.
 
 Writes ``bench/results/lora.json`` and prints the tables.
 Run: ``cd /work/main && PYTHONPATH=. .venv/bin/python bench/bench_lora.py`` (about 30 minutes on 2 idle cores).
@@ -32,7 +32,8 @@ import _common as C
 sys.path.insert(0, str(C.REPO_ROOT))
 
 from edgerope.models.builtin import tiny_model  # noqa: E402
-from edgerope.recipes.extend import Settings, Variant, format_table, run_extension  # noqa: E402
+from edgerope.recipes.extend import Settings, Variant, run_extension  # noqa: E402
+from edgerope.recipes.extend_report import format_table  # noqa: E402
 
 RESULT = C.RESULTS_DIR / "lora.json"
 WORK = C.WORK_DIR / "lora"
@@ -40,7 +41,7 @@ RANK, ALPHA = 16, 32
 BIG = dict(
     hidden_size=768, num_hidden_layers=14, num_attention_heads=12, num_key_value_heads=12, intermediate_size=2048
 )
-QUALITY = Settings(lengths=(256, 512, 1024, 2048), trials=10, ppl_lengths=(256, 2048), ft_steps=300, independent=True)
+QUALITY = Settings(lengths=(256, 512, 1024, 2048), trials=6, ppl_lengths=(256, 2048), ft_steps=1200, independent=True)
 
 
 def _text_file() -> Path:

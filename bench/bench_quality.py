@@ -32,8 +32,9 @@ sys.path.insert(0, str(C.REPO_ROOT))
 
 from edgerope.evaluation.protocols import Cell, GridResult  # noqa: E402
 from edgerope.models.builtin import recipe, tiny_model  # noqa: E402
-from edgerope.recipes.extend import Settings, Variant, format_table, run_extension, save_plot  # noqa: E402
+from edgerope.recipes.extend import Settings, Variant, run_extension  # noqa: E402
 from edgerope.recipes.extend_eval import kv_comparison  # noqa: E402
+from edgerope.recipes.extend_report import format_table, save_plot  # noqa: E402
 
 RESULT = C.RESULTS_DIR / "quality.json"
 PLOT = C.RESULTS_DIR / "quality.png"

@@ -96,6 +96,49 @@ def cpu_repack_option(func: F) -> F:
     )(func)
 
 
+def gpu_options(func: F) -> F:
+    """``--backend``, ``--gpu-layers`` and ``--gpu-memory`` for a command that runs a model; the command receives
+    them as ``gpu`` (keyword arguments for the runtime, empty when all are left at their defaults)."""
+
+    def collect(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        gpu = ctx.params.setdefault("gpu", {})
+        if value is not None and not (param.name == "backend" and value == "auto"):
+            gpu[{"backend": "backend", "gpu_layers": "n_gpu_layers", "gpu_memory": "gpu_memory_budget"}[param.name]] = (
+                value
+            )
+        return value
+
+    options = (
+        click.option(
+            "--backend",
+            type=click.Choice(["auto", "cpu", "gpu"]),
+            default="auto",
+            show_default=True,
+            expose_value=False,
+            callback=collect,
+            help="auto: offload to the GPU when this llama.cpp build has one and a layer fits, else the CPU.",
+        ),
+        click.option(
+            "--gpu-layers",
+            type=click.IntRange(min=-1),
+            default=None,
+            expose_value=False,
+            callback=collect,
+            help="Layers offloaded to the GPU: -1 all (default: as many as fit, planned from free GPU memory).",
+        ),
+        click.option(
+            "--gpu-memory",
+            default=None,
+            expose_value=False,
+            callback=collect,
+            help="GPU memory budget per device, e.g. 6GiB (default: free memory less 1 GiB).",
+        ),
+    )
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from edgerope.cli._common import cpu_repack_option, echo_json, handle_errors, progress_bar
+from edgerope.cli._common import cpu_repack_option, echo_json, gpu_options, handle_errors, progress_bar
 
 
 class _Stream:
@@ -77,6 +77,7 @@ def _ctx(value: str | None) -> int | None:
     help="auto: the GGUF's chat template when it has one, else a plain prompt.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (no streaming).")
+@gpu_options
 @cpu_repack_option
 @handle_errors
 def ask(
@@ -93,6 +94,7 @@ def ask(
     n_threads: int | None,
     prompt_format: str,
     as_json: bool,
+    gpu: dict[str, Any] | None = None,
 ) -> None:
     """Answer QUESTION about the document DOC with MODEL (a GGUF); a second question on the same document
     restores its cached state instead of evaluating it again."""
@@ -101,6 +103,7 @@ def ask(
     n_ctx = _ctx(ctx)
     stream = None if as_json else _Stream()
     request: dict[str, Any] = {"memory_budget": memory} if memory is not None else {}
+    request.update(gpu or {})
     with progress_bar("document", unit="tok", enabled=not as_json) as progress:
         a = ask_file(
             model,

@@ -60,7 +60,7 @@ def demo(
         from dataclasses import replace
 
         from edgerope.recipes.demo import DEMO_SETTINGS, run_demo
-        from edgerope.recipes.extend import format_table
+        from edgerope.recipes.extend_report import format_table
 
         settings = replace(DEMO_SETTINGS, trials=trials, ft_steps=steps)
         report = run_demo(workdir or tmp, settings=settings, plot=plot, on_step=step)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import click
 
-from edgerope.cli._common import cpu_repack_option, handle_errors
+from edgerope.cli._common import cpu_repack_option, gpu_options, handle_errors
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -25,7 +26,6 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 )
 @click.option("--kv", "kv", default="f16", show_default=True, help="Cache type for K and V (f16, q8_0, q4_0, ...).")
 @click.option("--threads", "n_threads", type=int, default=None, help="CPU threads (default: all usable).")
-@click.option("--backend", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--api-key", envvar="EDGEROPE_API_KEY", default=None, help="Require 'Authorization: Bearer KEY'.")
 @click.option("--max-queue", type=int, default=8, show_default=True, help="Requests allowed to wait; more get 429.")
 @click.option(
@@ -53,6 +53,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 )
 @click.option("--model-id", default=None, help="Model name reported by /v1/models (default: the file's stem).")
 @click.option("--json-logs", is_flag=True, help="Log one JSON object per request on stderr.")
+@gpu_options
 @cpu_repack_option
 @handle_errors
 def serve(
@@ -62,7 +63,6 @@ def serve(
     n_ctx: int | None,
     kv: str,
     n_threads: int | None,
-    backend: str,
     api_key: str | None,
     max_queue: int,
     default_max_tokens: int,
@@ -72,6 +72,7 @@ def serve(
     min_prefix_tokens: int,
     model_id: str | None,
     json_logs: bool,
+    gpu: dict[str, Any] | None = None,
 ) -> None:
     """Serve MODEL (a GGUF) over an OpenAI-compatible HTTP API until Ctrl-C or SIGTERM.  The model runs in a
     worker process that is restarted if it crashes; see README, "Serving"."""
@@ -100,7 +101,7 @@ def serve(
         type_k=kv,
         type_v=kv,
         n_threads=n_threads,
-        backend=backend,
+        **(gpu or {}),
     )
     info = server.supervisor.info
     template = "chat template from the GGUF" if info.get("chat_template") else "plain chat format"

@@ -124,7 +124,7 @@ def run_demo(
         )
     plot_path = None
     if plot is not None:
-        from edgerope.recipes.extend import save_plot
+        from edgerope.recipes.extend_report import save_plot
 
         plot_path = str(save_plot(ext, plot, title=f"{Path(ext.base).name}: trained at {ext.original_context} tokens"))
     return DemoReport(ext, QUESTION, DOC_KEY, answers, plot_path, time.perf_counter() - t0)

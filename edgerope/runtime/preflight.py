@@ -7,7 +7,7 @@ runtime parameters and the rope function llama.cpp will compute -- or refuses wi
 make llama.cpp abort the process or silently compute something else (docs/llama_cpp.md §2 and §7,
 docs/llama_cpp.md pitfalls 3, 4, 8, 13, 15-19).
 
-With GPU offload (``edgerope.runtime.gpu_plan``, from the devices llama.cpp reports) it decides the layers
+With GPU offload (``edgerope.runtime.offload`` and ``gpu_plan``, from the devices llama.cpp reports) it decides the layers
 offloaded and the context from each device's free memory, and checks the cache types against what CUDA's
 flash attention can run (``edgerope.runtime.gpu_devices``).
 
@@ -28,31 +28,21 @@ from gguf import Keys
 from edgerope.errors import RuntimeConfigError
 from edgerope.gguf.checks import check_runnable
 from edgerope.gguf.hparams import ModelHparams, model_hparams
-from edgerope.gguf.kv import KV_PAD, KVType, kv_bytes, kv_type, padded_ctx
+from edgerope.gguf.kv import KVType, kv_bytes, kv_type, padded_ctx
 from edgerope.gguf.reader import GGUFFile, using_gguf
 from edgerope.rope.ggml import ARCHS_READING_YARN_BETAS, ROPE_FACTORS_LONG, LlamaCppRope, key
 from edgerope.runtime.cpu_repack import CpuBackend, CpuRepack, WeightLayout, plan_layout
-from edgerope.runtime.gpu_devices import GpuDevice, check_flash_attention, offload_devices
-from edgerope.runtime.gpu_plan import (
-    GpuPlan,
-    OffloadModel,
-    OffloadRequest,
-    evaluate_offload,
-    offload_fix,
-    offload_refusal,
-    plan_offload,
-)
+from edgerope.runtime.gpu_plan import GpuPlan
 from edgerope.runtime.native import (
     ContextParams,
     FlashAttn,
     RopeOverrides,
-    backend_devices,
     cpu_backend,
     default_threads,
-    supports_gpu_offload,
 )
-from edgerope.runtime.plan import BUDGET_SAFETY, MemoryPlan, model_shape, plan_memory
-from edgerope.system.memory import available_memory, format_bytes, parse_size
+from edgerope.runtime.offload import offload_targets, plan_gpu
+from edgerope.runtime.plan import MemoryPlan, plan_memory
+from edgerope.system.memory import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +50,6 @@ DEFAULT_MAX_CTX = 4096  # default n_ctx cap only when memory cannot be planned (
 SUGGEST_CACHE_TYPES = ("q8_0", "q4_0")  # a refusal for memory also says how far these caches reach
 DEFAULT_N_BATCH = 512
 Backend = Literal["auto", "cpu", "gpu"]
-BACKENDS = ("auto", "cpu", "gpu")
 FLASH_ATTN_CHOICES = tuple(m.value for m in FlashAttn)
 
 
@@ -266,78 +255,6 @@ def _caches(hp: ModelHparams, type_k: str, type_v: str, flash_attn: str | bool, 
     return _Caches(tk, tv, fa, tuple(notes))
 
 
-def _offload_devices(backend: str, n_gpu_layers: int | None) -> tuple[GpuDevice, ...]:
-    """The GPUs the layers go to (none: the CPU), ``backend`` checked against what this llama.cpp build has."""
-    if backend not in BACKENDS:
-        raise RuntimeConfigError(f"unknown backend {backend!r}", fix=f"use one of: {', '.join(BACKENDS)}")
-    if n_gpu_layers is not None and (not isinstance(n_gpu_layers, int) or n_gpu_layers < -1):
-        raise RuntimeConfigError(f"n_gpu_layers must be -1 (all) or a count >= 0, got {n_gpu_layers!r}")
-    if backend == "cpu" or n_gpu_layers == 0:
-        return ()
-    devices = offload_devices(backend_devices()) if supports_gpu_offload() else ()
-    if backend == "gpu" and not devices:
-        raise RuntimeConfigError(
-            "backend 'gpu' was requested, but this llama.cpp build has no GPU support (or sees no GPU)",
-            fix="reinstall llama-cpp-python with a GPU backend (e.g. CMAKE_ARGS='-DGGML_CUDA=on'), or use "
-            "backend='cpu'",
-        )
-    return devices
-
-
-def _host_budget(memory_budget: int | str | None) -> int | None:
-    if memory_budget is not None:
-        return parse_size(memory_budget)
-    try:
-        return int(available_memory() * (1 - BUDGET_SAFETY))
-    except RuntimeConfigError:  # no memory query on this platform: the CPU side is not checked
-        return None
-
-
-def _plan_gpu(
-    f: GGUFFile,
-    hp: ModelHparams,
-    devices: tuple[GpuDevice, ...],
-    caches: _Caches,
-    *,
-    n_ctx: int | None,
-    n_gpu_layers: int | None,
-    n_batch: int,
-    memory_budget: int | str | None,
-    gpu_memory_budget: int | str | None,
-    backend: str,
-) -> tuple[GpuPlan | None, tuple[str, ...]]:
-    """The GPU offload (layers, context, VRAM per device), or (None, notes) when ``backend`` is auto and not
-    one layer fits the GPUs; refuses what CUDA's flash attention cannot run and what does not fit."""
-    where = str(f.path)
-    tk, tv = caches.type_k.name, caches.type_v.name
-    flash = check_flash_attention(
-        devices, type_k=tk, type_v=tv, head_dim_k=hp.head_dim_k, head_dim_v=hp.head_dim_v, flash=caches.flash_attn.value
-    )
-    if flash.refusal:
-        raise RuntimeConfigError(flash.refusal, where=where, fix=flash.fix)
-    for w in flash.warnings:
-        logger.warning("%s", w)
-    fa = flash.flash_attn if flash.flash_attn is not None else caches.flash_attn is FlashAttn.ON
-    model = OffloadModel(hp, model_shape(hp, f.kv(), where=where), tuple(f.tensors))
-    req = OffloadRequest(
-        type_k=tk, type_v=tv, flash_attn=fa, n_batch=n_batch, n_ubatch=n_batch,
-        gpu_budget=parse_size(gpu_memory_budget) if gpu_memory_budget is not None else None,
-        host_budget=_host_budget(memory_budget),
-    )  # fmt: skip
-    plan = plan_offload(model, devices, req, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
-    if plan.n_gpu_layers == 0:  # not one layer fits the GPUs (or none was asked for)
-        if backend == "auto" and n_gpu_layers is None:
-            why = f"not one layer fits the GPU memory of {', '.join(d.describe() for d in devices)}"
-            return None, (f"running on the CPU: {why}",)
-        plan = evaluate_offload(model, devices, req, n_ctx=n_ctx or KV_PAD, n_gpu_layers=1)  # the smallest offload
-    if not plan.fits or plan.n_gpu_layers == 0:
-        raise RuntimeConfigError(offload_refusal(plan, n_ctx), where=where, fix=offload_fix(model, devices, req, plan))
-    notes = [*flash.warnings, plan.summary()]
-    if not plan.full_offload:
-        notes.append(f"{plan.n_layer + 1 - plan.n_gpu_layers} of {plan.n_layer + 1} layers run on the CPU")
-    return plan, tuple(notes)
-
-
 def _rope_overrides(
     arch: str, kv: Mapping[str, Any], given: Mapping[str, float] | None
 ) -> tuple[RopeOverrides, tuple[str, ...]]:
@@ -462,10 +379,10 @@ def plan_runtime(
         kv, freq_factors, weights = f.kv(), f.freq_factors(), list(f.tensors)
         _check_numbers(hp, n_ctx, n_batch, n_threads, extrapolate=allow_extrapolation, where=where)
         caches = _caches(hp, type_k, type_v, flash_attn, where=where)
-        devices = _offload_devices(backend, n_gpu_layers)
+        devices = offload_targets(backend, n_gpu_layers)
         gpu_plan, gpu_notes = None, ()
         if devices:
-            gpu_plan, gpu_notes = _plan_gpu(
+            gpu_plan, gpu_notes = plan_gpu(
                 f, hp, devices, caches, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_batch=n_batch,
                 memory_budget=memory_budget, gpu_memory_budget=gpu_memory_budget, backend=backend,
             )  # fmt: skip

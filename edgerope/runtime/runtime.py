@@ -60,8 +60,8 @@ from edgerope.runtime.native import (
     set_lora_adapters,
     supports_gpu_offload,
 )
+from edgerope.runtime.offload import BACKENDS
 from edgerope.runtime.preflight import (  # re-exported: the preflight half of this module's API
-    BACKENDS,
     DEFAULT_MAX_CTX,
     DEFAULT_N_BATCH,
     FLASH_ATTN_CHOICES,

@@ -339,3 +339,29 @@ def test_document_too_long_by_its_bytes_is_refused_before_tokenizing(model: Path
         finally:
             runtime_module.Runtime.tokenize = original  # type: ignore[method-assign]
     assert max(calls) < 1000, calls  # only the question was tokenized
+
+
+def test_gpu_options_reach_the_runtime_and_a_missing_gpu_is_a_clean_error(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edgerope.apps.ask as ask_module
+    from edgerope.runtime.native import supports_gpu_offload
+
+    doc = tmp_path / "doc.md"
+    doc.write_text(document(5))
+    base = [str(model), "--doc", str(doc), "--question", QUESTION, "--no-cache", "--max-tokens", "2", "--json"]
+    if supports_gpu_offload():
+        pytest.skip("this llama.cpp build can offload: the refusal below is for CPU-only builds")
+    r = run_cli(*base, "--backend", "gpu")
+    assert r.exit_code == 2 and "no GPU support" in r.output and "Traceback" not in r.output, r.output
+    r = run_cli(*base, "--gpu-layers", "0", "--ctx", "512")
+    assert r.exit_code == 0, r.output
+
+    seen: dict[str, Any] = {}
+    real = ask_module.ask_file
+    monkeypatch.setattr(ask_module, "ask_file", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    run_cli(*base, "--ctx", "512", "--backend", "cpu", "--gpu-layers", "2", "--gpu-memory", "3GiB")
+    assert (seen["backend"], seen["n_gpu_layers"], seen["gpu_memory_budget"]) == ("cpu", 2, "3GiB")
+    seen.clear()
+    run_cli(*base, "--ctx", "512")
+    assert not {"backend", "n_gpu_layers", "gpu_memory_budget"} & set(seen)  # defaults: the runtime decides

@@ -21,7 +21,8 @@ from edgerope.cli import cli  # noqa: E402
 from edgerope.errors import ConfigError  # noqa: E402
 from edgerope.gguf.reader import open_gguf  # noqa: E402
 from edgerope.models.config import ModelConfig  # noqa: E402
-from edgerope.recipes.extend import Settings, Variant, format_table  # noqa: E402
+from edgerope.recipes.extend import Settings, Variant  # noqa: E402
+from edgerope.recipes.extend_report import format_table  # noqa: E402
 
 pytestmark = pytest.mark.llama
 

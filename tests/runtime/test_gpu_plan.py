@@ -22,7 +22,7 @@ from edgerope.errors import RuntimeConfigError
 from edgerope.gguf.hparams import ModelHparams
 from edgerope.gguf.kv import kv_bytes
 from edgerope.gguf.reader import TensorInfo, open_gguf
-from edgerope.runtime import preflight
+from edgerope.runtime import offload, preflight
 from edgerope.runtime.gpu_devices import (
     GpuDevice,
     check_flash_attention,
@@ -315,8 +315,8 @@ def gpu_build(monkeypatch):
     """A CUDA build with the given devices, as far as preflight can tell."""
 
     def install(*devices: dict) -> None:
-        monkeypatch.setattr(preflight, "supports_gpu_offload", lambda: True)
-        monkeypatch.setattr(preflight, "backend_devices", lambda: [CPU, *devices])
+        monkeypatch.setattr(offload, "supports_gpu_offload", lambda: True)
+        monkeypatch.setattr(offload, "backend_devices", lambda: [CPU, *devices])
 
     return install
 

@@ -28,6 +28,7 @@ from edgerope.models.config import ModelConfig
 from edgerope.models.llama import LlamaModel
 from edgerope.rope.scaling import Default, Linear, Yarn, ntk_theta
 from edgerope.train.finetune import finetune
+from edgerope.train.mix import DEFAULT_RETRIEVAL_MIX
 from edgerope.train.recipe import estimate_memory, lr_multiplier
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,6 +229,7 @@ def _free_port() -> int:
 DDP_SCRIPT = """
 import json, sys
 from edgerope.train.finetune import finetune
+from edgerope.train.mix import DEFAULT_RETRIEVAL_MIX
 ck, data, out, bs = sys.argv[1:5]
 r = finetune(ck, out, rope="yarn", factor=2, data=[data], steps=3, batch_size=int(bs), grad_accum=2,
              seq_len=128, lr=3e-3, seed=0, device="cpu", pose=True, save_every=2, retrieval_mix=0.5)
@@ -326,8 +328,8 @@ def test_one_text_file_fine_tunes_with_the_default_data_recipe(make_tiny, one_fi
     assert d["files"] == 1 and d["documents"] == 1
     assert d["heldout"]["by"] == "chunks" and d["heldout"]["chunks"] >= 1 and d["heldout_rows"] >= 1
     assert 0.03 < d["heldout"]["fraction"] < 0.07  # --holdout 0.05 of the file's tokens
-    assert d["retrieval_mix"]["fraction"] == 0.5 and d["rows"] == {"text": 2, "retrieval": 2}
-    assert sum(d["retrieval_rows_by_first_sample"].values()) == 2
+    assert d["retrieval_mix"]["fraction"] == DEFAULT_RETRIEVAL_MIX and d["rows"] == {"text": 1, "retrieval": 3}
+    assert sum(d["retrieval_rows_by_first_sample"].values()) == 3
     assert rep.heldout_losses and np.isfinite(rep.losses).all()
 
 
