@@ -1,5 +1,5 @@
-"""``edgerope finetune``: fine-tune a checkpoint at a scaled rope (full length or PoSE, every weight or LoRA);
-DDP under torchrun."""
+"""``edgerope finetune``: fine-tune a checkpoint at a scaled rope, or at its own (``--rope keep``), full length or
+PoSE, every weight or LoRA; DDP under torchrun."""
 
 from __future__ import annotations
 
@@ -9,13 +9,20 @@ from typing import Any
 import click
 
 from edgerope.cli._common import echo_json, handle_errors, step_progress
-from edgerope.rope import EXTENDING_CHOICES
+from edgerope.rope import FINETUNE_CHOICES
 from edgerope.train.mix import DEFAULT_RETRIEVAL_MIX
 
 
 @click.command("finetune")
 @click.argument("checkpoint", type=click.Path(file_okay=False))
-@click.option("--rope", type=click.Choice(EXTENDING_CHOICES), default="yarn", show_default=True)
+@click.option(
+    "--rope",
+    type=click.Choice(FINETUNE_CHOICES),
+    default="yarn",
+    show_default=True,
+    help="The scaling to train for; keep: the checkpoint's own rope as its config.json declares it (LongRoPE, "
+    "llama3, ...), no --factor/--target-context.",
+)
 @click.option("--factor", type=float, default=None, help="Context multiplier (default: target / original).")
 @click.option("--target-context", type=int, default=None, help="Target context (default: factor x original).")
 @click.option(
@@ -51,7 +58,12 @@ from edgerope.train.mix import DEFAULT_RETRIEVAL_MIX
 @click.option("--grad-accum", type=int, default=1, show_default=True)
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default: YaRN's, scaled to the model).")
 @click.option("--schedule", type=click.Choice(["cosine", "linear"]), default="cosine", show_default=True)
-@click.option("--seq-len", type=int, default=None, help="Training row length (default: target, or original with PoSE).")
+@click.option(
+    "--seq-len",
+    type=int,
+    default=None,
+    help="Training row length (default: target, or original with PoSE; keep: the checkpoint's context, at most 32768).",
+)
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute layers in backward (less memory).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
 @click.option(
@@ -89,7 +101,8 @@ def finetune(
     gguf_type: str | None,
     **options: Any,
 ) -> None:
-    """Fine-tune CHECKPOINT (an HF folder) with a scaled rope; the output's config carries the rope."""
+    """Fine-tune CHECKPOINT (an HF folder) with a scaled rope, or its own (--rope keep); the output's config carries
+    the rope."""
     from edgerope.train.finetune import finetune as run_finetune
     from edgerope.train.lora import LoraSettings
 

@@ -10,3 +10,7 @@ stays instant).
 SCALING_CHOICES = ("none", "linear", "yarn", "ntk")
 # The ones that extend a context (what ``finetune --rope`` trains for).
 EXTENDING_CHOICES = ("yarn", "linear", "ntk")
+# ``finetune --rope``: an extending scaling, or "keep": train at the checkpoint's own rope as its config.json
+# declares it (any type the PyTorch model computes: LongRoPE, llama3, YaRN, ...), scaled again by nothing.
+KEEP = "keep"
+FINETUNE_CHOICES = (*EXTENDING_CHOICES, KEEP)

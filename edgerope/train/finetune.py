@@ -2,10 +2,10 @@
 
 What it does:
 
-* builds the scaled rope (YaRN, linear, NTK-aware; ``edgerope.train.recipe``) from the checkpoint's
-  original context with ``edgerope.rope.scaling`` and refuses inconsistent requests
-  (target <= original, factor != target / original, unknown type, an already
-  scaled checkpoint unless ``rescale``);
+* builds the scaled rope (YaRN, linear, NTK-aware; ``edgerope.train.recipe``) from the checkpoint's original
+  context with ``edgerope.rope.scaling`` and refuses inconsistent requests (target <= original, factor !=
+  target / original, unknown type, an already scaled checkpoint unless ``rescale``); or, ``rope="keep"``,
+  trains at the checkpoint's own rope (LongRoPE, llama3, ...) as its config.json declares it;
 * tokenizes and packs the data with the checkpoint's tokenizer
   (``edgerope.train.data``), holds out whole documents or, for one long file,
   chunks of it for an evaluation loss; interleaves retrieval rows built from
@@ -48,6 +48,7 @@ import torch
 from edgerope.errors import ConfigError, OutputError, TrainingError
 from edgerope.models.config import ModelConfig
 from edgerope.models.llama import LlamaModel
+from edgerope.rope import KEEP
 from edgerope.rope.scaling import RopeScaling, describe
 from edgerope.system.device import pick_device
 from edgerope.train.checkpoint import (
@@ -69,6 +70,7 @@ from edgerope.train.recipe import (
     available_memory,
     default_lr,
     estimate_memory,
+    kept_rope,
     lr_multiplier,
     memory_in_use,
     original_context_of,
@@ -154,7 +156,8 @@ def finetune(
 ) -> FinetuneReport:
     """Fine-tune the HF checkpoint ``checkpoint_dir`` at a scaled rope; write the result to ``out_dir``.
 
-    ``seq_len`` defaults to the target context (full fine-tune) or the original context (PoSE).
+    ``rope="keep"`` trains at the checkpoint's own rope (no factor, target or rescale; the output keeps it).
+    ``seq_len`` defaults to the target context (full; "keep": the checkpoint's, at most 32768) or the original (PoSE).
     ``retrieval_mix`` is the share of training rows that are retrieval samples built from the training text
     (``edgerope.train.mix``; 0: the text alone), or a ``RetrievalMix`` (kinds, loss) for finer control.  ``lora`` trains adapters instead of every weight (the output
     is an adapter folder).  ``warmup`` defaults to min(20, steps // 10).  ``memory_limit`` (bytes) replaces the
@@ -270,14 +273,18 @@ def _plan_rope(
     pose: bool,
     seq_len: int | None,
 ) -> _RopePlan:
-    """The scaled rope for the checkpoint in ``src`` and the row length; refuses inconsistent requests."""
+    """The scaled (or "keep": its own) rope for the checkpoint in ``src`` and the row length; refuses bad requests."""
     cfg = ModelConfig.load(src)
-    original = original_context_of(cfg, rescale=rescale, where=str(src / "config.json"))
-    variant, target = scaled_rope(
-        rope, theta=cfg.rope.theta, head_dim=cfg.head_dim, original=original, factor=factor, target=target_context
-    )
-    new_cfg = cfg.replace(rope=variant, max_position_embeddings=target, rope_finetuned=True)
-    seq_len = seq_len or (original if pose else target)
+    if rope == KEEP:
+        variant, original, target, full_len = kept_rope(cfg, factor=factor, target=target_context, rescale=rescale)
+        new_cfg = cfg.replace(rope_finetuned=True)
+    else:
+        original = original_context_of(cfg, rescale=rescale, where=str(src / "config.json"))
+        variant, target = scaled_rope(
+            rope, theta=cfg.rope.theta, head_dim=cfg.head_dim, original=original, factor=factor, target=target_context
+        )
+        new_cfg, full_len = cfg.replace(rope=variant, max_position_embeddings=target, rope_finetuned=True), target
+    seq_len = seq_len or (original if pose else full_len)
     if seq_len > target:
         raise ConfigError(f"seq_len {seq_len} exceeds the target context {target}", fix=f"use seq_len <= {target}")
     if pose and seq_len >= target:
@@ -304,7 +311,7 @@ def _check_memory(
             with_lora = need_for(LoraSettings())
             if with_lora <= have:
                 hints.append(f"LoRA (--lora: about {with_lora / 2**20:.1f} MiB, the base weights frozen)")
-        if not run.pose:
+        if not run.pose and plan.original < plan.target:
             hints.append(f"PoSE (--pose trains at seq_len {plan.original} and reaches {plan.target})")
         if run.batch_size > 1:
             hints.append("a smaller --batch-size with more --grad-accum")

@@ -4,7 +4,8 @@ What it does:
 
 * ``original_context_of`` / ``scaled_rope``: the scaled rope variant (built
   with ``edgerope.rope.scaling``) for a checkpoint, a type and a factor or target,
-  refusing inconsistent requests;
+  refusing inconsistent requests; ``kept_rope``: the checkpoint's own rope for ``rope="keep"``
+  (``--rope keep``: LongRoPE, llama3, ... trained as declared), refusing a factor or target;
 * ``estimate_memory`` (params + grads + AdamW + activations; full or LoRA), ``available_memory``
   and ``peak_memory`` (measured after a run);
 * ``default_lr`` (YaRN's 2e-5 scaled to the model size) and ``lr_multiplier``
@@ -22,7 +23,7 @@ import torch
 
 from edgerope.errors import ConfigError, EdgeropeError, RopeConfigError
 from edgerope.models.config import ModelConfig
-from edgerope.rope import EXTENDING_CHOICES
+from edgerope.rope import EXTENDING_CHOICES, FINETUNE_CHOICES
 from edgerope.rope.scaling import (
     Default,
     Linear,
@@ -38,6 +39,9 @@ from edgerope.system.memory import process_peak_rss, process_rss
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "linear")
+# rope "keep": the default row length is the checkpoint's context, at most this many tokens (a row of a 128K
+# context is far past what one device trains; --seq-len goes further, the memory check still refuses what won't fit)
+KEEP_SEQ_LEN = 32768
 YARN_LR, YARN_PARAMS = 2e-5, 6.7e9  # YaRN's recipe: lr 2e-5 for Llama 2 7B
 LORA_LR_X = 5.0  # LoRA's default lr over full fine-tuning's (bench/bench_lora.py measured it on the tiny model)
 
@@ -52,7 +56,8 @@ def original_context_of(cfg: ModelConfig, *, rescale: bool = False, where: str =
         raise RopeConfigError(
             f"the checkpoint is already scaled ({describe(cfg.rope)}, fine-tuned: {cfg.rope_finetuned})",
             where=where,
-            fix="fine-tune the unscaled base checkpoint, or pass rescale=True (--rescale) to scale it again",
+            fix="train at its own rope with rope='keep' (--rope keep), fine-tune the unscaled base checkpoint, "
+            "or pass rescale=True (--rescale) to scale it again",
         )
     return original_context(cfg.rope) or cfg.max_position_embeddings
 
@@ -65,7 +70,7 @@ def scaled_rope(
     NTK-aware scaling is returned in the form HF stores it: plain rope with the enlarged base.
     """
     if rope not in EXTENDING_CHOICES:
-        raise RopeConfigError(f"unknown rope type {rope!r}", fix=f"use one of {', '.join(EXTENDING_CHOICES)}")
+        raise RopeConfigError(f"unknown rope type {rope!r}", fix=f"use one of {', '.join(FINETUNE_CHOICES)}")
     if factor is None and target is None:
         raise ConfigError("give a scaling factor or a target context", fix="e.g. --factor 8")
     if factor is None:
@@ -91,6 +96,34 @@ def scaled_rope(
         variant = Default(theta=ntk_theta(theta, float(factor), head_dim))
     validate_for_context(variant, context_length=target)
     return variant, target
+
+
+def kept_rope(
+    cfg: ModelConfig, *, factor: float | None, target: int | None, rescale: bool
+) -> tuple[RopeScaling, int, int, int]:
+    """(the checkpoint's own rope, its original context, the context it reaches, the default row length) for
+    rope ``"keep"``.
+
+    The rope is ``cfg.rope`` exactly as config.json declares it (LongRoPE's factor lists, llama3's bands, ...);
+    the context is what ``edgerope convert`` advertises for it (``max_position_embeddings``, or factor x
+    original for a scaled config that leaves it at the original length); rows default to
+    ``max_position_embeddings`` tokens, at most ``KEEP_SEQ_LEN``.  A factor, a target or ``rescale`` asks for a
+    new rope: refused, naming the flag.
+    """
+    asked = (("--factor (factor=)", factor is not None), ("--target-context (target_context=)", target is not None),
+             ("--rescale (rescale=True)", rescale))  # fmt: skip
+    given = " and ".join(flag for flag, yes in asked if yes)
+    if given:
+        raise ConfigError(
+            f"rope 'keep' trains at the checkpoint's own rope ({describe(cfg.rope)}); {given} would scale it again",
+            where="--rope keep (rope='keep')",
+            fix=f"drop {given}, or scale anew with --rope {'|'.join(EXTENDING_CHOICES)}",
+        )
+    from edgerope.convert.export import extended_context  # the context convert writes for this config
+
+    target = extended_context(cfg, cfg.rope)
+    original = min(original_context(cfg.rope) or target, target)
+    return cfg.rope, original, target, min(cfg.max_position_embeddings, KEEP_SEQ_LEN)
 
 
 # ---------------------------------------------------------------------------------------------------- memory

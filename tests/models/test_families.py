@@ -7,22 +7,26 @@ form (``rope_scaling`` + ``rope_theta``, Gemma 3's ``rope_local_base_freq``, Phi
 ``partial_rotary_factor``).  Logits must agree to 1e-5 of their largest magnitude at every one of 4x the
 original context's positions, and a wrong rope must move them far more than that.  Fine-tuning
 (``edgerope.train.finetune``) runs on each family with its own rope extension, and the result still reads
-back as the family.
+back as the family; with ``rope="keep"`` a Phi-3.5 / Phi-4-mini LongRoPE checkpoint trains at its own rope:
+its config, and the GGUF ``edgerope.convert`` writes from it (keys, factor tensors), keep that rope, and
+llama.cpp (f32 weights and KV) computes the fine-tuned model like PyTorch at 4x the original context.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
-from helpers.families import CELLS, L0, Cell, T, to_v4
+from helpers.families import BY_ID, CELLS, L0, Cell, T, to_v4
 from helpers.training import small
 
 from edgerope.errors import ConfigError
 from edgerope.models.base import CausalLM
 from edgerope.models.config import ModelConfig
-from edgerope.rope.scaling import Default, Linear, Yarn
+from edgerope.rope.scaling import Default, Linear, LongRope, Yarn, describe
 
 transformers = pytest.importorskip("transformers")
 
@@ -167,3 +171,133 @@ def test_finetune_runs_on_each_family(cid, corpus, tmp_path, tiny_tokenizer_dir)
     model = CausalLM.from_pretrained(tmp_path / "out")
     src_model = CausalLM.from_pretrained(src)
     assert any(not torch.equal(v, src_model.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+# --------------------------------------------------------------------------- fine-tuning at the checkpoint's own rope
+
+
+def as_shipped(path) -> None:
+    """Rewrite config.json the way Phi-3.5-mini and Phi-4-mini ship it (transformers 4.x form): ``rope_scaling``
+    holding the type and the two factor lists only (no factor: transformers takes max_pos / original),
+    ``rope_theta``, ``original_max_position_embeddings`` and ``partial_rotary_factor`` at the top level."""
+    cfg = to_v4(json.loads((path / "config.json").read_text()))
+    lists = {k: cfg["rope_scaling"][k] for k in ("short_factor", "long_factor")}
+    cfg["rope_scaling"] = {"type": "longrope", **lists}
+    assert cfg["original_max_position_embeddings"] == L0 and "rope_parameters" not in cfg
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+KEEP_CASES = [("phi3-longrope", "shipped"), ("phi4-longrope", "shipped"), ("phi4-longrope", "v5")]
+
+
+@pytest.fixture(scope="module", params=KEEP_CASES, ids=[f"{c}-{f}" for c, f in KEEP_CASES])
+def kept(request, corpus, tiny_tokenizer_dir, tmp_path_factory):
+    """(source, output, report) of a few steps of ``finetune(rope="keep")`` on a LongRoPE cell whose
+    max_position_embeddings is 4x its original context: rows of that length train the long factors."""
+    from edgerope.train.finetune import finetune
+
+    cid, form = request.param
+    root = tmp_path_factory.mktemp(f"keep-{cid}-{form}")
+    src = BY_ID[cid].make(root / "src", tiny_tokenizer_dir)
+    if form == "shipped":
+        as_shipped(src)
+    rep = finetune(src, root / "out", data=[corpus], **small(rope="keep", factor=None, seq_len=None, steps=4))
+    return src, root / "out", rep
+
+
+def test_finetune_keeps_the_checkpoints_longrope(kept):
+    src, out, rep = kept
+    before = ModelConfig.load(src)
+    assert isinstance(before.rope, LongRope) and before.rope.original_max_position_embeddings == L0
+    assert rep.seq_len == rep.target_context == T and rep.original_context == L0  # rows past L0: long factors
+    assert rep.rope == describe(before.rope)
+    assert len(rep.losses) == 4 and all(math.isfinite(loss) for loss in rep.losses)
+    model, src_model = CausalLM.from_pretrained(out), CausalLM.from_pretrained(src)
+    assert any(not torch.equal(v, src_model.state_dict()[k]) for k, v in model.state_dict().items())
+
+    after = ModelConfig.load(out)
+    assert after == before.replace(rope_finetuned=True)  # the rope, context, partial rotary, tying: all kept
+    raw_in, raw_out = (json.loads((p / "config.json").read_text()) for p in (src, out))
+    rope_in = raw_in.get("rope_parameters") or raw_in["rope_scaling"]
+    rope_out = raw_out["rope_parameters"]
+    for k in ("short_factor", "long_factor"):
+        assert rope_out[k] == rope_in[k]
+    if "rope_parameters" in raw_in:
+        assert rope_out == rope_in
+    for k in ("original_max_position_embeddings", "max_position_embeddings", "tie_word_embeddings"):
+        assert raw_out[k] == raw_in[k]
+    partial = raw_in.get("partial_rotary_factor", rope_in.get("partial_rotary_factor"))
+    assert rope_out.get("partial_rotary_factor") == partial
+    assert raw_out["edgerope"]["rope_finetuned"] is True
+
+
+def _gguf_rope(path):
+    """(the rope and context metadata, the rope factor tensors: LongRoPE's, llama3's ``rope_freqs``) of a GGUF."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    kv = {k: f.contents() for k, f in reader.fields.items() if ".rope." in k or k.endswith(".context_length")}
+    factors = {t.name: np.array(t.data) for t in reader.tensors if t.name.startswith("rope_")}
+    return kv, factors
+
+
+def test_kept_longrope_converts_like_the_original(kept, tmp_path):
+    from edgerope.convert.export import convert
+
+    src, out, _ = kept
+    kv_in, factors_in = _gguf_rope(convert(src, tmp_path / "src.gguf", outtype="f32").path)
+    kv_out, factors_out = _gguf_rope(convert(out, tmp_path / "out.gguf", outtype="f32").path)
+    assert kv_out.pop("phi3.rope.scaling.finetuned") is True and "phi3.rope.scaling.finetuned" not in kv_in
+    assert kv_out == kv_in
+    assert kv_in["phi3.rope.scaling.type"] == "longrope" and kv_in["phi3.rope.scaling.original_context_length"] == L0
+    assert kv_in["phi3.context_length"] == T
+    assert set(factors_in) == {"rope_factors_long.weight", "rope_factors_short.weight"} == set(factors_out)
+    for name, values in factors_in.items():
+        np.testing.assert_array_equal(factors_out[name], values)
+    rope = ModelConfig.load(src).rope
+    np.testing.assert_allclose(factors_out["rope_factors_long.weight"], rope.long_factor, rtol=1e-7)
+
+
+@pytest.mark.llama
+def test_kept_longrope_runs_in_llama_cpp_like_pytorch(kept, tmp_path):
+    """The fine-tuned GGUF in llama.cpp (f32 weights and KV) against the fine-tuned PyTorch model at 4x the
+    original context, where both pick the long factors; the tolerance of tests/convert/test_export_families.py."""
+    pytest.importorskip("llama_cpp")
+    from edgerope.convert.export import convert
+    from edgerope.evaluation.parity import check_parity, reference_logits
+
+    src, out, _ = kept
+    ids = [2] + np.random.default_rng(0).integers(3, 1000, size=T - 1).tolist()
+    ref = reference_logits(out, ids)
+    path = convert(out, tmp_path / "out.gguf", outtype="f32").path
+    (res,) = check_parity(out, path, tokens=ids, original_context=L0, reference=ref)
+    print(f"PARITY keep {out.parent.name}\n{res.table()}")
+    assert res.n_positions == T == 4 * L0 and res.kv == "f32"
+    assert res.rel_l2 <= 1e-4, res.table()
+    # the tolerance means something: the checkpoint before fine-tuning is far from the fine-tuned model
+    (base,) = check_parity(out, convert(src, tmp_path / "src.gguf", outtype="f32").path, tokens=ids,
+                           original_context=L0, reference=ref)  # fmt: skip
+    print(f"before fine-tuning: rel L2 {base.rel_l2:.2e}")
+    assert base.rel_l2 > 100 * 1e-4, base.table()
+
+
+@pytest.mark.parametrize("cid", ["llama3-llama3-tied", "qwen3-yarn", "gemma3-linear", "smollm3-yarn"])
+def test_finetune_keeps_every_familys_scaled_rope(cid, corpus, tmp_path, tiny_tokenizer_dir):
+    """rope="keep" on the other scaled cells: llama3 bands (``rope_freqs``), YaRN, Gemma 3's two ropes, SmolLM3's
+    NoPE layers all come out as they went in, config and GGUF."""
+    from edgerope.convert.export import convert
+    from edgerope.train.finetune import finetune
+
+    src = BY_ID[cid].make(tmp_path / "src", tiny_tokenizer_dir)
+    rep = finetune(src, tmp_path / "out", data=[corpus], **small(rope="keep", factor=None, seq_len=2 * L0, steps=2))
+    assert all(math.isfinite(loss) for loss in rep.losses) and rep.target_context == T
+    assert ModelConfig.load(tmp_path / "out") == ModelConfig.load(src).replace(rope_finetuned=True)
+    kv_in, factors_in = _gguf_rope(convert(src, tmp_path / "src.gguf", outtype="f32").path)
+    kv_out, factors_out = _gguf_rope(convert(tmp_path / "out", tmp_path / "out.gguf", outtype="f32").path)
+    kv_out.pop(next(k for k in kv_out if k.endswith(".rope.scaling.finetuned")))
+    assert kv_out == kv_in
+    assert factors_out.keys() == factors_in.keys() and (
+        cid != "llama3-llama3-tied" or "rope_freqs.weight" in factors_in
+    )
+    for name, values in factors_in.items():
+        np.testing.assert_array_equal(factors_out[name], values)

@@ -152,6 +152,8 @@ def test_grad_checkpointing_same_result_less_memory(make_tiny, corpus, tmp_path)
         (dict(factor=None, target_context=200), RopeConfigError, "must exceed the original"),
         (dict(factor=4, target_context=2048), RopeConfigError, "inconsistent"),
         (dict(rope="dynamic"), RopeConfigError, "unknown rope type"),
+        (dict(rope="keep"), ConfigError, "--factor"),  # small() asks for factor 2
+        (dict(rope="keep", factor=None, target_context=512), ConfigError, "--target-context"),
         (dict(memory_limit=1 << 20), TrainingError, "PoSE"),
         (dict(precision="fp8"), ConfigError, "unknown precision"),
         (dict(device="tpu"), ConfigError, "unknown device"),
@@ -188,6 +190,43 @@ def test_already_scaled_checkpoint_is_refused(make_tiny, corpus, tmp_path):
         finetune(ck, tmp_path / "o", data=[corpus], **small(factor=4))
     rep = finetune(ck, tmp_path / "o", data=[corpus], **small(factor=4, steps=1), rescale=True)
     assert rep.original_context == 256 and rep.target_context == 1024
+
+
+def test_keep_trains_at_the_checkpoints_own_rope(make_tiny, corpus, tmp_path):
+    """rope="keep": an already scaled checkpoint trains at its rope, no "already scaled" refusal, and the output
+    keeps it; an unscaled one trains at plain rope over its context (tests/models/test_families.py: LongRoPE)."""
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256}
+    ck = make_tiny(rope_parameters=yarn, max_position_embeddings=512)
+    rep = finetune(ck, tmp_path / "y", data=[corpus], **small(rope="keep", factor=None, seq_len=None, steps=1))
+    assert (rep.original_context, rep.target_context, rep.seq_len) == (256, 512, 512)
+    before = ModelConfig.load(ck)
+    assert ModelConfig.load(tmp_path / "y") == before.replace(rope_finetuned=True)
+    with pytest.raises(ConfigError, match="--rescale"):
+        finetune(ck, tmp_path / "r", data=[corpus], **small(rope="keep", factor=None), rescale=True)
+
+    plain = make_tiny()
+    rep = finetune(plain, tmp_path / "p", data=[corpus], **small(rope="keep", factor=None, seq_len=None, steps=1))
+    assert (rep.original_context, rep.target_context, rep.seq_len) == (256, 256, 256)
+    after = ModelConfig.load(tmp_path / "p")
+    assert after.rope == Default(theta=10000.0) and after.max_position_embeddings == 256 and after.rope_finetuned
+    with pytest.raises(ConfigError, match="PoSE trains inside a window shorter"):
+        finetune(plain, tmp_path / "q", data=[corpus], **small(rope="keep", factor=None, seq_len=None, pose=True))
+
+
+def test_keep_rows_default_to_the_context_at_most_32k_and_the_memory_check_holds(make_tiny, corpus, tmp_path):
+    long = make_tiny(max_position_embeddings=65536)
+    with pytest.raises(TrainingError) as e:
+        finetune(long, tmp_path / "o", data=[corpus], **small(rope="keep", factor=None, seq_len=None),
+                 memory_limit=1 << 30)  # fmt: skip
+    assert "seq_len 32768" in e.value.message and "a shorter --seq-len" in e.value.message
+    assert "PoSE" not in e.value.message  # unscaled: no longer context for PoSE to reach
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_keep_refuses_a_factor(make_tiny, corpus, tmp_path):
+    args = ["finetune", str(make_tiny()), "--rope", "keep", "--factor", "2", "--data", str(corpus), "-o", str(tmp_path)]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and "--factor" in r.output and "Traceback" not in r.output
 
 
 def test_lr_schedule_warmup_then_decay():
