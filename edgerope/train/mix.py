@@ -62,9 +62,7 @@ KIND_WEIGHTS = {"passkey": 4.0, "multikey": 1.0, "qa": 2.0, "recall": 2.0}
 LANDMARK_SHARE = 0.25  # passkey samples in EVAL.md's exact template (Landmark filler included)
 MIN_SAMPLE = 128  # tokens: the shortest sample (a row holds at least this many)
 MIN_ROW = MIN_SAMPLE
-NUMBER_RANGE = (1, 99999)  # the varied wordings' numbers: mostly uniform here (5 digits, as passkey tests use),
-DIGITS = (1, 9)  # or, a DIGITS_SHARE of them, a digit count drawn uniformly, then a number of that many digits
-DIGITS_SHARE = 1.0
+DIGITS = (1, 9)  # the varied wordings' numbers: a digit count drawn uniformly, then a number of that many digits
 LONG_FIRST = 0.5  # share of rows whose first sample spans at least half the row (distance is what x8 must learn)
 NAMED_SHARE = 0.3  # facts named from NAMES; the rest by two words of the user's text
 MIN_WORDS = 50  # distinct words needed to name facts from the user's text
@@ -143,8 +141,6 @@ class RetrievalMix:
 def _number(rng: np.random.Generator, landmark: bool = False) -> int:
     if landmark:
         return int(rng.integers(KEY_RANGE[0], KEY_RANGE[1], endpoint=True))
-    if rng.random() >= DIGITS_SHARE:
-        return int(rng.integers(NUMBER_RANGE[0], NUMBER_RANGE[1], endpoint=True))
     digits = int(rng.integers(DIGITS[0], DIGITS[1], endpoint=True))
     return int(rng.integers(10 ** (digits - 1) if digits > 1 else 0, 10**digits))
 
