@@ -25,9 +25,7 @@ import edgerope.gguf.set_rope as set_rope_module
 from edgerope.cli import cli
 from edgerope.errors import EdgeropeError, GGUFError, OutputError, RopeConfigError, UnsupportedRopeError
 from edgerope.gguf.inspect import inspect_gguf
-from edgerope.gguf.reader import open_gguf
-from edgerope.gguf.set_rope import _copy_verified, _Raw, _verify, set_rope
-from edgerope.rope.gguf_plan import plan_gguf_rope
+from edgerope.gguf.set_rope import set_rope
 from edgerope.rope.scaling import Linear
 
 U32, F32, STR, BOOL = VT.UINT32, VT.FLOAT32, VT.STRING, VT.BOOL
@@ -294,29 +292,37 @@ def test_a_failed_verification_deletes_the_output(tmp_path, monkeypatch):
         assert not (tmp_path / "o.gguf").exists() and leftovers(tmp_path) == [] and file_state(src) == before
 
 
-def test_verification_catches_a_changed_tensor_byte(tmp_path):
+def _corrupt_copy(monkeypatch, kind: str) -> None:
+    """set-rope's kernel copy replaced by a faulty one: ``shifted`` copies from one byte later (an off-by-one,
+    the realistic bug), ``flip`` flips the middle byte of each copied piece (a silent corruption
+    that sampled blocks may miss)."""
+
+    def faulty(s, d, offset, count):
+        chunk = bytearray(os.pread(s, count, offset))
+        if kind == "shifted":
+            return os.write(d, (os.pread(s, len(chunk), offset + 1) + b"\0")[: len(chunk)])
+        if len(chunk) >= 64:
+            chunk[len(chunk) // 2] ^= 0xFF
+        return os.write(d, bytes(chunk))
+
+    monkeypatch.setattr(set_rope_module, "copy_range", faulty)
+
+
+@pytest.mark.parametrize(
+    ("kind", "full_verify"),
+    [("shifted", False), ("shifted", True), ("flip", True)],
+    ids=["shift", "shift-full", "flip-full"],
+)
+def test_a_faulty_copy_is_caught_and_nothing_is_left(tmp_path, monkeypatch, kind, full_verify):
+    """A copy that shifts tensor bytes fails set-rope's sampled comparison; one flipped byte fails --full-verify;
+    either way the output is removed and the input is untouched."""
     src = write_gguf(tmp_path / "in.gguf")
-    out = tmp_path / "o.gguf"
-    set_rope(src, out, rope_type="linear", factor=2)
-    f_in, f_out = open_gguf(src), open_gguf(out)
-    t = f_out.tensor("blk.1.attn_output.weight")
-    raw = bytearray(out.read_bytes())
-    raw[t.data_offset + t.n_bytes - 1] ^= 0xFF
-    out.write_bytes(bytes(raw))
-    assert read(out)[1] != read(src)[1]
-    f_out = open_gguf(out)
-    kv = {k: (_Raw(f_in.raw_value(k)), mv.type) for k, mv in f_in.metadata.items() if k != "general.architecture"}
-    for k in (
-        "llama.context_length",
-        "llama.rope.dimension_count",
-        "llama.rope.scaling.type",
-        "llama.rope.scaling.factor",
-    ):
-        kv[k] = (_Raw(f_out.raw_value(k)), f_out.metadata[k].type)
-    offsets = {x.name: x.data_offset for x in f_out.tensors}
-    plan = plan_gguf_rope(Linear(theta=1e4, factor=2), arch="llama", head_dim=64, context_length=8192)
-    with pytest.raises(OutputError, match="tensor data of blk.1.attn_output.weight differs"):
-        _verify(f_in, out, kv=kv, tensors=f_in.tensors, dst_offsets=offsets, rope=Linear(1e4, 2), n_rot=64, plan=plan)
+    before = file_state(src)
+    _corrupt_copy(monkeypatch, kind)
+    for kwargs in ({"out_path": tmp_path / "o.gguf"}, {"in_place": True}):
+        with pytest.raises(OutputError, match="differ"):
+            set_rope(src, rope_type="linear", factor=2, full_verify=full_verify, **kwargs)
+        assert not (tmp_path / "o.gguf").exists() and leftovers(tmp_path) == [] and file_state(src) == before
 
 
 # --------------------------------------------------------------------------- CLI
@@ -406,48 +412,6 @@ def test_set_rope_model_runs_in_llama_cpp_like_transformers_with_the_target_rope
     assert before[256:].max() > 100 * err[256:].max()  # the unscaled file really computes something else
 
 
-@pytest.mark.parametrize("full", [False, True])
-def test_copy_compare_catches_a_shifted_or_corrupted_copy(tmp_path, monkeypatch, full):
-    """The kernel copy is compared with the source: an off-by-some copy (the realistic bug) fails in both modes,
-    one flipped byte in the middle of a run fails the full read-back."""
-    from edgerope.system.files import copy_range as kernel_copy
-
-    rng = np.random.default_rng(0)
-    data = rng.integers(0, 256, size=3 << 20, dtype=np.uint8).tobytes()
-    src = tmp_path / "src.bin"
-    src.write_bytes(data)
-    runs = [(0, 0, len(data))]
-
-    def run(copy):
-        monkeypatch.setattr(set_rope_module, "copy_range", copy)
-        dst = tmp_path / "dst.bin"
-        dst.write_bytes(b"")
-        s_fd, d_fd = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDWR)
-        try:
-            _copy_verified(s_fd, d_fd, runs, lambda n: None, full=full)
-        finally:
-            os.close(s_fd)
-            os.close(d_fd)
-
-    run(kernel_copy)  # a correct copy passes
-
-    def shifted(s, d, offset, count):
-        return os.write(d, os.pread(s, count, offset + 1 if offset + 1 < len(data) else offset))
-
-    with pytest.raises(OutputError, match="differ"):
-        run(shifted)
-
-    def one_flip(s, d, offset, count):
-        chunk = bytearray(os.pread(s, count, offset))
-        if offset <= len(data) // 2 + 12345 < offset + count:
-            chunk[len(data) // 2 + 12345 - offset] ^= 0xFF
-        return os.write(d, bytes(chunk))
-
-    if full:
-        with pytest.raises(OutputError, match="differ"):
-            run(one_flip)
-
-
 # --------------------------------------------------------------------------- per family (tests/helpers/families.py)
 
 
@@ -461,7 +425,7 @@ def _family_parity(cell_id, tmp_path, tiny_tokenizer_dir, *, rope_type, factor=4
 
     from edgerope.convert.export import convert
     from edgerope.models.base import CausalLM
-    from edgerope.rope.scaling import Linear, Yarn
+    from edgerope.rope.scaling import Yarn
 
     hf = BY_ID[cell_id].make(tmp_path / cell_id, tiny_tokenizer_dir, max_position_embeddings=L0, **(over or {}))
     plain = convert(hf, tmp_path / "plain.gguf", outtype="f32").path
