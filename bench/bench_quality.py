@@ -2,8 +2,10 @@
 
 From the built-in tiny model (trained at 256 tokens) ``edgerope.recipes.extend.run_extension`` makes: no scaling,
 linear x8 and YaRN x8 without training (``set-rope``), YaRN x8 fine-tuned at 2048 tokens, YaRN x8 with PoSE
-inside the 256 window, and YaRN x16 with PoSE (4096).  Every variant is a Q8_0 GGUF evaluated in llama.cpp
-with a q8_0 KV cache (flash attention): passkey accuracy per length x depth (50 trials per length),
+inside the 256 window, YaRN x16 with PoSE (4096), and README's user-text command (one .txt file, finetune's
+default retrieval mix, 1200 steps; the others train on the demo's JSONL).  Every variant is a Q8_0 GGUF evaluated in llama.cpp
+with a q8_0 KV cache (flash attention): passkey accuracy per length x depth (50 trials per length) in
+EVAL.md's format and in the independent format (``edgerope.recipes.extend_eval``; no training data holds it),
 multi-key accuracy, and the perplexity of held-out documentation text cut to each length.  Fine-tuning runs
 in its own process (tokens/s, peak memory growth).  Then the YaRN x8 fine-tune is run in PyTorch (fp32) and in
 llama.cpp (f32 weights, f16 KV) on the same passkey grid: the fraction of equal answers; and the same
@@ -48,6 +50,7 @@ VARIANTS = (
     Variant("yarn x8 + fine-tune", "yarn", 8, "full"),
     Variant("yarn x8 + PoSE", "yarn", 8, "pose"),
     Variant("yarn x16 + PoSE", "yarn", 16, "pose"),
+    Variant("yarn x8 + fine-tune, text", "yarn", 8, "full", data="text"),  # README's user-text command
 )
 SETTINGS = Settings(
     lengths=(256, 512, 1024, 2048),
@@ -56,6 +59,8 @@ SETTINGS = Settings(
     multikey_trials=20,
     ppl_lengths=(256, 512, 1024, 2048),
     ft_steps=300,
+    text_steps=1200,  # README's user-text command
+    independent=True,  # passkey in a format no training data holds, beside EVAL.md's (the one trained on)
 )
 
 
