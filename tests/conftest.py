@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +43,14 @@ def make_tiny(tmp_path: Path, tiny_tokenizer_dir: Path) -> Callable[..., Path]:
         return make_tiny_checkpoint(tmp_path / f"{label}-{next(counter)}", **kwargs)
 
     return factory
+
+
+@pytest.fixture(scope="module")
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings off for a module that compares against it (``usefixtures``)."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    yield
+    transformers.logging.set_verbosity(level)

@@ -50,6 +50,7 @@ from edgerope.runtime.plan import (
     ModelShape,
     compute_buffer_bytes,
     compute_phases,
+    largest_fitting_context,
     output_buffer_bytes,
     work_buffer_bytes,
 )
@@ -326,21 +327,11 @@ def largest_offload_context(
     model: OffloadModel, devices: Sequence[GpuDevice], req: OffloadRequest, n_gpu_layers: int
 ) -> int:
     """Largest n_ctx (a multiple of 256, <= context_length) whose plan fits; 0 if none does."""
-    cap = model.hp.n_ctx_train
 
     def fits(n: int) -> bool:
         return evaluate_offload(model, devices, req, n_ctx=n, n_gpu_layers=n_gpu_layers).fits
 
-    if fits(cap):
-        return cap
-    lo, hi = 0, cap // KV_PAD
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid * KV_PAD):
-            lo = mid
-        else:
-            hi = mid
-    return lo * KV_PAD
+    return largest_fitting_context(model.hp.n_ctx_train, fits)
 
 
 def _most_layers(model: OffloadModel, devices: Sequence[GpuDevice], req: OffloadRequest, n_ctx: int) -> int:

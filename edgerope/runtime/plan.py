@@ -27,6 +27,7 @@ llama.cpp.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,16 +259,23 @@ def largest_context(
     def fits(n: int) -> bool:
         return _total(m, n, type_k=type_k, type_v=type_v, flash_attn=fa, n_batch=n_batch, n_ubatch=n_ubatch) <= budget
 
+    n_ctx = largest_fitting_context(cap, fits)
+    return {"n_ctx": n_ctx, "limited_by": "model" if n_ctx == cap else "memory"}
+
+
+def largest_fitting_context(cap: int, fits: Callable[[int], bool]) -> int:
+    """The largest context (``cap``, else a multiple of ``KV_PAD`` below it) for which ``fits`` holds; 0 if none.
+    ``fits`` must be monotone: what a context needs rises with it."""
     if fits(cap):
-        return {"n_ctx": cap, "limited_by": "model"}
-    lo, hi = 0, cap // KV_PAD  # fits(lo*256) holds (or lo=0), fits(hi*256) fails; total rises with n_ctx
+        return cap
+    lo, hi = 0, cap // KV_PAD  # fits(lo*256) holds (or lo=0), fits(hi*256) fails
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(mid * KV_PAD):
             lo = mid
         else:
             hi = mid
-    return {"n_ctx": lo * KV_PAD, "limited_by": "memory"}
+    return lo * KV_PAD
 
 
 def plan_memory(

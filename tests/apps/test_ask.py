@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from helpers.serving import tiny_yarn_gguf
 
 from edgerope.apps.ask import ask, check_document
 from edgerope.cli import cli
@@ -21,7 +22,6 @@ from edgerope.runtime.runtime import Runtime
 
 pytestmark = pytest.mark.llama
 
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 16.0, "original_max_position_embeddings": 256}
 OPTS: dict[str, Any] = {"n_ctx": 4096, "n_threads": 2, "backend": "cpu"}
 QUESTION = "Where is item 5?"
 
@@ -33,14 +33,7 @@ def document(n_sentences: int) -> str:
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
     """The tiny Llama with YaRN x16 (context 4096), f32 GGUF."""
-    from edgerope.convert.export import convert
-    from edgerope.models.tiny_random import make_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("ask")
-    ckpt = make_tiny_checkpoint(
-        root / "yarn", tokenizer_dir=tiny_tokenizer_dir, rope_parameters=YARN, max_position_embeddings=4096
-    )
-    return convert(ckpt, root / "yarn.gguf", outtype="f32").path
+    return tiny_yarn_gguf(tmp_path_factory.mktemp("ask"), tiny_tokenizer_dir)
 
 
 @pytest.fixture
@@ -350,18 +343,20 @@ def test_gpu_options_reach_the_runtime_and_a_missing_gpu_is_a_clean_error(
     doc = tmp_path / "doc.md"
     doc.write_text(document(5))
     base = [str(model), "--doc", str(doc), "--question", QUESTION, "--no-cache", "--max-tokens", "2", "--json"]
+    seen: dict[str, Any] = {}
+    real = ask_module.ask_file
+    with monkeypatch.context() as m:
+        m.setattr(ask_module, "ask_file", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+        r = run_cli(*base, "--ctx", "512", "--backend", "cpu", "--gpu-layers", "2", "--gpu-memory", "3GiB")
+        assert r.exit_code == 0, r.output
+        assert (seen["backend"], seen["n_gpu_layers"], seen["gpu_memory_budget"]) == ("cpu", 2, "3GiB")
+        seen.clear()
+        run_cli(*base, "--ctx", "512")
+        assert not {"backend", "n_gpu_layers", "gpu_memory_budget"} & set(seen)  # defaults: the runtime decides
+
     if supports_gpu_offload():
         pytest.skip("this llama.cpp build can offload: the refusal below is for CPU-only builds")
     r = run_cli(*base, "--backend", "gpu")
     assert r.exit_code == 2 and "no GPU support" in r.output and "Traceback" not in r.output, r.output
     r = run_cli(*base, "--gpu-layers", "0", "--ctx", "512")
     assert r.exit_code == 0, r.output
-
-    seen: dict[str, Any] = {}
-    real = ask_module.ask_file
-    monkeypatch.setattr(ask_module, "ask_file", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
-    run_cli(*base, "--ctx", "512", "--backend", "cpu", "--gpu-layers", "2", "--gpu-memory", "3GiB")
-    assert (seen["backend"], seen["n_gpu_layers"], seen["gpu_memory_budget"]) == ("cpu", 2, "3GiB")
-    seen.clear()
-    run_cli(*base, "--ctx", "512")
-    assert not {"backend", "n_gpu_layers", "gpu_memory_budget"} & set(seen)  # defaults: the runtime decides

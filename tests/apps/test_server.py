@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.serving import serve_in_thread
 
 from edgerope.apps.chat_template import PLAIN_STOPS, from_gguf
 from edgerope.apps.server import EdgeropeServer, open_server
@@ -40,16 +41,6 @@ def gguf(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> 
     return convert(ckpt, root / "tiny.gguf", outtype="f32").path
 
 
-def start(server: EdgeropeServer) -> threading.Thread:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    for _ in range(200):  # the loop is up once the supervisor is attached
-        if server.supervisor._loop is not None:
-            break
-        threading.Event().wait(0.02)
-    return thread
-
-
 @pytest.fixture(scope="module")
 def server(gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeropeServer]:
     cache = tmp_path_factory.mktemp("server-cache")
@@ -57,7 +48,7 @@ def server(gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edg
         gguf, port=0, model_id="tiny", cache_dir=cache, min_prefix_tokens=32, default_max_tokens=40, **OPTS
     )
     assert srv.server_address[0] == "127.0.0.1"
-    thread = start(srv)
+    thread = serve_in_thread(srv)
     yield srv
     srv.close()
     thread.join(10)
@@ -295,7 +286,7 @@ def test_long_system_message_state_comes_from_the_document_cache(server: Edgerop
 
 def test_api_key(gguf: Path) -> None:
     srv = open_server(gguf, port=0, api_key="sekret", use_cache=False, **OPTS)
-    thread = start(srv)
+    thread = serve_in_thread(srv)
     try:
         base = srv.url + "/v1"
         with pytest.raises(openai.AuthenticationError):
@@ -325,7 +316,7 @@ def test_plain_chat_format_stops_at_the_next_role_marker(tmp_path: Path, tiny_to
     (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg))
     model = convert(ckpt, tmp_path / "plain.gguf", outtype="f32").path
     srv = open_server(model, port=0, use_cache=False, **OPTS)
-    thread = start(srv)
+    thread = serve_in_thread(srv)
     try:
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
         # the reply as the raw continuation of the plain prompt, stopped only by the role markers

@@ -11,19 +11,18 @@ import http.client
 import json
 import random
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.serving import serve_in_thread, tiny_yarn_gguf
 
 from edgerope.apps.asgi import Limits
 from edgerope.apps.server import EdgeropeServer, open_server
 
 pytestmark = pytest.mark.llama
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 16.0, "original_max_position_embeddings": 256}
 MAX_BODY = 64 << 10
 LIMITS = Limits(max_body_bytes=MAX_BODY, body_timeout_s=1.0, max_queue=4, send_timeout_s=1.0, max_buffer_bytes=4096)
 OK = {"prompt": "The list", "max_tokens": 4}
@@ -31,14 +30,7 @@ OK = {"prompt": "The list", "max_tokens": 4}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Iterator[EdgeropeServer]:
-    from edgerope.convert.export import convert
-    from edgerope.models.tiny_random import make_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("hostile")
-    ckpt = make_tiny_checkpoint(
-        root / "yarn", tokenizer_dir=tiny_tokenizer_dir, rope_parameters=YARN, max_position_embeddings=4096
-    )
-    gguf = convert(ckpt, root / "yarn.gguf", outtype="f32").path
+    gguf = tiny_yarn_gguf(tmp_path_factory.mktemp("hostile"), tiny_tokenizer_dir)
     srv = open_server(
         gguf,
         port=0,
@@ -52,10 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -
         send_buffer_bytes=16 << 10,
         default_max_tokens=8,
     )
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    while srv.supervisor._loop is None:
-        time.sleep(0.01)
+    thread = serve_in_thread(srv)
     yield srv
     srv.close()
     thread.join(10)

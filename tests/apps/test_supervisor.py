@@ -17,23 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.serving import serve_in_thread, tiny_yarn_gguf
 
 from edgerope.apps.server import EdgeropeServer, open_server
 
 pytestmark = pytest.mark.llama
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 16.0, "original_max_position_embeddings": 256}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Iterator[EdgeropeServer]:
-    from edgerope.convert.export import convert
-    from edgerope.models.tiny_random import make_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("supervised")
-    ckpt = make_tiny_checkpoint(
-        root / "yarn", tokenizer_dir=tiny_tokenizer_dir, rope_parameters=YARN, max_position_embeddings=4096
-    )
-    gguf = convert(ckpt, root / "yarn.gguf", outtype="f32").path
+    gguf = tiny_yarn_gguf(tmp_path_factory.mktemp("supervised"), tiny_tokenizer_dir)
     srv = open_server(
         gguf,
         port=0,
@@ -43,10 +36,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -
         backend="cpu",
         supervisor_options={"backoff_s": 0.05, "stable_s": 0.0},
     )
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    while srv.supervisor._loop is None:
-        time.sleep(0.01)
+    thread = serve_in_thread(srv)
     yield srv
     srv.close()
     thread.join(10)

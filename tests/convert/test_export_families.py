@@ -24,17 +24,9 @@ from edgerope.errors import EdgeropeError
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 llama_cpp = pytest.importorskip("llama_cpp")
-pytestmark = pytest.mark.llama
+pytestmark = [pytest.mark.llama, pytest.mark.usefixtures("quiet_transformers")]
 
 TOKENS = [2] + np.random.default_rng(0).integers(3, 1000, size=T - 1).tolist()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def quiet_transformers():
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    yield
-    transformers.logging.set_verbosity(level)
 
 
 def reference(path, *, hf: bool = True) -> np.ndarray:

@@ -29,16 +29,9 @@ from edgerope.models.config import ModelConfig
 from edgerope.rope.scaling import Default, Linear, LongRope, Yarn, describe
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 REL_TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def quiet_transformers():
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    yield
-    transformers.logging.set_verbosity(level)
 
 
 def hf_model(path):

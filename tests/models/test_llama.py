@@ -26,6 +26,7 @@ from edgerope.rope.hf import parse_hf_rope
 from edgerope.rope.scaling import Default, DynamicNtk, Linear, describe, inv_freq
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
@@ -45,14 +46,6 @@ ARCHS = {
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def quiet_transformers():
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    yield
-    transformers.logging.set_verbosity(level)
 
 
 def hf_model(arch: str = "llama", rope: dict | None = None, *, max_pos: int = T, seed: int = 0, heads=(2, 1), **extra):
