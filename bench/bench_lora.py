@@ -10,7 +10,7 @@
 2. Quality.  The built-in model fine-tuned with README's command (CPython's documentation as one .txt file,
    finetune's default retrieval mix, YaRN x8, 1200 steps of 2048 tokens) with every weight and with ``--lora``
    (merged when converted), each a Q8_0 GGUF evaluated in llama.cpp with a q8_0 KV cache on EVAL.md's passkey
-   format and on the independent format (``edgerope.recipes.extend_eval``), 6 trials x 5 depths per length.
+   format and on the independent format (``edgerope.recipes.extend_eval``), 10 trials x 5 depths per length.
 
 Writes ``bench/results/lora.json`` and prints the tables.
 Run: ``cd /work/main && PYTHONPATH=. .venv/bin/python bench/bench_lora.py`` (about 30 minutes on 2 idle cores).
@@ -41,7 +41,7 @@ RANK, ALPHA = 16, 32
 BIG = dict(
     hidden_size=768, num_hidden_layers=14, num_attention_heads=12, num_key_value_heads=12, intermediate_size=2048
 )
-QUALITY = Settings(lengths=(256, 512, 1024, 2048), trials=6, ppl_lengths=(256, 2048), ft_steps=1200, independent=True)
+QUALITY = Settings(lengths=(256, 512, 1024, 2048), trials=10, ppl_lengths=(256, 2048), ft_steps=1200, independent=True)
 
 
 def _text_file() -> Path:

@@ -4,18 +4,20 @@ A run with ``retrieval_mix`` f > 0 trains on two kinds of rows, interleaved by a
 are *retrieval rows* made here, the rest are rows of the user's text packed as always.  A retrieval row holds
 samples (BOS ... EOS) back to back: the first of ``MIN_SAMPLE`` tokens up to the whole row (uniform; in a
 ``LONG_FIRST`` share of rows at least half the row), so the distance between a fact and the question about it
-covers every length up to the row, the next ones filling what is left (log-uniform lengths: many short ones).  The loss of a retrieval row counts the answers and their
-EOS only (``answers_only``; the row's mean, so a row of a few answers weighs as much as a row of text): the
-text rows teach the user's text, the retrieval rows teach finding things in it.  The kinds (``KIND_WEIGHTS``,
-normalized, drawn per sample):
+covers every length up to the row, the next ones filling what is left (log-uniform lengths: many short ones).
+The loss of a retrieval row counts the answers and their EOS only (``answers_only``; the row's mean, so a row of
+a few answers weighs as much as a row of text): the text rows teach the user's text, the retrieval rows teach
+finding things in it.  The kinds (``KIND_WEIGHTS``, normalized, drawn per sample):
 
-* ``passkey`` (4): a number stated once inside a span of the user's text, asked for at the end.  A quarter use
+* ``passkey`` (4): numbers stated inside a span of the user's text, asked for at the end.  A quarter use
   EVAL.md's Landmark template word for word (its intro, filler, needle and question; what ``edgerope eval``
-  measures); the rest phrase the fact and the question with one of ``NEEDLES`` / ``QUESTIONS`` (optionally
-  after one of ``INTROS``) about a name: one of ``NAMES`` ("secret number", ...) or, mostly, two words of the
-  user's text ("the method attribute"), so the model learns to find the fact a question names, not a phrase;
+  measures).  The rest state 1 to ``FACTS`` facts at random places, each phrased with one of ``NEEDLES`` about
+  its own name: one of ``NAMES`` ("secret number", ...) or, mostly, two words of the user's text ("the method
+  attribute"); then every fact is asked for (``question``: many wordings, in a random order) and answered.  The model learns to
+  find the fact a question names, not a phrase, and each fact placed anywhere in the span is one more answer
+  from far away (the distance x8 must learn; a sample of one question has few);
 * ``multikey`` (1): several facts of one form ("The value of key K is V.", "The {name} for Anna is V.", ...),
-  one of them asked for: the others are distractors;
+  one or more of them asked for: the others are distractors;
 * ``qa`` (2): ``edgerope ask``'s plain prompt (``edgerope.prompts.DOC_TEMPLATE`` / ``QUESTION_TEMPLATE``): a
   document of the user's text holding one fact, a question about it, the answer;
 * ``recall`` (2): the same prompt over the user's text alone: a few words quoted from the document, the question
@@ -24,9 +26,9 @@ normalized, drawn per sample):
 Every filler (but the Landmark template's) is a span of the user's *training* text, never of the held-out
 text; in a ``REPEATED_SHARE`` of the passkey, multi-key and Q&A samples it is 2-12 sentences of such a span
 repeated in a random order, the haystack many needle tests use.  The varied wordings' numbers have 1-9 digits
-(the count drawn uniformly), so an answer of any length is copied whole.  These three choices, and the default
-share of 0.7, are what lifted passkey in a wording never trained on from 22% to 87% at x8 (README, Quality).  Rows are made on demand from ``(seed, row index)``, so a run holds none in memory and a resumed run
-sees the same rows.
+(the count drawn uniformly), so an answer of any length is copied whole.  README's Quality section has the
+numbers behind these choices and the default share of 0.7.  Rows are made on demand from ``(seed, row index)``,
+so a run holds none in memory and a resumed run sees the same rows.
 
 What it does not do: tokenize other than through the ``TextTokenizer`` given, build rows for pretraining
 (``edgerope.train.synthetic.RowBuilder``), evaluate (any evaluation wording lives outside the training layer).
@@ -66,6 +68,7 @@ DIGITS = (1, 9)  # the varied wordings' numbers: a digit count drawn uniformly, 
 LONG_FIRST = 0.5  # share of rows whose first sample spans at least half the row (distance is what x8 must learn)
 NAMED_SHARE = 0.3  # facts named from NAMES; the rest by two words of the user's text
 MIN_WORDS = 50  # distinct words needed to name facts from the user's text
+FACTS = 4  # a varied-wording passkey sample states 1 to FACTS facts, each named differently, and asks for all
 REPEATED_SHARE = 0.35  # passkey, multi-key and Q&A fillers made of a few of the text's sentences, repeated
 
 NAMES = (
@@ -78,6 +81,8 @@ INTROS = (
     "Read the following text carefully. It contains a {name} that you will be asked for.",
     "A {name} is hidden in the text below. Find it and remember it.",
     "The text below mentions a {name}. Pay attention to it.",
+    "There is a {name} somewhere in this text.",
+    "Look out for the {name} in what follows; a question about it comes last.",
 )
 NEEDLES = (
     "The {name} is {k}.",
@@ -87,14 +92,26 @@ NEEDLES = (
     "{k} is the {name}.",
     "Important: the {name} is {k}. Do not forget it.",
     "For the record, the {name} is {k}.",
+    "Here is the {name}: {k}.",
+    "Make a note: the {name} is {k}.",
+    "The {name} you will need later is {k}.",
 )
-QUESTIONS = (
-    "What is the {name}? The {name} is",
-    "Which number is the {name}? The {name} is",
-    "Tell me the {name}. The {name} is",
-    "What was the {name} given above? The {name} is",
-    "Recall the {name}. The {name} is",
-)
+# A question is a lead, an ask and the answer's start "The {name} is"; or (QUESTION_BARE) the answer's start alone.
+# Asks that do not say the name (GENERIC_ASKS) are used when a sample states one fact.
+QUESTION_LEADS = ("", "", "", "So ", "Finally, ", "Then ", "Please ", "One more thing: ", "Question: ")
+ASKS = (
+    "what is the {name}?", "which number is the {name}?", "tell me the {name}.", "what was the {name} given above?",
+    "recall the {name}.", "state the {name} from the text.", "repeat the {name} you read.",
+    "write down the {name}.", "look back and find the {name}.", "what did the text say the {name} is?",
+    "give the {name} mentioned earlier.", "do you remember the {name}?", "answer with the {name}.",
+)  # fmt: skip
+GENERIC_ASKS = (
+    "what number was stated in the text?", "which number appeared above?", "repeat the number from the text above.",
+    "give the number that was hidden in the text.", "tell me the number mentioned earlier.",
+    "what was the number in the document?", "which number did you read?",
+)  # fmt: skip
+PLAIN_NEEDLE = 0.35  # facts stated in the plainest form, NEEDLES[0] ("The {name} is {k}."), the one most tests use
+QUESTION_BARE = 0.15  # questions that are the answer's start alone ("The {name} is")
 PEOPLE = ("Anna", "Ben", "Carla", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira", "Liam")
 MULTI_FORMS = (  # (fact, question) with {k}: the key, {v}: the value, {name}
     (MULTI_NEEDLE, MULTI_QUESTION),
@@ -149,6 +166,11 @@ def _pick(rng: np.random.Generator, items: Sequence[Any]) -> Any:
     return items[int(rng.integers(len(items)))]
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items ``a`` and ``b`` share."""
+    return next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def _word_cut(text: str, at: int) -> int:
     """The first whitespace at or after ``at`` (a fact never lands inside a word of the user's text)."""
     m = re.compile(r"\s").search(text, at)
@@ -179,26 +201,61 @@ def _with_fact(filler: str, fact: str, rng: np.random.Generator) -> str:
     return " ".join(part for part in (filler[:cut].rstrip(), fact, filler[cut:].lstrip()) if part)
 
 
-Sample = tuple[str, str]  # (prompt, answer): the model reads both; with the answers-only loss it learns the answer
+Turn = tuple[str, str]  # (text, answer): the model reads both; with the answers-only loss it learns the answer
+Sample = list[Turn]  # a sample's turns: its text and first answer, then (several facts) each next question and answer
 
 
-def passkey_sample(rng: np.random.Generator, filler: str, name: str = "pass key") -> Sample:
+def question(rng: np.random.Generator, name: str, *, generic: bool = False) -> str:
+    """A question about the fact named ``name``, ending with the answer's start "The {name} is"."""
+    answer_start = f"The {name} is"
+    if rng.random() < QUESTION_BARE:
+        return answer_start
+    ask = _pick(rng, GENERIC_ASKS if generic and rng.random() < 0.5 else ASKS).format(name=name)
+    lead = _pick(rng, QUESTION_LEADS)
+    if not lead or lead.endswith(": "):
+        ask = ask[0].upper() + ask[1:]
+    return f"{lead}{ask} {answer_start}"
+
+
+def needle(rng: np.random.Generator, name: str, k: int) -> str:
+    """A fact: ``NEEDLES[0]`` in a ``PLAIN_NEEDLE`` share, else any of ``NEEDLES``."""
+    return (NEEDLES[0] if rng.random() < PLAIN_NEEDLE else _pick(rng, NEEDLES)).format(name=name, k=k)
+
+
+def _asked(rng: np.random.Generator, questions: Sequence[str], answers: Sequence[str]) -> list[Turn]:
+    """Every (question, answer) in a random order, each question on a new line or after a space."""
+    order = rng.permutation(len(questions))
+    return [(("\n" if rng.random() < 0.5 else " ") + questions[i], answers[i]) for i in order]
+
+
+def passkey_sample(rng: np.random.Generator, filler: str, names: Sequence[str] = ("pass key",)) -> Sample:
     """A passkey sample: EVAL.md's template (a ``LANDMARK_SHARE`` of them, with the Landmark filler of
-    ``len(filler)`` characters) or a varied wording around the user's ``filler``."""
+    ``len(filler)`` characters), or 1 to ``len(names)`` facts in varied wordings at random places of the user's
+    ``filler``, each named by one of ``names`` and each asked for at the end (in a random order)."""
     if rng.random() < LANDMARK_SHARE:
         k = _number(rng, landmark=True)
         text = filler_text(len(filler))
         cut = int(rng.integers(0, len(text) + 1))
-        return "\n".join([INTRO, text[:cut], NEEDLE.format(k=k), text[cut:], QUESTION]), f" {k}."
-    k = _number(rng)
-    intro = _pick(rng, INTROS).format(name=name)
-    body = _with_fact(filler, _pick(rng, NEEDLES).format(name=name, k=k), rng)
+        return [("\n".join([INTRO, text[:cut], NEEDLE.format(k=k), text[cut:], QUESTION]), f" {k}.")]
+    n = int(rng.integers(1, len(names) + 1))
+    keys = [_number(rng) for _ in range(n)]
+    cuts = sorted(_word_cut(filler, int(c)) for c in rng.integers(0, len(filler) + 1, size=n))
+    parts, prev = [], 0
+    for name, k, c in zip(names, keys, cuts, strict=False):
+        parts += [filler[prev:c].strip(), needle(rng, name, k)]
+        prev = c
+    parts.append(filler[prev:].strip())
+    intro = _pick(rng, INTROS).format(name=names[0]) if n == 1 else ""
     sep = "\n" if rng.random() < 0.5 else " "
-    return sep.join(p for p in (intro, body, _pick(rng, QUESTIONS).format(name=name)) if p), f" {k}."
+    turns = _asked(rng, [question(rng, m, generic=n == 1) for m in names[:n]], [f" {k}." for k in keys])
+    body = " ".join(p for p in parts if p)
+    return [(sep.join(p for p in (intro, body) if p) + turns[0][0], turns[0][1]), *turns[1:]]
 
 
-def multikey_sample(rng: np.random.Generator, filler: str, name: str = "value") -> Sample:
-    """2-4 facts of one form at random places in ``filler``, one asked for, with its answer."""
+def multikey_sample(rng: np.random.Generator, filler: str, names: Sequence[str] = ("value",)) -> Sample:
+    """2-4 facts of one form about ``names[0]`` at random places in ``filler``, 1 to all of them asked for (in a
+    random order), each with its answer."""
+    name = names[0]
     form = int(rng.integers(len(MULTI_FORMS)))
     fact, question = MULTI_FORMS[form]
     n = int(rng.integers(2, 5))
@@ -214,21 +271,23 @@ def multikey_sample(rng: np.random.Generator, filler: str, name: str = "value") 
     for k, v, c in zip(keys, values, cuts, strict=True):
         parts += [filler[prev:c].strip(), fact.format(k=k, v=v, name=name)]
         prev = c
-    asked = int(rng.integers(n))
-    parts += [filler[prev:].strip(), question.format(k=keys[asked], name=name)]
-    return "\n".join(p for p in parts if p), f" {values[asked]}."
+    parts.append(filler[prev:].strip())
+    asked = rng.permutation(n)[: int(rng.integers(1, n + 1))]
+    turns = _asked(rng, [question.format(k=keys[i], name=name) for i in asked], [f" {values[i]}." for i in asked])
+    turns[0] = ("\n".join(p for p in parts if p) + "\n" + turns[0][0].lstrip(), turns[0][1])
+    return turns
 
 
-def qa_sample(rng: np.random.Generator, filler: str, name: str = "pass key") -> Sample:
+def qa_sample(rng: np.random.Generator, filler: str, names: Sequence[str] = ("pass key",)) -> Sample:
     """``edgerope ask``'s plain prompt: the user's text with one fact in it, a question about it, the answer."""
-    k = _number(rng)
-    document = _with_fact(filler, _pick(rng, NEEDLES).format(name=name, k=k), rng)
+    name, k = names[0], _number(rng)
+    document = _with_fact(filler, needle(rng, name, k), rng)
     question = _pick(rng, (f"What is the {name}?", f"What does the document say the {name} is?"))
-    return DOC_TEMPLATE.format(document=document) + QUESTION_TEMPLATE.format(question=question), f" {k}."
+    return [(DOC_TEMPLATE.format(document=document) + QUESTION_TEMPLATE.format(question=question), f" {k}.")]
 
 
 def recall_sample(
-    rng: np.random.Generator, filler: str, name: str = "", *, quote: int = 4, answer: int = 4
+    rng: np.random.Generator, filler: str, names: Sequence[str] = (), *, quote: int = 4, answer: int = 4
 ) -> Sample | None:
     """``edgerope ask``'s plain prompt over the user's text alone: which words follow a quoted phrase.
 
@@ -246,7 +305,7 @@ def recall_sample(
             continue
         question = f'Which words come right after "{phrase}" in the document?'
         words = " ".join(filler[a:b] for a, b in spans[i : i + answer])
-        return DOC_TEMPLATE.format(document=filler) + QUESTION_TEMPLATE.format(question=question), " " + words
+        return [(DOC_TEMPLATE.format(document=filler) + QUESTION_TEMPLATE.format(question=question), " " + words)]
     return None
 
 
@@ -316,6 +375,16 @@ class RetrievalRows:
             return str(_pick(rng, NAMES))
         return f"{_pick(rng, self.words)} {_pick(rng, self.words)}"
 
+    def names(self, rng: np.random.Generator, n: int) -> list[str]:
+        """``n`` distinct names (``name``), for the facts of one sample."""
+        out: list[str] = []
+        for _ in range(8 * n):
+            if (m := self.name(rng)) not in out:
+                out.append(m)
+            if len(out) == n:
+                break
+        return out
+
     def counts(self) -> dict[str, int]:
         """Rows of each kind (the kind of a row's first sample) among the first ``n_rows``."""
         return {k: int((self.kinds == i).sum()) for i, k in enumerate(KINDS)}
@@ -328,27 +397,43 @@ class RetrievalRows:
         start = int(rng.integers(0, len(self.stream) - n + 1))
         return self.stream[start : start + n]
 
-    def _sample_ids(self, rng: np.random.Generator, kind: str, want: int) -> tuple[list[int], int]:
-        """(ids, answer start) of a ``kind`` sample of at most ``want`` tokens, BOS and EOS included, its filler
-        shrunk until it fits; the answer is ids[answer start:] (its text and the EOS)."""
+    def _sample_ids(self, rng: np.random.Generator, kind: str, want: int) -> tuple[list[int], list[bool]]:
+        """(ids, target) of a ``kind`` sample of at most ``want`` tokens, BOS and EOS included, its filler shrunk
+        until it fits; ``target`` marks the answers' tokens and the EOS."""
         overhead = 48 if kind in ("passkey", "multikey") else 64
         n_fill = max(8, want - overhead)
         for _ in range(12):
             filler = self.tok.decode(self._span(rng, n_fill).tolist())
             if kind != "recall" and rng.random() < REPEATED_SHARE:
                 filler = repeated_sentences(rng, filler)
-            name = self.name(rng)
-            sample = SAMPLERS[kind](rng, filler, name)
+            names = self.names(rng, FACTS)
+            sample = SAMPLERS[kind](rng, filler, names)
             if sample is None:  # recall: no unique phrase in this span; a passkey sample instead
-                sample = passkey_sample(rng, filler, name)
-            prompt, answer = sample
-            ids = self.head + self.tok.encode(prompt + answer) + self.tail
+                sample = passkey_sample(rng, filler, names)
+            ids, target = self._encode(sample)
             if len(ids) <= want:
-                lead = self.head + self.tok.encode(prompt)
-                start = next((j for j, (a, b) in enumerate(zip(ids, lead, strict=False)) if a != b), len(lead))
-                return ids, start  # the first token that differs from the prompt's own tokens begins the answer
+                return ids, target
             n_fill = max(1, n_fill - (len(ids) - want) - 4)
         raise ConfigError(f"cannot fit a {kind} sample into {want} tokens", fix="raise --seq-len (seq_len=)")
+
+    def _encode(self, sample: Sample) -> tuple[list[int], list[bool]]:
+        """The sample's ids (BOS, text, EOS) and which of them are answers (the EOS counted with the last one).
+
+        An answer's tokens are those of the whole text that differ from the tokens of the text before it, up to
+        where the whole text's tokens stop matching the tokens of the text through it.
+        """
+        text, spans = "", []
+        for prompt, answer in sample:
+            text += prompt
+            spans.append((len(text), len(text) + len(answer)))
+            text += answer
+        ids = self.head + self.tok.encode(text) + self.tail
+        target = [False] * len(ids)
+        for a, b in spans:
+            start = _common_prefix(ids, self.head + self.tok.encode(text[:a]))
+            end = len(ids) if b == len(text) else _common_prefix(ids, self.head + self.tok.encode(text[:b]))
+            target[start:end] = [True] * (end - start)
+        return ids, target
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Row ``i``: (ids (seq_len,) int32, target (seq_len,) bool).  Samples back to back: the first
@@ -368,9 +453,9 @@ class RetrievalRows:
             else:  # the first: uniform up to the whole row, so half the rows ask across half the row or more
                 low = max(MIN_SAMPLE, room // 2) if rng.random() < LONG_FIRST else MIN_SAMPLE
                 want = int(rng.integers(low, room + 1))
-            sample, start = self._sample_ids(rng, kind, min(room, max(MIN_SAMPLE, want)))
+            sample, answers = self._sample_ids(rng, kind, min(room, max(MIN_SAMPLE, want)))
             ids += sample
-            target += [not self.answers_only or j >= start for j in range(len(sample))]
+            target += answers if self.answers_only else [True] * len(sample)
             kind = KINDS[int(rng.choice(len(KINDS), p=p))]
         rest = self.seq_len - len(ids)
         ids += self._span(rng, rest).tolist()

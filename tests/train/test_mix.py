@@ -38,57 +38,81 @@ def tok(tiny_tokenizer_dir):
     return load_tokenizer(tiny_tokenizer_dir)
 
 
-def test_passkey_samples_end_with_the_number_their_fact_states() -> None:
+def _text(sample: list[tuple[str, str]]) -> str:
+    return "".join(prompt + answer for prompt, answer in sample)
+
+
+def test_passkey_samples_answer_each_question_with_the_number_its_fact_states() -> None:
     rng = np.random.default_rng(0)
-    landmark = 0
-    for _ in range(200):
-        name = "secret number"
-        prompt, ans = passkey_sample(rng, TEXT * 3, name)
-        text = prompt + ans
-        answer = int(re.fullmatch(r" (\d+)\.", ans).group(1))
+    names = ("secret number", "room number", "lucky number", "old quiet river")
+    landmark, counts, asks = 0, [], set()
+    for _ in range(300):
+        sample = passkey_sample(rng, TEXT * 3, names)
+        text = _text(sample)
+        answers = [int(re.fullmatch(r" (\d+)\.", a).group(1)) for _, a in sample]
         if text.startswith(prompts.INTRO):  # EVAL.md's template, word for word, with its own filler
             landmark += 1
-            assert prompts.NEEDLE.format(k=answer) in text and text.endswith(f"{prompts.QUESTION} {answer}.")
+            (k,) = answers
+            assert prompts.NEEDLE.format(k=k) in text and text.endswith(f"{prompts.QUESTION} {k}.")
             assert prompts.FILLER[:40] in text and "parser" not in text
             continue
-        assert f"{name} is {answer}" in text or f"{answer} is the {name}" in text
-        assert text.count(str(answer)) >= 2  # stated once (or twice in the Landmark-like needle), then answered
+        counts.append(len(sample))
         assert "parser reads" in text  # the filler is the given text
-    assert 30 <= landmark <= 70  # LANDMARK_SHARE of 200
+        body = sample[0][0]  # the text with the facts in it, then the first question
+        stated_names = set()
+        for prompt, k in zip([p for p, _ in sample], answers, strict=True):
+            asked = re.search(r"The ([a-z ]+) is$", prompt).group(1)  # each turn ends "The X is" for a named fact
+            assert asked in names
+            fact = rf"the {asked}(?: you will need later)? is (\d+)|(\d+) is the {asked}|the {asked}: (\d+)"
+            stated = re.findall(fact, body, re.I)
+            assert {int(x or y or z) for x, y, z in stated} == {k}, (text, asked)  # the fact named so holds this answer
+            stated_names.add(asked)
+        assert len(stated_names) == len(sample)  # each fact asked for once
+        asks.update(re.sub(r"\b(" + "|".join(names) + r")\b", "X", p.strip()) for p, _ in sample[1:])
+        assert sum(bool(re.search(rf"\b{m}\b", body, re.I)) for m in names) == len(sample)  # and no other stated
+    assert 50 <= landmark <= 110  # LANDMARK_SHARE of 300
+    assert set(counts) == {1, 2, 3, 4}  # 1 to len(names) facts, each asked for
+    assert len(asks) > 25 and "The X is" in asks  # questions in many wordings, some the answer's start alone
 
 
-def test_multikey_asks_one_of_several_facts() -> None:
+def test_multikey_asks_for_some_of_several_facts() -> None:
     rng = np.random.default_rng(1)
+    asked_counts = []
     for _ in range(100):
-        body, answer = multikey_sample(rng, TEXT * 3, "room number")
-        answer = int(re.fullmatch(r" (\d+)\.", answer).group(1))
-        last = body.splitlines()[-1]  # the question
-        facts = [ln for ln in body.splitlines()[:-1] if re.search(r"\d+\D*$", ln) and ln not in TEXT]
+        sample = multikey_sample(rng, TEXT * 3, ("room number",))
+        text = _text(sample)
+        facts = [ln for ln in text.splitlines() if re.search(r"\d+\.$", ln) and ln not in TEXT and "?" not in ln]
         assert len(facts) >= 2
-        # the fact about the asked key holds the answer
-        key = re.search(r"(?:key|for|item|Item) (\w+)", last).group(1)
-        holding = [f for f in facts if re.search(rf"\b{re.escape(key)}\b", f)]
-        assert holding and all(f.rstrip(".").endswith(str(answer)) for f in holding), (body, key)
+        asked_counts.append(len(sample))
+        for prompt, answer in sample:
+            answer = int(re.fullmatch(r" (\d+)\.", answer).group(1))
+            question = prompt.strip().splitlines()[-1]
+            key = re.search(r"(?:key|for|item|Item) (\w+)", question).group(1)
+            holding = [f for f in facts if re.search(rf"\b{re.escape(key)}\b", f)]
+            assert holding and all(f.rstrip(".").endswith(str(answer)) for f in holding), (text, key)
+    assert min(asked_counts) == 1 and max(asked_counts) >= 3
 
 
 def test_qa_and_recall_use_the_ask_prompt() -> None:
     rng = np.random.default_rng(2)
     for _ in range(50):
-        qa = "".join(qa_sample(rng, TEXT * 3, "ticket number"))
+        qa = _text(qa_sample(rng, TEXT * 3, ("ticket number",)))
         assert qa.startswith(prompts.DOC_TEMPLATE.split("{document}")[0])
         k = int(re.search(r"Answer: (\d+)\.$", qa).group(1))
-        assert f"ticket number is {k}" in qa or f"{k} is the ticket number" in qa
-        rec = recall_sample(rng, TEXT * 2 + "A closing line holds words never repeated anywhere.", "")
+        doc = qa.split("Document:\n", 1)[1].split("\nQuestion:", 1)[0]
+        fact = r"ticket number(?: you will need later)? is (\d+)|(\d+) is the ticket number|ticket number: (\d+)"
+        assert {int(x or y or z) for x, y, z in re.findall(fact, doc)} == {k}
+        rec = recall_sample(rng, TEXT * 2 + "A closing line holds words never repeated anywhere.")
         if rec is None:
             continue
-        rec = "".join(rec)
+        rec = _text(rec)
         doc = rec.split("Document:\n", 1)[1].split("\nQuestion:", 1)[0]
         quote = re.search(r'after "(.+)" in the document\?', rec).group(1)
         answer = rec.rsplit("Answer: ", 1)[1]
         assert doc.count(quote) == 1  # unique, so the answer is defined
         after = doc.split(quote, 1)[1].split()
         assert answer.split() == after[: len(answer.split())]
-    assert recall_sample(rng, "too short", "") is None
+    assert recall_sample(rng, "too short") is None
 
 
 def test_rows_are_exact_reproducible_and_mixed(tok) -> None:
@@ -102,8 +126,12 @@ def test_rows_are_exact_reproducible_and_mixed(tok) -> None:
         eos = np.flatnonzero(r == tok.eos_id)
         assert len(eos) >= 1 and t[eos].all() and t.sum() < 0.2 * len(r)
         runs = np.split(np.flatnonzero(t), np.flatnonzero(np.diff(np.flatnonzero(t)) > 1) + 1)
-        for run in runs:  # each run of targets: one answer of a few words, then its sample's EOS
-            assert r[run[-1]] == tok.eos_id and 1 <= len(tok.decode(r[run[:-1]].tolist()).split()) <= 6
+        for run in runs:  # each run of targets: one answer of a few words (a sample's last one, then its EOS)
+            words = tok.decode(r[run].tolist()).split()
+            assert 1 <= len(words) <= 6 and (r[run[-1]] == tok.eos_id or re.fullmatch(r"\d+\.", words[-1]))
+        for run, nxt in zip(runs, runs[1:], strict=False):  # an answer not ending its sample: another follows in it
+            assert r[run[-1]] == tok.eos_id or tok.eos_id not in r[run[-1] : nxt[0]]
+        assert sum(r[run[-1]] == tok.eos_id for run in runs) == len(eos)  # every sample's EOS ends its last answer
     again = RetrievalRows(tok, pieces, seq_len=300, n_rows=60, mix=RetrievalMix(0.5), seed=3).row(7)
     np.testing.assert_array_equal(rows[7], again[0])
     np.testing.assert_array_equal(targets[7], again[1])
