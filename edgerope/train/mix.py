@@ -38,7 +38,7 @@ No torch import.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,6 +217,17 @@ def question(rng: np.random.Generator, name: str, *, generic: bool = False) -> s
     return f"{lead}{ask} {answer_start}"
 
 
+def _scatter(rng: np.random.Generator, filler: str, n: int, fact: Callable[[int], str]) -> list[str]:
+    """``filler`` cut at ``n`` random word boundaries (drawn first), ``fact(i)`` after the i-th piece: the parts
+    of a text stating ``n`` facts at random places, empty pieces included."""
+    cuts = sorted(_word_cut(filler, int(c)) for c in rng.integers(0, len(filler) + 1, size=n))
+    parts, prev = [], 0
+    for i, c in enumerate(cuts):
+        parts += [filler[prev:c].strip(), fact(i)]
+        prev = c
+    return [*parts, filler[prev:].strip()]
+
+
 def needle(rng: np.random.Generator, name: str, k: int) -> str:
     """A fact: ``NEEDLES[0]`` in a ``PLAIN_NEEDLE`` share, else any of ``NEEDLES``."""
     return (NEEDLES[0] if rng.random() < PLAIN_NEEDLE else _pick(rng, NEEDLES)).format(name=name, k=k)
@@ -239,12 +250,7 @@ def passkey_sample(rng: np.random.Generator, filler: str, names: Sequence[str] =
         return [("\n".join([INTRO, text[:cut], NEEDLE.format(k=k), text[cut:], QUESTION]), f" {k}.")]
     n = int(rng.integers(1, len(names) + 1))
     keys = [_number(rng) for _ in range(n)]
-    cuts = sorted(_word_cut(filler, int(c)) for c in rng.integers(0, len(filler) + 1, size=n))
-    parts, prev = [], 0
-    for name, k, c in zip(names, keys, cuts, strict=False):
-        parts += [filler[prev:c].strip(), needle(rng, name, k)]
-        prev = c
-    parts.append(filler[prev:].strip())
+    parts = _scatter(rng, filler, n, lambda i: needle(rng, names[i], keys[i]))
     intro = _pick(rng, INTROS).format(name=names[0]) if n == 1 else ""
     sep = "\n" if rng.random() < 0.5 else " "
     turns = _asked(rng, [question(rng, m, generic=n == 1) for m in names[:n]], [f" {k}." for k in keys])
@@ -266,12 +272,7 @@ def multikey_sample(rng: np.random.Generator, filler: str, names: Sequence[str] 
     else:
         keys = rng.choice(np.arange(1, 1000), size=n, replace=False).tolist()
     values = [_number(rng, landmark=form == 0) for _ in range(n)]
-    cuts = sorted(_word_cut(filler, int(c)) for c in rng.integers(0, len(filler) + 1, size=n))
-    parts, prev = [], 0
-    for k, v, c in zip(keys, values, cuts, strict=True):
-        parts += [filler[prev:c].strip(), fact.format(k=k, v=v, name=name)]
-        prev = c
-    parts.append(filler[prev:].strip())
+    parts = _scatter(rng, filler, n, lambda i: fact.format(k=keys[i], v=values[i], name=name))
     asked = rng.permutation(n)[: int(rng.integers(1, n + 1))]
     turns = _asked(rng, [question.format(k=keys[i], name=name) for i in asked], [f" {values[i]}." for i in asked])
     turns[0] = ("\n".join(p for p in parts if p) + "\n" + turns[0][0].lstrip(), turns[0][1])
