@@ -3,7 +3,7 @@
 From the built-in tiny model (trained at 256 tokens) ``edgerope.recipes.extend.run_extension`` makes: no scaling,
 linear x8 and YaRN x8 without training (``set-rope``), YaRN x8 fine-tuned at 2048 tokens, YaRN x8 with PoSE
 inside the 256 window, YaRN x16 with PoSE (4096), and README's user-text command (one .txt file, finetune's
-default retrieval mix, 1200 steps; the others train on the demo's JSONL).  Every variant is a Q8_0 GGUF evaluated in llama.cpp
+default retrieval mix, 2400 steps; the others train on the demo's JSONL).  Every variant is a Q8_0 GGUF evaluated in llama.cpp
 with a q8_0 KV cache (flash attention): passkey accuracy per length x depth (50 trials per length) in
 EVAL.md's format and in the independent format (``edgerope.recipes.extend_eval``; no training data holds it),
 multi-key accuracy, and the perplexity of held-out documentation text cut to each length.  Fine-tuning runs
@@ -59,7 +59,7 @@ SETTINGS = Settings(
     multikey_trials=20,
     ppl_lengths=(256, 512, 1024, 2048),
     ft_steps=300,
-    text_steps=1200,  # README's user-text command
+    text_steps=2400,  # README's user-text command
     independent=True,  # passkey in a format no training data holds, beside EVAL.md's (the one trained on)
 )
 

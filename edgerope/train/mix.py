@@ -3,15 +3,16 @@
 A run with ``retrieval_mix`` f > 0 trains on two kinds of rows, interleaved by a seeded schedule: a share f
 are *retrieval rows* made here, the rest are rows of the user's text packed as always.  A retrieval row holds
 samples (BOS ... EOS) back to back: the first of ``MIN_SAMPLE`` tokens up to the whole row (uniform; in a
-``LONG_FIRST`` share of rows at least half the row), so the distance between a fact and the question about it
-covers every length up to the row, the next ones filling what is left (log-uniform lengths: many short ones).
+``LONG_FIRST`` share of rows, most of them, at least half the row), so the distance between a fact and the
+question about it covers every length up to the row, and the long ones the target context needs are not rare;
+the next ones fill what is left (log-uniform lengths: many short ones).
 The loss of a retrieval row counts the answers and their EOS only (``answers_only``; the row's mean, so a row of
 a few answers weighs as much as a row of text): the text rows teach the user's text, the retrieval rows teach
 finding things in it.  The kinds (``KIND_WEIGHTS``, normalized, drawn per sample):
 
 * ``passkey`` (4): numbers stated inside a span of the user's text, asked for at the end.  A quarter use
   EVAL.md's Landmark template word for word (its intro, filler, needle and question; what ``edgerope eval``
-  measures).  The rest state 1 to ``FACTS`` facts at random places, each phrased with one of ``NEEDLES`` about
+  measures).  The rest state 1 to ``FACTS`` facts (at most one per ``FACT_TOKENS`` of the sample) at random places, each phrased with one of ``NEEDLES`` about
   its own name: one of ``NAMES`` ("secret number", ...) or, mostly, two words of the user's text ("the method
   attribute"); then every fact is asked for (``question``: many wordings, in a random order) and answered.  The model learns to
   find the fact a question names, not a phrase, and each fact placed anywhere in the span is one more answer
@@ -25,8 +26,10 @@ finding things in it.  The kinds (``KIND_WEIGHTS``, normalized, drawn per sample
 
 Every filler (but the Landmark template's) is a span of the user's *training* text, never of the held-out
 text; in a ``REPEATED_SHARE`` of the passkey, multi-key and Q&A samples it is 2-12 sentences of such a span
-repeated in a random order, the haystack many needle tests use.  The varied wordings' numbers have 1-9 digits
-(the count drawn uniformly), so an answer of any length is copied whole.  README's Quality section has the
+repeated in a random order, the haystack many needle tests use.  The varied wordings' numbers have 1-9 digits, so
+an answer of any length is copied whole; the count is drawn with ``DIGIT_WEIGHTS``, most often 4-7 digits, the
+lengths of passkeys, codes and PINs (with every count equally likely a model learned that a number may end after
+any digit, and cut 5-digit keys short when the fact was far away).  README's Quality section has the
 numbers behind these choices and the default share of 0.7.  Rows are made on demand from ``(seed, row index)``,
 so a run holds none in memory and a resumed run sees the same rows.
 
@@ -64,11 +67,13 @@ KIND_WEIGHTS = {"passkey": 4.0, "multikey": 1.0, "qa": 2.0, "recall": 2.0}
 LANDMARK_SHARE = 0.25  # passkey samples in EVAL.md's exact template (Landmark filler included)
 MIN_SAMPLE = 128  # tokens: the shortest sample (a row holds at least this many)
 MIN_ROW = MIN_SAMPLE
-DIGITS = (1, 9)  # the varied wordings' numbers: a digit count drawn uniformly, then a number of that many digits
-LONG_FIRST = 0.5  # share of rows whose first sample spans at least half the row (distance is what x8 must learn)
+# The varied wordings' numbers: a digit count (1-9) drawn with these weights, then a number of that many digits.
+DIGIT_WEIGHTS = (1, 1, 2, 3, 4, 4, 3, 2, 1)
+LONG_FIRST = 0.8  # share of rows whose first sample spans at least half the row (distance is what x8 must learn)
 NAMED_SHARE = 0.3  # facts named from NAMES; the rest by two words of the user's text
 MIN_WORDS = 50  # distinct words needed to name facts from the user's text
-FACTS = 4  # a varied-wording passkey sample states 1 to FACTS facts, each named differently, and asks for all
+FACTS = 6  # a varied-wording passkey sample states 1 to FACTS facts, each named differently, and asks for all
+FACT_TOKENS = 128  # ... and at most one fact per FACT_TOKENS tokens of the sample
 REPEATED_SHARE = 0.35  # passkey, multi-key and Q&A fillers made of a few of the text's sentences, repeated
 
 NAMES = (
@@ -158,7 +163,8 @@ class RetrievalMix:
 def _number(rng: np.random.Generator, landmark: bool = False) -> int:
     if landmark:
         return int(rng.integers(KEY_RANGE[0], KEY_RANGE[1], endpoint=True))
-    digits = int(rng.integers(DIGITS[0], DIGITS[1], endpoint=True))
+    w = np.asarray(DIGIT_WEIGHTS, dtype=np.float64)
+    digits = 1 + int(rng.choice(len(w), p=w / w.sum()))
     return int(rng.integers(10 ** (digits - 1) if digits > 1 else 0, 10**digits))
 
 
@@ -407,7 +413,7 @@ class RetrievalRows:
             filler = self.tok.decode(self._span(rng, n_fill).tolist())
             if kind != "recall" and rng.random() < REPEATED_SHARE:
                 filler = repeated_sentences(rng, filler)
-            names = self.names(rng, FACTS)
+            names = self.names(rng, max(1, min(FACTS, want // FACT_TOKENS)))
             sample = SAMPLERS[kind](rng, filler, names)
             if sample is None:  # recall: no unique phrase in this span; a passkey sample instead
                 sample = passkey_sample(rng, filler, names)

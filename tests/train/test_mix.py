@@ -16,6 +16,7 @@ from edgerope import prompts
 from edgerope.errors import ConfigError, DataError
 from edgerope.train.data import Document, load_tokenizer, split_heldout, tokenize_documents
 from edgerope.train.mix import (
+    FACTS,
     KINDS,
     MIN_ROW,
     NAMES,
@@ -73,6 +74,40 @@ def test_passkey_samples_answer_each_question_with_the_number_its_fact_states() 
     assert 50 <= landmark <= 110  # LANDMARK_SHARE of 300
     assert set(counts) == {1, 2, 3, 4}  # 1 to len(names) facts, each asked for
     assert len(asks) > 25 and "The X is" in asks  # questions in many wordings, some the answer's start alone
+
+
+def test_numbers_have_every_length_and_most_often_a_passkeys() -> None:
+    rng = np.random.default_rng(1)
+    lengths = []
+    for _ in range(400):
+        sample = passkey_sample(rng, TEXT * 3, ("secret number", "room number", "lucky number"))
+        if not _text(sample).startswith(prompts.INTRO):
+            lengths += [len(re.fullmatch(r" (\d+)\.", a).group(1)) for _, a in sample]
+    share = {d: lengths.count(d) / len(lengths) for d in range(1, 10)}
+    assert len(lengths) > 500 and all(share[d] > 0.02 for d in share)  # 1 to 9 digits, each copied whole
+    assert share[4] + share[5] + share[6] + share[7] > 0.6  # mostly the lengths of passkeys, codes and PINs
+
+
+def _answers_per_sample(ids: np.ndarray, target: np.ndarray, eos: int) -> list[int]:
+    """How many answers (runs of targets) each sample of a row has."""
+    counts, n, prev = [], 0, False
+    for t, is_target in zip(ids.tolist(), target.tolist(), strict=True):
+        n += is_target and not prev
+        prev = is_target
+        if t == eos:
+            counts, n = [*counts, n], 0
+    return counts
+
+
+def test_long_samples_ask_for_more_facts_and_the_shortest_rows_still_fit(tok) -> None:
+    pieces = tokenize_documents([Document(TEXT * 200, "t")], tok)
+    only_passkey = RetrievalMix(1.0, (("passkey", 1.0),))
+    short = RetrievalRows(tok, pieces, seq_len=MIN_ROW, n_rows=60, mix=only_passkey, seed=0)
+    per_short = [c for i in range(60) for c in _answers_per_sample(*short.row(i), tok.eos_id)]
+    assert len(per_short) >= 60 and set(per_short) == {1}  # a sample of MIN_ROW tokens has room for one fact
+    long = RetrievalRows(tok, pieces, seq_len=2048, n_rows=30, mix=only_passkey, seed=0)
+    firsts = [_answers_per_sample(*long.row(i), tok.eos_id)[0] for i in range(30)]
+    assert max(firsts) == FACTS and np.mean(firsts) > 2.5  # long first samples: several answers from far away
 
 
 def test_multikey_asks_for_some_of_several_facts() -> None:
