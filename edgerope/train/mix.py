@@ -12,11 +12,12 @@ finding things in it.  The kinds (``KIND_WEIGHTS``, normalized, drawn per sample
 
 * ``passkey`` (4): numbers stated inside a span of the user's text, asked for at the end.  A quarter use
   EVAL.md's Landmark template word for word (its intro, filler, needle and question; what ``edgerope eval``
-  measures).  The rest state 1 to ``FACTS`` facts (at most one per ``FACT_TOKENS`` of the sample) at random places, each phrased with one of ``NEEDLES`` about
-  its own name: one of ``NAMES`` ("secret number", ...) or, mostly, two words of the user's text ("the method
-  attribute"); then every fact is asked for (``question``: many wordings, in a random order) and answered.  The model learns to
-  find the fact a question names, not a phrase, and each fact placed anywhere in the span is one more answer
-  from far away (the distance x8 must learn; a sample of one question has few);
+  measures).  The rest state 1 to ``FACTS`` facts (at most one per ``FACT_TOKENS`` of the sample) at random
+  places, each phrased with one of ``NEEDLES`` about its own name: one of ``NAMES`` ("secret number", ...) or,
+  mostly, two words of the user's text ("the method attribute"); then every fact is asked for (``question``:
+  many wordings, in a random order) and answered.  The model learns to find the fact a question names, not a
+  phrase, and each fact placed anywhere in the span is one more answer from far away (the distance x8 must
+  learn; a sample of one question has few);
 * ``multikey`` (1): several facts of one form ("The value of key K is V.", "The {name} for Anna is V.", ...),
   one or more of them asked for: the others are distractors;
 * ``qa`` (2): ``edgerope ask``'s plain prompt (``edgerope.prompts.DOC_TEMPLATE`` / ``QUESTION_TEMPLATE``): a
@@ -30,7 +31,7 @@ repeated in a random order, the haystack many needle tests use.  The varied word
 an answer of any length is copied whole; the count is drawn with ``DIGIT_WEIGHTS``, most often 4-7 digits, the
 lengths of passkeys, codes and PINs (with every count equally likely a model learned that a number may end after
 any digit, and cut 5-digit keys short when the fact was far away).  README's Quality section has the
-numbers behind these choices and the default share of 0.7.  Rows are made on demand from ``(seed, row index)``,
+numbers behind these choices and the default share of 0.85.  Rows are made on demand from ``(seed, row index)``,
 so a run holds none in memory and a resumed run sees the same rows.
 
 What it does not do: tokenize other than through the ``TextTokenizer`` given, build rows for pretraining
@@ -61,7 +62,7 @@ from edgerope.prompts import (
 )
 from edgerope.train.data import TextTokenizer
 
-DEFAULT_RETRIEVAL_MIX = 0.7  # finetune's default share of retrieval rows (README, Quality: the numbers behind it)
+DEFAULT_RETRIEVAL_MIX = 0.85  # finetune's default share of retrieval rows (README, Quality: the numbers behind it)
 KINDS = ("passkey", "multikey", "qa", "recall")
 KIND_WEIGHTS = {"passkey": 4.0, "multikey": 1.0, "qa": 2.0, "recall": 2.0}
 LANDMARK_SHARE = 0.25  # passkey samples in EVAL.md's exact template (Landmark filler included)
