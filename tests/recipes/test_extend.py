@@ -148,6 +148,7 @@ def test_text_recipe_lora_and_the_independent_format(tmp_path: Path) -> None:
     from edgerope.models.builtin import tiny_model
     from edgerope.recipes.extend import DATA, run_extension
     from edgerope.recipes.extend_eval import INDEPENDENT_NEEDLE, independent_passkey_text
+    from edgerope.train.mix import DEFAULT_RETRIEVAL_MIX
 
     s = Settings(lengths=(256, 512), depths=(0.5,), trials=2, ppl_lengths=(), ft_steps=2, independent=True)
     variants = [Variant("lora text", "yarn", 2, "full", data="text", lora=True)]
@@ -155,7 +156,9 @@ def test_text_recipe_lora_and_the_independent_format(tmp_path: Path) -> None:
     r = rep.results[0]
     ft = r.finetune
     assert r.data == DATA["text"] and ft["lora"]["rank"] == 16 and ft["data"]["files"] == 1
-    assert ft["data"]["heldout"]["by"] == "chunks" and ft["data"]["rows"]["retrieval"] == 1
+    rows = ft["data"]["rows"]  # 2 steps of 1 row: the default share of them retrieval rows
+    assert ft["data"]["heldout"]["by"] == "chunks" and rows["retrieval"] == round(DEFAULT_RETRIEVAL_MIX * 2) > 0
+    assert rows["text"] + rows["retrieval"] == 2
     assert "--lora" in ft["command"] and "--retrieval-mix" not in ft["command"]
     assert (tmp_path / "lora_text" / "adapter_model.safetensors").is_file()
     kv = open_gguf(r.gguf).kv()
