@@ -12,7 +12,7 @@
    (merged when converted), each a Q8_0 GGUF evaluated in llama.cpp with a q8_0 KV cache on EVAL.md's passkey
    format and on the independent format (``edgerope.recipes.extend_eval``), 10 trials x 5 depths per length;
    then the full fine-tune twice more with fine-tuning seeds 1 and 2 (``--seeds``), at 2048: one run does not
-   measure it (in tuning runs the same settings gave 86%, 100% and 94% with seeds 0, 1 and 2).
+   measure it (in tuning runs outside bench/, one setting gave results tens of points apart with other seeds).
 
 Writes ``bench/results/lora.json`` and prints the tables.
 Run: ``cd /work/main && PYTHONPATH=. .venv/bin/python bench/bench_lora.py`` (about 27 minutes on 2 idle cores).
@@ -121,7 +121,7 @@ LORA = Variant("yarn x8 + LoRA, text", "yarn", 8, "full", data="text", lora=True
 
 def measure_quality(steps: int, trials: int, seeds: list[int], t0: float) -> dict:
     """Both variants with fine-tuning seed 0 at every length; the full fine-tune again with each of ``seeds`` at
-    2048 (the seed draws the held-out chunks, the rows and their order; runs differ by 15 points or more)."""
+    2048 (the seed draws the held-out chunks, the rows and their order; runs of one setting can differ a lot)."""
     s = replace(QUALITY, ft_steps=steps, trials=trials)
     report = run_extension(
         tiny_model(),

@@ -70,6 +70,7 @@ MIN_SAMPLE = 128  # tokens: the shortest sample (a row holds at least this many)
 MIN_ROW = MIN_SAMPLE
 # The varied wordings' numbers: a digit count (1-9) drawn with these weights, then a number of that many digits.
 DIGIT_WEIGHTS = (1, 1, 2, 3, 4, 4, 3, 2, 1)
+_DIGIT_P = np.asarray(DIGIT_WEIGHTS, dtype=np.float64) / sum(DIGIT_WEIGHTS)
 LONG_FIRST = 0.8  # share of rows whose first sample spans at least half the row (distance is what x8 must learn)
 NAMED_SHARE = 0.3  # facts named from NAMES; the rest by two words of the user's text
 MIN_WORDS = 50  # distinct words needed to name facts from the user's text
@@ -164,8 +165,7 @@ class RetrievalMix:
 def _number(rng: np.random.Generator, landmark: bool = False) -> int:
     if landmark:
         return int(rng.integers(KEY_RANGE[0], KEY_RANGE[1], endpoint=True))
-    w = np.asarray(DIGIT_WEIGHTS, dtype=np.float64)
-    digits = 1 + int(rng.choice(len(w), p=w / w.sum()))
+    digits = 1 + int(rng.choice(len(_DIGIT_P), p=_DIGIT_P))
     return int(rng.integers(10 ** (digits - 1) if digits > 1 else 0, 10**digits))
 
 
@@ -458,7 +458,7 @@ class RetrievalRows:
             room = self.seq_len - len(ids)
             if ids:  # the others fill the rest: log-uniform, so short ones are many
                 want = int(round(np.exp(rng.uniform(np.log(MIN_SAMPLE), np.log(room)))))
-            else:  # the first: uniform up to the whole row, so half the rows ask across half the row or more
+            else:  # the first: uniform up to the whole row; in a LONG_FIRST share at least half of it
                 low = max(MIN_SAMPLE, room // 2) if rng.random() < LONG_FIRST else MIN_SAMPLE
                 want = int(rng.integers(low, room + 1))
             sample, answers = self._sample_ids(rng, kind, min(room, max(MIN_SAMPLE, want)))
